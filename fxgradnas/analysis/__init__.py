@@ -1,0 +1,87 @@
+"""Analysis: find every prunable dimension of a captured model and what each one touches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from ..capture import Captured, ExampleInputs, capture
+from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
+from .propagate import Propagation, propagate
+from .rules import RULES
+
+__all__ = [
+    "Analysis", "Factor", "Group", "Layout", "NodeAxis", "TensorAxis", "RULES", "analyze",
+    "analyze_captured",
+]
+
+
+@dataclass
+class Analysis:
+    """The groups of a captured model, with the walk that found them."""
+
+    captured: Captured
+    groups: list[Group]
+    propagation: Propagation = field(repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+
+    @property
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def by_kind(self, kind: str) -> list[Group]:
+        return [g for g in self.groups if g.kind == kind]
+
+    @property
+    def graph(self) -> nx.Graph:
+        """Coupling graph: groups linked to the parameters, mask sites and shape constants they touch."""
+        graph = nx.Graph()
+        for g in self.groups:
+            gid = f"group:{g.name}"
+            graph.add_node(gid, kind=g.kind, units=g.size, prunable=g.prunable)
+            for t in g.params + g.buffers:
+                graph.add_node(f"tensor:{t.name}", names=t.names, numel=t.numel)
+                graph.add_edge(gid, f"tensor:{t.name}", axis=t.axis)
+            for role, entries in (("site", g.sites), ("constant", g.shape_constants)):
+                for n in entries:
+                    graph.add_node(f"node:{n.node}", op=role)
+                    graph.add_edge(gid, f"node:{n.node}", axis=n.axis, role=role)
+        return graph
+
+    def table(self, tablefmt: str = "simple") -> str:
+        from ..report import analysis_table
+
+        return analysis_table(self, tablefmt=tablefmt)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def analyze_captured(captured: Captured) -> Analysis:
+    start = time.perf_counter()
+    walk = propagate(captured)
+    groups = build_groups(walk)
+    return Analysis(
+        captured=captured,
+        groups=groups,
+        propagation=walk,
+        seconds={"capture": captured.seconds, "analysis": time.perf_counter() - start},
+    )
+
+
+def analyze(model: torch.nn.Module, example_inputs: ExampleInputs, *, dynamic_shapes: Any = "auto") -> Analysis:
+    """Capture ``model`` on ``example_inputs`` and find its prunable groups.
+
+    Every dimension a rule does not understand is frozen with a reason, never guessed.
+    """
+    return analyze_captured(capture(model, example_inputs, dynamic_shapes=dynamic_shapes))

@@ -1,0 +1,302 @@
+"""Prunable groups: the units a pruning decision is made over, and everything each one touches.
+
+A group owns one or more *leaf spaces* (its unit grid): a channels group owns one leaf of C units;
+a heads group owns the query-head space, ``[kv_heads, queries_per_kv]`` for grouped-query attention
+(query head ``h`` reads KV head ``h // queries_per_kv``). Every axis the group touches is described by
+a :class:`Layout`: the row-major factors of that axis, each either one of the group's unit axes or
+a factor the group does not own (the head dim, the q/k/v piece index of a fused projection, ...).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+
+from .propagate import Propagation
+from .spaces import is_data_size
+
+KINDS = ("heads", "channels", "hidden")
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One row-major factor of an axis: its size (None if dynamic) and which unit axis it is."""
+
+    size: int | None
+    unit_axis: int | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The factors of one axis, major to minor."""
+
+    factors: tuple[Factor, ...]
+
+    @property
+    def unit_axes(self) -> tuple[int, ...]:
+        return tuple(f.unit_axis for f in self.factors if f.unit_axis is not None)
+
+
+@dataclass(frozen=True)
+class TensorAxis:
+    """An axis of a parameter or buffer (``names``: every name it has, tied ones included)."""
+
+    names: tuple[str, ...]
+    axis: int
+    layout: Layout
+    numel: int
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True)
+class NodeAxis:
+    """An axis of a graph node's output: a mask site or a shape constant to patch."""
+
+    node: str
+    axis: int
+    layout: Layout
+
+
+@dataclass
+class Group:
+    """One prunable dimension (or a frozen one, with the reason)."""
+
+    name: str
+    kind: str
+    unit_shape: tuple[int, ...]
+    prunable: bool
+    reason: str = ""
+    exact: bool = True
+    exactness: str = ""
+    unit_width: int = 1
+    params: list[TensorAxis] = field(default_factory=list)
+    buffers: list[TensorAxis] = field(default_factory=list)
+    sites: list[NodeAxis] = field(default_factory=list)
+    shape_constants: list[NodeAxis] = field(default_factory=list)
+    reductions: list[tuple[str, str]] = field(default_factory=list)
+    leaves: tuple[int, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Number of units: query heads for a heads group, channels otherwise."""
+        return prod(self.unit_shape)
+
+    @property
+    def kv_heads(self) -> int | None:
+        return self.unit_shape[0] if self.kind == "heads" else None
+
+    @property
+    def queries_per_kv(self) -> int | None:
+        if self.kind != "heads":
+            return None
+        return self.unit_shape[1] if len(self.unit_shape) > 1 else 1
+
+    @property
+    def params_per_unit(self) -> float:
+        """Parameters on the group's axes, averaged per unit."""
+        return sum(t.numel for t in self.params) / self.size
+
+    @property
+    def param_names(self) -> list[str]:
+        return [t.name for t in self.params]
+
+
+def build_groups(p: Propagation) -> list[Group]:
+    """Resolve the walk's records into groups, in graph order."""
+    return _GroupBuilder(p).build()
+
+
+class _GroupBuilder:
+    def __init__(self, p: Propagation) -> None:
+        self.p = p
+        self.s = p.spaces
+        self.rec = p.records
+
+    def leaves(self, space: int) -> list[int]:
+        return self.s.leaves(space)
+
+    def resolve(self, pairs: list[tuple[int, str]]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = defaultdict(list)
+        for space, text in pairs:
+            for leaf in self.leaves(space):
+                if text not in out[leaf]:
+                    out[leaf].append(text)
+        return out
+
+    def build(self) -> list[Group]:
+        frozen = self.resolve(self.rec.frozen)
+        residual = set(self.resolve(self.rec.residual))
+        reductions = defaultdict(list)
+        for space, kind, node in self.rec.reductions:
+            for leaf in self.leaves(space):
+                reductions[leaf].append((node, kind))
+
+        tensor_axes = [
+            (tensor, axis, self.leaves(space))
+            for tensor, dims in self.rec.tensors.values()
+            for axis, space in enumerate(dims)
+        ]
+        param_leaves: list[int] = []
+        for tensor, _, leaves in tensor_axes:
+            if isinstance(tensor, torch.nn.Parameter):
+                param_leaves += [x for x in leaves if x not in param_leaves and not self.s.is_data(x)]
+
+        units: list[tuple[str, tuple[int, ...]]] = []
+        owned: set[int] = set()
+        for space, _ in self.rec.heads:
+            grid = tuple(x for x in self.leaves(space) if not self.s.is_data(x))
+            if grid and not owned.intersection(grid) and any(x in param_leaves for x in grid):
+                units.append(("heads", grid))
+                owned.update(grid)
+        internal = {leaf for space in self.rec.internal for leaf in self.leaves(space)}
+        for _, _, leaves in tensor_axes:
+            if owned.intersection(leaves):
+                internal.update(x for x in leaves if x not in owned)
+        for leaf in param_leaves:
+            if leaf not in owned and leaf not in internal:
+                units.append(("hidden" if leaf in residual else "channels", (leaf,)))
+                owned.add(leaf)
+
+        groups = [self.group(kind, grid, frozen, reductions) for kind, grid in units]
+        groups.sort(key=self._first_use)
+        _name_groups(groups)
+        return groups
+
+    def _first_use(self, g: Group) -> int:
+        """Index of the first parameter the group touches, in graph order."""
+        for i, (_, dims) in enumerate(self.rec.tensors.values()):
+            if any(self.touching(space, g.leaves) for space in dims):
+                return i
+        return len(self.rec.tensors)
+
+    def layout(self, space: int, grid: tuple[int, ...]) -> Layout:
+        factors = []
+        for leaf in self.leaves(space):
+            size = self.s.size(leaf)
+            unit = grid.index(leaf) if leaf in grid else None
+            factors.append(Factor(None if is_data_size(size) else int(size), unit))
+        return Layout(tuple(factors))
+
+    def touching(self, space: int, grid: tuple[int, ...]) -> bool:
+        return any(leaf in grid for leaf in self.leaves(space))
+
+    def group(self, kind: str, grid: tuple[int, ...], frozen: dict, reductions: dict) -> Group:
+        params, buffers = [], []
+        for tensor, dims in self.rec.tensors.values():
+            for axis, space in enumerate(dims):
+                if self.touching(space, grid):
+                    entry = TensorAxis(
+                        tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()
+                    )
+                    (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
+        records = self.rec.produced if kind == "hidden" else self.rec.consumed
+        sites = [
+            NodeAxis(node, axis, self.layout(space, grid))
+            for node, axis, space in records
+            if self.touching(space, grid)
+        ]
+        constants = [
+            NodeAxis(node, axis, self.layout(space, grid))
+            for node, spaces in self.rec.shape_ops
+            for axis, space in enumerate(spaces)
+            if self.touching(space, grid)
+        ]
+        reasons = [r for leaf in grid for r in frozen.get(leaf, [])]
+        reduced = [r for leaf in grid for r in reductions.get(leaf, [])]
+        unit_shape = tuple(int(self.s.size(x)) for x in grid)
+        g = Group(
+            name="",
+            kind=kind,
+            unit_shape=unit_shape,
+            prunable=not reasons,
+            reason="; ".join(dict.fromkeys(reasons)),
+            params=params,
+            buffers=buffers,
+            sites=list(dict.fromkeys(sites)),
+            shape_constants=constants,
+            reductions=reduced,
+            leaves=grid,
+        )
+        g.unit_width = _unit_width(g)
+        _judge_exactness(g)
+        if g.prunable and not g.sites:
+            g.prunable, g.reason = False, "no place to put its mask (no weight consumes it)"
+        if kind == "heads" and len(unit_shape) > 2:
+            g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
+        return g
+
+
+def _unit_width(g: Group) -> int:
+    """Entries of one unit where its mask goes (head_dim for heads, 1 for channels)."""
+    widths = [prod(f.size or 1 for f in site.layout.factors if f.unit_axis is None) for site in g.sites]
+    return max(widths, default=1)
+
+
+def _judge_exactness(g: Group) -> None:
+    """Whether zeroing a unit's mask equals removing it physically."""
+    kinds = {kind for _, kind in g.reductions}
+    if not kinds:
+        g.exact, g.exactness = True, "exact"
+        return
+    if g.kind == "hidden":
+        if kinds <= {"mean of squares", "rms_norm"}:
+            g.exact, g.exactness = True, "exact with RMSNorm rescale"
+        else:
+            g.exact = False
+            g.exactness = "approximate: " + ", ".join(sorted(kinds)) + " statistics change"
+        return
+    where = ", ".join(f"{kind} at {node}" for node, kind in g.reductions[:3])
+    g.exact, g.exactness = False, f"reduced over ({where})"
+    if g.prunable:
+        g.prunable, g.reason = False, f"reduced over by {where}: pruning would change the result"
+
+
+def _common_module(names: list[str]) -> str:
+    paths = [n.split(".")[:-1] for n in names]
+    if not paths:
+        return ""
+    common = paths[0]
+    for path in paths[1:]:
+        i = 0
+        while i < min(len(common), len(path)) and common[i] == path[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
+def _name_groups(groups: list[Group]) -> None:
+    """Stable names from module paths: the common module of everything a group touches.
+
+    Heads, hidden and prunable groups choose first; a module path shared by several groups of the
+    same kind (an MLP stack in one Sequential) is skipped for the producing module of each.
+    """
+    hidden = [g for g in groups if g.kind == "hidden"]
+    options: dict[int, list[str]] = {}
+    for g in groups:
+        everything = _common_module([t.name for t in g.params])
+        producers = _common_module([t.name for t in g.params if t.axis == 0])
+        first_module = _common_module([g.params[0].name]) if g.params else ""
+        options[id(g)] = [c for c in (everything, producers, first_module) if c] or [g.kind]
+    if len(hidden) == 1:
+        options[id(hidden[0])] = ["hidden"]
+    clash = defaultdict(int)
+    for g in groups:
+        clash[(options[id(g)][0], g.kind, g.prunable)] += 1
+    taken: set[str] = set()
+    for g in sorted(groups, key=lambda g: (not g.prunable, KINDS.index(g.kind))):
+        opts = options[id(g)]
+        if clash[(opts[0], g.kind, g.prunable)] > 1 and len(opts) > 1:
+            opts = opts[1:]
+        name = next((o for o in [*opts, f"{opts[0]}.{g.kind}"] if o not in taken), None)
+        k = 2
+        while name is None:
+            name = f"{opts[0]}#{k}" if f"{opts[0]}#{k}" not in taken else None
+            k += 1
+        g.name = name
+        taken.add(name)

@@ -1,0 +1,654 @@
+"""The one registry of op rules: how each ATen op maps its inputs' axes to its outputs' axes.
+
+A rule receives the walk state and the node, declares which axes share a space, records what the
+later passes need (frozen spaces, heads, reductions, weight contractions and productions, shape
+constants) and returns the spaces of the node's output axes (a list per tensor output for ops that
+return several). An op without a rule freezes every space it touches: never guess.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from .propagate import Dims, Propagation, op_name
+
+aten = torch.ops.aten
+Rule = Callable[[Propagation, Node], Any]
+RULES: dict[Any, Rule] = {}
+
+
+def ops(*names: str) -> list[Any]:
+    """The ATen op packets of these names that this torch build has."""
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+def register(*ops: Any) -> Callable[[Rule], Rule]:
+    def decorate(rule: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = rule
+        return rule
+
+    return decorate
+
+
+def rule_for(node: Node) -> Rule | None:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return RULES.get(target) or RULES.get(target.overloadpacket)
+    return RULES.get(target)
+
+
+def apply_rule(p: Propagation, node: Node) -> None:
+    out = p.val(node)
+    if not _holds_tensor(out):
+        return  # shape arithmetic, assertions, guards: nothing to label
+    rule = rule_for(node) or unknown
+    p.dims[node] = rule(p, node)
+    if node not in p.origin:
+        sources = [x for x in p.tensor_inputs(node) if not p.is_weight(x)]
+        p.origin[node] = p.origin.get(sources[0], sources[0]) if sources else node
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)
+
+
+def _shape_of_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        from .spaces import as_size
+
+        return [as_size(s) for s in value.shape]
+    return [_shape_of_value(v) for v in value]
+
+
+def unknown(p: Propagation, node: Node) -> Any:
+    """No rule: freeze everything the op reads and writes."""
+    reason = f"no rule for {op_name(node)} at {node.name}"
+    for x in p.tensor_inputs(node):
+        for s in p.of(x):
+            p.freeze(s, reason)
+    return _fresh_like(p, p.val(node), reason)
+
+
+def _fresh_like(p: Propagation, value: Any, reason: str | None) -> Any:
+    if isinstance(value, torch.Tensor):
+        return p.fresh(p.shape_of(value), reason)
+    return [_fresh_like(p, v, reason) if isinstance(v, torch.Tensor) else None for v in value]
+
+
+def _out_shape(p: Propagation, node: Node) -> list:
+    return _shape_of_value(p.val(node))
+
+
+# --- elementwise ---------------------------------------------------------------------------------
+ELEMENTWISE = ops(
+    "add", "sub", "rsub", "mul", "div", "pow", "neg", "abs", "exp", "exp2", "log", "log1p", "log2",
+    "expm1", "sqrt", "rsqrt", "sin", "cos", "tan", "tanh", "sigmoid", "relu", "relu6", "gelu",
+    "silu", "mish", "hardtanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "selu", "celu",
+    "softplus", "erf", "clamp", "clamp_min", "clamp_max", "clip", "where", "masked_fill",
+    "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
+    "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor",
+    "__and__", "__or__", "__xor__", "__invert__", "floor", "ceil", "round", "sign", "reciprocal",
+    "square", "fmod", "remainder", "floor_divide", "isnan", "isinf", "nan_to_num", "lerp",
+    "addcmul", "addcdiv", "atan", "trunc", "frac", "logit",
+)
+UNARY = ops(
+    "to", "_to_copy", "clone", "contiguous", "detach", "alias", "lift_fresh_copy", "dropout",
+    "alpha_dropout", "feature_dropout", "zeros_like", "ones_like", "empty_like", "full_like",
+    "rand_like", "randn_like", "type_as", "fill", "bernoulli", "native_dropout",
+)
+
+
+@register(*ELEMENTWISE)
+def elementwise(p: Propagation, node: Node) -> Dims:
+    """Broadcasting: axes aligned from the right share a space unless one side has size 1."""
+    out_shape = _out_shape(p, node)
+    inputs = p.tensor_inputs(node)
+    out: list[int | None] = [None] * len(out_shape)
+    users: list[list[Node]] = [[] for _ in out_shape]
+    for x in inputs:
+        dims, shape = p.of(x), p.shape(x)
+        offset = len(out_shape) - len(dims)
+        for i, space in enumerate(dims):
+            j = offset + i
+            if shape[i] == 1 and out_shape[j] != 1:
+                continue
+            users[j].append(x)
+            if out[j] is None:
+                out[j] = space
+            else:
+                p.same(out[j], space)
+    if node.target in (aten.add.Tensor, aten.sub.Tensor):
+        for j, xs in enumerate(users):
+            writers = {p.origin[x] for x in xs if not p.is_weight(x)}
+            if len(writers) >= 2 and out[j] is not None:
+                p.records.residual.append((out[j], node.name))
+    if inputs and all(p.is_weight(x) for x in inputs):
+        p.weightlike.add(node)
+    return [s if s is not None else p.spaces.new(out_shape[j]) for j, s in enumerate(out)]
+
+
+@register(*UNARY)
+def unary(p: Propagation, node: Node) -> Any:
+    src = node.args[0]
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    out = p.val(node)
+    if isinstance(out, (tuple, list)):  # native_dropout: (output, mask)
+        return [list(p.of(src)) for _ in out]
+    return list(p.of(src))
+
+
+@register(operator.getitem)
+def getitem(p: Propagation, node: Node) -> Dims:
+    src, index = node.args
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    return p.dims[src][index]
+
+
+# --- layout ----------------------------------------------------------------------------------------
+@register(aten.view, aten._unsafe_view, aten.reshape, aten.view_as, aten.reshape_as, aten.flatten,
+          aten.unflatten, aten.squeeze, aten.unsqueeze, aten.view_copy)
+def reshape(p: Propagation, node: Node) -> Dims:
+    """Row-major reshapes (squeeze/unsqueeze included): output axes regroup the input's leaves."""
+    src = node.args[0]
+    out = p.regroup(p.of(src), _out_shape(p, node))
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    if node.target.overloadpacket in (aten.view, aten._unsafe_view, aten.reshape, aten.view_copy, aten.unflatten):
+        p.records.shape_ops.append((node.name, out))
+    return out
+
+
+@register(aten.transpose, aten.swapaxes, aten.t, aten.permute, aten.movedim, aten.numpy_T)
+def permute(p: Propagation, node: Node) -> Dims:
+    src = node.args[0]
+    dims = p.of(src)
+    n = len(dims)
+    packet = node.target.overloadpacket
+    if packet is aten.permute:
+        order = [d % n for d in node.args[1]]
+    elif packet is aten.movedim:
+        order = [int(i) for i in torch.arange(n).movedim(node.args[1], node.args[2]).tolist()]
+    elif packet in (aten.t, aten.numpy_T):
+        order = list(reversed(range(n)))
+    else:
+        a, b = node.args[1] % n, node.args[2] % n
+        order = list(range(n))
+        order[a], order[b] = order[b], order[a]
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    return [dims[i] for i in order]
+
+
+@register(aten.expand, aten.expand_as, aten.broadcast_to)
+def expand(p: Propagation, node: Node) -> Dims:
+    """Axes of size 1 grown to n become new spaces (e.g. the queries-per-KV axis of GQA)."""
+    src = node.args[0]
+    dims, shape = p.of(src), p.shape(src)
+    out_shape = _out_shape(p, node)
+    offset = len(out_shape) - len(dims)
+    out = []
+    for j, size in enumerate(out_shape):
+        i = j - offset
+        out.append(dims[i] if i >= 0 and shape[i] == size else p.spaces.new(size))
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    if node.target.overloadpacket is aten.expand:
+        p.records.shape_ops.append((node.name, out))
+    return out
+
+
+@register(aten.repeat)
+def repeat(p: Propagation, node: Node) -> Dims:
+    src, repeats = node.args[0], list(node.args[1])
+    dims = p.of(src)
+    offset = len(repeats) - len(dims)
+    out = []
+    for j, r in enumerate(repeats):
+        inner = dims[j - offset] if j >= offset else None
+        tile = p.spaces.new(r)
+        out.append(p.spaces.compose([tile] + ([inner] if inner is not None else [])))
+    p.records.shape_ops.append((node.name, out))
+    return out
+
+
+@register(aten.repeat_interleave)
+def repeat_interleave(p: Propagation, node: Node) -> Dims:
+    src, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(repeats, int) or dim is None:
+        return unknown(p, node)
+    dims = list(p.of(src))
+    dim %= len(dims)
+    dims[dim] = p.spaces.compose([dims[dim], p.spaces.new(repeats)])
+    p.records.shape_ops.append((node.name, dims))
+    return dims
+
+
+@register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.unsafe_split)
+def split(p: Propagation, node: Node) -> list[Dims]:
+    """Equal pieces: the axis becomes [pieces, piece] and every output's axis is the piece space."""
+    src = node.args[0]
+    dims = p.of(src)
+    packet = node.target.overloadpacket
+    dim_arg = 1 if packet is aten.unbind else 2
+    dim = (node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", 0)) % len(dims)
+    outs = p.val(node)
+    sizes = [v.shape[dim] for v in outs] if packet is not aten.unbind else None
+    whole = dims[dim]
+    keep = [s for i, s in enumerate(dims) if i != dim]
+    if packet is aten.unbind:
+        p.freeze(whole, f"unbound (one tensor per index) at {node.name}")
+        return [list(keep) for _ in outs]
+    if p.spaces.is_data(whole) or len(set(sizes)) != 1:
+        reason = f"split into unequal pieces at {node.name}"
+        p.freeze(whole, reason)
+        piece_spaces = [p.spaces.new(s) for s in sizes]
+        for s in piece_spaces:
+            p.freeze(s, reason)
+    else:
+        pieces, piece = p.spaces.new(len(outs)), p.spaces.new(sizes[0])
+        p.freeze(pieces, f"index of the pieces of split {node.name}")
+        p.same(whole, p.spaces.compose([pieces, piece]))
+        piece_spaces = [piece] * len(outs)
+    result = []
+    for s in piece_spaces:
+        d = list(dims)
+        d[dim] = s
+        result.append(d)
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    return result
+
+
+@register(aten.cat, aten.concat, aten.concatenate)
+def cat(p: Propagation, node: Node) -> Dims:
+    tensors = [t for t in node.args[0] if p.is_tensor(t) and p.val(t).dim() > 0]
+    out_shape = _out_shape(p, node)
+    dim = p.arg(1, "dim", 0) % len(out_shape)
+    out = p.fresh(out_shape)
+    reason = f"concatenated at {node.name}"
+    p.freeze(out[dim], reason)
+    for t in tensors:
+        dims = p.of(t)
+        p.freeze(dims[dim], reason)
+        for i, s in enumerate(dims):
+            if i != dim:
+                p.same(out[i], s)
+    return out
+
+
+@register(aten.stack)
+def stack(p: Propagation, node: Node) -> Dims:
+    tensors = list(node.args[0])
+    out_shape = _out_shape(p, node)
+    dim = p.arg(1, "dim", 0) % len(out_shape)
+    out = p.fresh(out_shape)
+    p.freeze(out[dim], f"stacked at {node.name}")
+    for t in tensors:
+        for i, s in enumerate(p.of(t)):
+            p.same(out[i if i < dim else i + 1], s)
+    return out
+
+
+@register(aten.slice)
+def slice_(p: Propagation, node: Node) -> Dims:
+    src = node.args[0]
+    dims, shape = p.of(src), p.shape(src)
+    out_shape = _out_shape(p, node)
+    dim = p.arg(1, "dim", 0) % len(dims)
+    out = list(dims)
+    if not (out_shape[dim] == shape[dim] and p.arg(4, "step", 1) == 1):
+        reason = f"sliced at {node.name}"
+        p.freeze(dims[dim], reason)
+        out[dim] = p.fresh([out_shape[dim]], reason)[0]
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    return out
+
+
+@register(aten.select)
+def select(p: Propagation, node: Node) -> Dims:
+    src, dim = node.args[0], node.args[1]
+    dims = list(p.of(src))
+    dim %= len(dims)
+    p.freeze(dims[dim], f"indexed by select at {node.name}")
+    del dims[dim]
+    return dims
+
+
+@register(aten.constant_pad_nd, aten.pad)
+def pad(p: Propagation, node: Node) -> Dims:
+    src = node.args[0]
+    dims, shape = p.of(src), p.shape(src)
+    out_shape = _out_shape(p, node)
+    out = []
+    for i, s in enumerate(dims):
+        if shape[i] == out_shape[i]:
+            out.append(s)
+        else:
+            p.freeze(s, f"padded at {node.name}")
+            out.append(p.fresh([out_shape[i]], f"padded at {node.name}")[0])
+    return out
+
+
+# --- factories -------------------------------------------------------------------------------------
+@register(aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor, aten.rand,
+          aten.randn, aten.new_ones, aten.new_zeros, aten.new_empty, aten.new_full, aten.tensor,
+          aten.randint, aten.eye, aten.linspace)
+def factory(p: Propagation, node: Node) -> Dims:
+    return p.fresh(_out_shape(p, node), f"created with a fixed shape at {node.name}")
+
+
+# --- contractions ----------------------------------------------------------------------------------
+def _contract(p: Propagation, node: Node, a: Node, b: Node, out: Dims, a_axis: int, b_axis: int,
+              out_of_a: dict[int, int], out_of_b: dict[int, int]) -> None:
+    """``a`` and ``b`` are contracted over ``a_axis``/``b_axis``; ``out_of_x`` maps output axes to
+    the operand axis they come from. Against a weight, the activation side is a consumer site and
+    the weight's free axis a producer site; two activations (attention) freeze their own axes."""
+    da, db = p.of(a), p.of(b)
+    p.same(da[a_axis], db[b_axis])
+    for j, i in out_of_a.items():
+        p.same(out[j], da[i])
+    for j, i in out_of_b.items():
+        p.same(out[j], db[i])
+    wa, wb = p.is_weight(a), p.is_weight(b)
+    if wa and wb:
+        p.weightlike.add(node)
+    elif wb:
+        p.consumed(a, a_axis)
+        for j, i in out_of_b.items():
+            if i != b_axis and j not in out_of_a:
+                p.produced(j, out[j])
+    elif wa:
+        p.consumed(b, b_axis)
+        for j, i in out_of_a.items():
+            if i != a_axis and j not in out_of_b:
+                p.produced(j, out[j])
+    else:
+        reason = f"contracted between two activations at {node.name} (per-head width)"
+        p.freeze(da[a_axis], reason)
+        free = [j for j in range(len(out)) if (j in out_of_a) != (j in out_of_b)]
+        for j in free:
+            p.freeze(out[j], reason)
+        for j in range(len(out)):
+            if j in out_of_a and j in out_of_b and not p.spaces.is_data(out[j]):
+                p.heads(out[j])
+
+
+def _matmul_maps(na: int, nb: int, nout: int) -> tuple[int, int, dict[int, int], dict[int, int]]:
+    """Axis maps of broadcasting matmul for operands of rank >= 2."""
+    out_a: dict[int, int] = {nout - 2: na - 2}
+    out_b: dict[int, int] = {nout - 1: nb - 1}
+    for j in range(nout - 2):
+        ia, ib = j - (nout - na), j - (nout - nb)
+        if ia >= 0:
+            out_a[j] = ia
+        if ib >= 0:
+            out_b[j] = ib
+    return na - 1, nb - 2, out_a, out_b
+
+
+@register(aten.mm, aten.bmm, aten.matmul)
+def matmul(p: Propagation, node: Node) -> Dims:
+    a, b = node.args[0], node.args[1]
+    out_shape = _out_shape(p, node)
+    if p.val(a).dim() < 2 or p.val(b).dim() < 2:
+        return unknown(p, node)
+    out = p.fresh(out_shape)
+    a_axis, b_axis, out_a, out_b = _matmul_maps(p.val(a).dim(), p.val(b).dim(), len(out_shape))
+    out_a = {j: i for j, i in out_a.items() if p.shape(a)[i] != 1 or out_shape[j] == 1}
+    out_b = {j: i for j, i in out_b.items() if p.shape(b)[i] != 1 or out_shape[j] == 1}
+    _contract(p, node, a, b, out, a_axis, b_axis, out_a, out_b)
+    return out
+
+
+@register(aten.addmm, aten.baddbmm)
+def addmm(p: Propagation, node: Node) -> Dims:
+    bias, a, b = node.args[0], node.args[1], node.args[2]
+    out_shape = _out_shape(p, node)
+    out = p.fresh(out_shape)
+    a_axis, b_axis, out_a, out_b = _matmul_maps(len(out_shape), len(out_shape), len(out_shape))
+    _contract(p, node, a, b, out, a_axis, b_axis, out_a, out_b)
+    _broadcast_into(p, bias, out, out_shape)
+    return out
+
+
+def _broadcast_into(p: Propagation, x: Any, out: Dims, out_shape: list) -> None:
+    if not p.is_tensor(x):
+        return
+    dims, shape = p.of(x), p.shape(x)
+    offset = len(out) - len(dims)
+    for i, s in enumerate(dims):
+        if shape[i] != 1 or out_shape[offset + i] == 1:
+            p.same(out[offset + i], s)
+
+
+@register(aten.linear)
+def linear(p: Propagation, node: Node) -> Dims:
+    x, w = node.args[0], node.args[1]
+    bias = p.arg(2, "bias")
+    out_shape = _out_shape(p, node)
+    out = p.fresh(out_shape)
+    n = len(out_shape)
+    if p.val(w).dim() != 2:
+        return unknown(p, node)
+    _contract(p, node, x, w, out, -1, 1, {j: j for j in range(n - 1)}, {n - 1: 0})
+    _broadcast_into(p, bias, out, out_shape)
+    return out
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
+          aten.conv_transpose2d, aten.conv_transpose3d)
+def conv(p: Propagation, node: Node) -> Dims:
+    """Channels of input/weight/output/bias; spatial axes are new spaces; groups need care."""
+    x, w = node.args[0], node.args[1]
+    bias = p.arg(2, "bias")
+    packet = node.target.overloadpacket
+    if packet is aten.convolution:
+        transposed, groups = node.args[6], node.args[8]
+    else:
+        transposed = packet in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+        groups = p.arg(6, "groups", 1)
+    if not p.is_weight(w):
+        return unknown(p, node)
+    out_shape = _out_shape(p, node)
+    out = p.fresh(out_shape)
+    dx, dw = p.of(x), p.of(w)
+    w_out, w_in = (1, 0) if transposed else (0, 1)
+    spatial = f"spatial axis of {node.name}"
+    for j in range(2, len(out)):
+        p.freeze(out[j], spatial)
+        p.freeze(dx[j], spatial)
+        p.records.internal.append(dw[j])
+    p.same(out[0], dx[0])
+    cin, cout = p.shape(x)[1], out_shape[1]
+    if groups == 1:
+        p.same(dx[1], dw[w_in])
+        p.same(out[1], dw[w_out])
+        p.consumed(x, 1)
+        p.produced(1, out[1])
+    elif groups == cin == cout and p.shape(w)[w_in] == 1:
+        p.same(dx[1], out[1])
+        p.same(out[1], dw[w_out])
+    else:
+        reason = f"grouped convolution at {node.name}"
+        for s in (dx[1], out[1], dw[0], dw[1]):
+            p.freeze(s, reason)
+    _broadcast_into(p, bias, [out[1]], [cout])
+    return out
+
+
+@register(aten.scaled_dot_product_attention)
+def sdpa(p: Propagation, node: Node) -> Dims:
+    """q (..., Hq, L, E), k (..., Hkv, S, E), v (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
+    With Hq = Hkv * n_rep (grouped-query attention), query head h reads KV head h // n_rep."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    mask = p.arg(3, "attn_mask")
+    dq, dk, dv = p.of(q), p.of(k), p.of(v)
+    out = list(dq[:-1]) + [dv[-1]]
+    reason = f"per-head width of attention {node.name}"
+    p.same(dq[-1], dk[-1])
+    p.same(dk[-2], dv[-2])
+    for s in (dq[-1], dv[-1]):
+        p.freeze(s, reason)
+    for i in range(len(dq) - 3):
+        p.same(dk[i], dq[i])
+        p.same(dv[i], dq[i])
+    p.same(dk[-3], dv[-3])
+    hq, hkv = p.shape(q)[-3], p.shape(k)[-3]
+    if hq == hkv:
+        p.same(dq[-3], dk[-3])
+    else:
+        rep = p.spaces.new(hq // hkv)
+        p.same(dq[-3], p.spaces.compose([dk[-3], rep]))
+    if p.is_tensor(mask):
+        _broadcast_into(p, mask, out[:-1] + [dk[-2]], p.shape(q)[:-1] + [p.shape(k)[-2]])
+    p.heads(dq[-3])
+    return out
+
+
+@register(aten.embedding)
+def embedding(p: Propagation, node: Node) -> Dims:
+    w, idx = node.args[0], node.args[1]
+    dw = p.of(w)
+    p.freeze(dw[0], f"embedding rows are looked up by index at {node.name}")
+    out = list(p.of(idx)) + [dw[1]]
+    p.produced(len(out) - 1, dw[1])
+    return out
+
+
+# --- normalisation and reductions ------------------------------------------------------------------
+def _reduce_dims(p: Propagation, node: Node, dim_arg: Any, keepdim: bool, kind: str) -> Any:
+    dims = p.of(node.args[0])
+    n = len(dims)
+    if dim_arg is None or dim_arg == []:
+        reduced = set(range(n))
+    elif isinstance(dim_arg, int):
+        reduced = {dim_arg % n}
+    else:
+        reduced = {d % n for d in dim_arg}
+    for d in reduced:
+        p.reduce(dims[d], kind)
+    out = [p.spaces.new(1) if i in reduced else s for i, s in enumerate(dims) if keepdim or i not in reduced]
+    if isinstance(p.val(node), (tuple, list)):  # (values, indices) or (var, mean)
+        return [out, list(out)]
+    return out
+
+
+def _is_square(p: Propagation, x: Any) -> bool:
+    if not isinstance(x, Node):
+        return False
+    if x.target in (aten.pow.Tensor_Scalar,) and x.args[1] == 2:
+        return True
+    return x.target is aten.mul.Tensor and x.args[0] is x.args[1]
+
+
+@register(aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.prod, aten.logsumexp,
+          aten.linalg_vector_norm, aten.norm, aten.max, aten.min, aten.argmax, aten.argmin, aten.any,
+          aten.all, aten.var_mean, aten.std_mean)
+def reduction(p: Propagation, node: Node) -> Any:
+    packet = node.target.overloadpacket
+    if packet in (aten.linalg_vector_norm, aten.norm):
+        dim, keepdim = p.arg(2, "dim"), p.arg(3, "keepdim", False)
+    elif packet in (aten.var, aten.std, aten.var_mean, aten.std_mean):
+        dim, keepdim = p.arg(1, "dim"), p.arg(3, "keepdim", False)
+    else:
+        dim, keepdim = p.arg(1, "dim"), p.arg(2, "keepdim", False)
+    if packet is aten.sum:
+        kind = "sum"
+    elif packet is aten.mean:
+        kind = "mean of squares" if _is_square(p, node.args[0]) else "mean"
+    else:
+        kind = packet.__name__
+    return _reduce_dims(p, node, dim, bool(keepdim), kind)
+
+
+@register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
+          aten.cummax, aten.logcumsumexp)
+def along_axis(p: Propagation, node: Node) -> Any:
+    """Same shape out, but every output entry depends on the whole axis ``dim``."""
+    src = node.args[0]
+    dims = p.of(src)
+    p.reduce(dims[node.args[1] % len(dims)], node.target.overloadpacket.__name__.lstrip("_"))
+    if isinstance(p.val(node), (tuple, list)):
+        return [list(dims), list(dims)]
+    return list(dims)
+
+
+@register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+def layer_norm(p: Propagation, node: Node) -> Any:
+    x, normalized = node.args[0], list(node.args[1])
+    weight = p.arg(2, "weight")
+    bias = p.arg(3, "bias") if node.target.overloadpacket is not aten.rms_norm else None
+    dims = p.of(x)
+    tail = dims[len(dims) - len(normalized):]
+    kind = "rms_norm" if node.target.overloadpacket is aten.rms_norm else "layer_norm"
+    for s in tail:
+        p.reduce(s, kind)
+    for param in (weight, bias):
+        if p.is_tensor(param):
+            for s, t in zip(tail, p.of(param), strict=True):
+                p.same(s, t)
+    if isinstance(p.val(node), (tuple, list)):
+        stats = [s if i < len(dims) - len(normalized) else p.spaces.new(1) for i, s in enumerate(dims)]
+        return [list(dims), stats, list(stats)]
+    return list(dims)
+
+
+@register(aten.group_norm, aten.native_group_norm)
+def group_norm(p: Propagation, node: Node) -> Any:
+    x = node.args[0]
+    dims = p.of(x)
+    p.reduce(dims[1], "group_norm")
+    for param in (p.arg(2, "weight"), p.arg(3, "bias")):
+        if p.is_tensor(param):
+            p.same(dims[1], p.of(param)[0])
+    if isinstance(p.val(node), (tuple, list)):
+        return [list(dims)] + _fresh_like(p, list(p.val(node))[1:], None)
+    return list(dims)
+
+
+@register(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
+          aten.native_batch_norm, aten.instance_norm)
+def batch_norm(p: Propagation, node: Node) -> Any:
+    """Per-channel affine with running statistics: channels stay independent (exact)."""
+    x = node.args[0]
+    dims = p.of(x)
+    if node.target.overloadpacket is aten.instance_norm:
+        for s in dims[2:]:
+            p.reduce(s, "instance_norm")
+    for param in node.args[1:5]:
+        if p.is_tensor(param):
+            p.same(dims[1], p.of(param)[0])
+    if isinstance(p.val(node), (tuple, list)):
+        return [list(dims)] + _fresh_like(p, list(p.val(node))[1:], None)
+    return list(dims)
+
+
+@register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d,
+          aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+          aten.adaptive_max_pool2d, aten.max_pool2d_with_indices, aten._adaptive_avg_pool2d)
+def pool(p: Propagation, node: Node) -> Any:
+    """Pooling mixes spatial positions only; batch and channel axes pass through."""
+    x = node.args[0]
+    dims = p.of(x)
+    value = p.val(node)
+    first = value[0] if isinstance(value, (tuple, list)) else value
+    spatial = first.dim() - 2 if first.dim() > 2 else 1
+    keep = len(dims) - spatial
+    out = list(dims[:keep]) + p.fresh(p.shape_of(first)[keep:], f"spatial axis of {node.name}")
+    for s in dims[keep:]:
+        p.freeze(s, f"spatial axis of {node.name}")
+    if isinstance(value, (tuple, list)):
+        return [out, list(out)]
+    return out

@@ -1,0 +1,174 @@
+"""Capture a model as an ATen-level fx graph with torch.export (non-strict, dynamic batch/sequence)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+ExampleInputs = torch.Tensor | tuple | list | dict
+
+
+@dataclass
+class Captured:
+    """A captured model: the runnable graph module plus what is needed to read it."""
+
+    module: torch.fx.GraphModule
+    exported: torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict[str, Any]
+    names: dict[int, list[str]] = field(default_factory=dict)
+    dynamic_dims: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def names_of(self, tensor: torch.Tensor) -> list[str]:
+        """All names (tied ones included) under which the model holds this tensor."""
+        return self.names.get(id(tensor), [])
+
+
+def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict[str, Any]]:
+    """Normalise example inputs given as a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of positional args or a dict of keyword args, "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def _auto_dims(tensor: torch.Tensor) -> dict[int, Any] | None:
+    """Dim 0 is the batch; dim 1 is the sequence for rank-2 and rank-3 inputs. Dim.AUTO lets
+    export keep a dim static where the model requires it instead of failing."""
+    if tensor.dim() == 0:
+        return None
+    dims = {0: Dim.AUTO}
+    if tensor.dim() in (2, 3):
+        dims[1] = Dim.AUTO
+    return dims
+
+
+def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A torch.export ``dynamic_shapes`` spec with :func:`_auto_dims` for every tensor input."""
+
+    def spec(x: Any) -> Any:
+        return _auto_dims(x) if isinstance(x, torch.Tensor) else None
+
+    if not kwargs:
+        return tuple(pytree.tree_map(spec, a) for a in args)
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
+
+
+def _with_use_cache_off(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Decoders with a KV cache return it as an output; capture them with ``use_cache=False``."""
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put the model in eval mode for the duration, restoring every submodule's flag after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _user_frame(message: str) -> str:
+    match = re.search(r"The following call raised this error:\s*\n(.*?)(?:\n\n|$)", message, re.S)
+    if match:
+        return " ".join(line.strip() for line in match.group(1).splitlines() if line.strip())
+    return ""
+
+
+def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
+    message = str(exc)
+    first = next((line for line in message.splitlines() if line.strip()), type(exc).__name__)
+    where = _user_frame(message)
+    if "data-dependent" in message or "GuardOnDataDependent" in type(exc).__name__:
+        hint = (
+            "the model branches on tensor values; compute that decision outside forward(), or use "
+            "torch.cond / torch._check so torch.export can trace it"
+        )
+    elif "Constraints violated" in message or "specialized" in message:
+        hint = "pass dynamic_shapes=None (static shapes) or give dynamic_shapes for the inputs yourself"
+    else:
+        hint = (
+            "check that forward() runs on the example inputs and avoids Python-side effects on tensor "
+            "values; see the torch.export documentation on non-strict export"
+        )
+    where_text = f" at {where}" if where else ""
+    return CaptureError(
+        f"cannot capture {type(model).__name__} with torch.export (non-strict): {first}{where_text}. "
+        f"Try: {hint}."
+    )
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    dynamic_shapes: Any = "auto",
+) -> Captured:
+    """Export ``model`` on ``example_inputs`` to a runnable ATen graph module.
+
+    ``dynamic_shapes="auto"`` makes the batch dim of every tensor input dynamic, and dim 1 of
+    rank-2/3 inputs (sequence); pass ``None`` for a static export or a torch.export spec.
+    The model is exported in eval mode and its training flags are restored afterwards.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    args, kwargs = split_inputs(example_inputs)
+    kwargs = _with_use_cache_off(model, kwargs)
+    if dynamic_shapes == "auto":
+        dynamic_shapes = default_dynamic_shapes(model, args, kwargs)
+    start = time.perf_counter()
+    with eval_mode(model):
+        try:
+            exported = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        except Exception as exc:  # torch.export raises many unrelated types
+            raise _capture_error(model, exc) from exc
+        module = exported.module()
+    names: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names.setdefault(id(tensor), []).append(name)
+    dynamic = [
+        f"{ph.name}[{axis}]"
+        for ph in module.graph.find_nodes(op="placeholder")
+        if isinstance(ph.meta.get("val"), torch.Tensor)
+        for axis, size in enumerate(ph.meta["val"].shape)
+        if isinstance(size, torch.SymInt)
+    ]
+    return Captured(
+        module=module,
+        exported=exported,
+        args=args,
+        kwargs=kwargs,
+        names=names,
+        dynamic_dims=dynamic,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,13 @@
+"""Exceptions raised by fxgradnas; each message names the cause and what to try."""
+
+
+class FxGradNasError(Exception):
+    """Base class of every error fxgradnas raises on purpose."""
+
+
+class CaptureError(FxGradNasError):
+    """The model could not be captured as a graph."""
+
+
+class AnalysisError(FxGradNasError):
+    """The captured graph could not be analysed."""

@@ -1,0 +1,619 @@
+"""Small deterministic example models for tests, the demo and ``inspect``.
+
+Every factory returns ``(model, example_inputs)``: the model is in eval mode and
+``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
+arguments. Weights and inputs are drawn from ``seed`` without touching the global RNG.
+Example sizes are odd (batch 3, sequence 7) so they never coincide with head counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import split_inputs
+
+ExampleInputs = torch.Tensor | tuple[Any, ...] | dict[str, Any]
+__all__ = ["HF_ZOO", "ZOO", "Example", "ExampleInputs", "split_inputs"]
+Example = tuple[nn.Module, ExampleInputs]
+
+BATCH = 3
+SEQ = 7
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[torch.Generator]:
+    """Seed the global RNG inside a forked state and yield a generator for inputs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed + 1)
+
+
+def _token_ids(vocab: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
+
+
+# --------------------------------------------------------------------------- nanoGPT
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2 attention with a fused qkv projection."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        assert n_embd % n_head == 0
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.n_head = n_head
+        self.n_embd = n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class GPTMLP(nn.Module):
+    def __init__(self, n_embd: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = GPTMLP(n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """GPT-2 style decoder laid out like nanoGPT, with the lm_head tied to ``wte``."""
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, vocab: int, block_size: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                h=nn.ModuleList(GPTBlock(n_embd, n_head) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        _, t = idx.size()
+        assert t <= self.block_size
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def nanogpt(
+    n_layer: int = 2, n_head: int = 4, n_embd: int = 32, vocab: int = 64, block_size: int = 16, seed: int = 0
+) -> Example:
+    """nanoGPT-style decoder; input: token ids of shape (3, 7)."""
+    with _seeded(seed) as gen:
+        model = NanoGPT(n_layer, n_head, n_embd, vocab, block_size).eval()
+        return model, _token_ids(vocab, gen)
+
+
+# --------------------------------------------------------------------------- Llama
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd)."""
+    B, n_kv, T, hd = x.shape
+    return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with rotary embeddings and an explicit causal softmax."""
+
+    def __init__(self, hidden: int, n_head: int, n_kv_head: int, head_dim: int) -> None:
+        super().__init__()
+        assert n_head % n_kv_head == 0
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.q_proj = nn.Linear(hidden, n_head * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, n_kv_head * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, n_kv_head * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_head * head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        y = scores.softmax(dim=-1) @ v
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hidden: int, n_head: int, n_kv_head: int, head_dim: int, intermediate: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden)
+        self.self_attn = LlamaAttention(hidden, n_head, n_kv_head, head_dim)
+        self.post_attention_layernorm = RMSNorm(hidden)
+        self.mlp = LlamaMLP(hidden, intermediate)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        n_layer: int,
+        n_head: int,
+        n_kv_head: int,
+        head_dim: int,
+        hidden: int,
+        intermediate: int,
+        vocab: int,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hidden, n_head, n_kv_head, head_dim, intermediate) for _ in range(n_layer)
+        )
+        self.norm = RMSNorm(hidden)
+        self.rotary_emb = RotaryEmbedding(head_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(x)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-style decoder with an untied lm_head."""
+
+    def __init__(self, **kw: int) -> None:
+        super().__init__()
+        self.model = LlamaModel(**kw)
+        self.lm_head = nn.Linear(kw["hidden"], kw["vocab"], bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids))
+
+
+def llama(
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_kv_head: int = 2,
+    head_dim: int = 8,
+    hidden: int = 32,
+    intermediate: int = 48,
+    vocab: int = 64,
+    seed: int = 0,
+) -> Example:
+    """Llama-style GQA decoder; input: token ids of shape (3, 7)."""
+    with _seeded(seed) as gen:
+        model = LlamaForCausalLM(
+            n_layer=n_layer,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            head_dim=head_dim,
+            hidden=hidden,
+            intermediate=intermediate,
+            vocab=vocab,
+        ).eval()
+        return model, _token_ids(vocab, gen)
+
+
+# --------------------------------------------------------------------------- BERT
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab: int, hidden: int, max_pos: int, type_vocab: int = 2) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, hidden)
+        self.position_embeddings = nn.Embedding(max_pos, hidden)
+        self.token_type_embeddings = nn.Embedding(type_vocab, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        token_type = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
+        return self.LayerNorm(x + self.token_type_embeddings(token_type))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, hidden: int, n_head: int) -> None:
+        super().__init__()
+        assert hidden % n_head == 0
+        self.n_head, self.head_dim = n_head, hidden // n_head
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), mask
+        )
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> residual add -> LayerNorm (post-LN)."""
+
+    def __init__(self, d_in: int, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, hidden: int, n_head: int) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(hidden, n_head)
+        self.output = BertResidualOutput(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, intermediate)
+        self.intermediate_act_fn = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, hidden: int, n_head: int, intermediate: int) -> None:
+        super().__init__()
+        self.attention = BertAttention(hidden, n_head)
+        self.intermediate = BertIntermediate(hidden, intermediate)
+        self.output = BertResidualOutput(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, n_layer: int, hidden: int, n_head: int, intermediate: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(hidden, n_head, intermediate) for _ in range(n_layer))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.activation = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(x[:, 0]))
+
+
+class BertForSequenceClassification(nn.Module):
+    """Post-LayerNorm BERT encoder with a first-token classification head."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_head: int,
+        hidden: int,
+        intermediate: int,
+        vocab: int,
+        max_pos: int,
+        num_labels: int,
+    ) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(vocab, hidden, max_pos)
+        self.encoder = BertEncoder(n_layer, hidden, n_head, intermediate)
+        self.pooler = BertPooler(hidden)
+        self.classifier = nn.Linear(hidden, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        keep = attention_mask[:, None, None, :].to(x.dtype)
+        mask = (1.0 - keep) * torch.finfo(x.dtype).min
+        return self.classifier(self.pooler(self.encoder(x, mask)))
+
+
+def bert(
+    n_layer: int = 2,
+    n_head: int = 4,
+    hidden: int = 32,
+    intermediate: int = 64,
+    vocab: int = 64,
+    max_pos: int = 16,
+    seed: int = 0,
+) -> Example:
+    """BERT-style classifier (3 labels); inputs: ``{"input_ids", "attention_mask"}`` of shape (3, 7)."""
+    with _seeded(seed) as gen:
+        model = BertForSequenceClassification(n_layer, n_head, hidden, intermediate, vocab, max_pos, 3).eval()
+        ids = _token_ids(vocab, gen)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, -2:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+def _randomize_bn(bn: nn.BatchNorm2d) -> None:
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0.0, 0.1)
+        bn.running_mean.normal_(0.0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class ResNet(nn.Module):
+    """Constant-width ResNet with basic blocks."""
+
+    def __init__(self, width: int, blocks: int, num_classes: int, in_ch: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(*(BasicBlock(width) for _ in range(blocks)))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet(width: int = 16, blocks: int = 2, num_classes: int = 10, seed: int = 0) -> Example:
+    """Small ResNet with non-trivial BatchNorm statistics; input: (3, 3, 16, 16) images."""
+    with _seeded(seed) as gen:
+        model = ResNet(width, blocks, num_classes)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                _randomize_bn(m)
+        return model.eval(), torch.randn(BATCH, 3, 16, 16, generator=gen)
+
+
+# --------------------------------------------------------------------------- MLP / MHA
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU in between."""
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def mlp(sizes: tuple[int, ...] = (16, 64, 32, 4), seed: int = 0) -> Example:
+    """Linear-ReLU stack; input: (3, sizes[0])."""
+    with _seeded(seed) as gen:
+        return MLP(tuple(sizes)).eval(), torch.randn(BATCH, sizes[0], generator=gen)
+
+
+class MultiheadModel(nn.Module):
+    """``nn.MultiheadAttention`` self-attention followed by a Linear head."""
+
+    def __init__(self, embed: int, heads: int, out: int = 10) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=True)
+        self.head = nn.Linear(embed, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(y)
+
+
+def multihead(embed: int = 32, heads: int = 4, seed: int = 0) -> Example:
+    """``nn.MultiheadAttention`` model; input: (3, 7, embed)."""
+    with _seeded(seed) as gen:
+        return MultiheadModel(embed, heads).eval(), torch.randn(BATCH, SEQ, embed, generator=gen)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("the Hugging Face zoo models need transformers: pip install 'fxgradnas[hf]'") from e
+    return transformers
+
+
+def hf_gpt2(attn_implementation: str = "sdpa", seed: int = 0) -> Example:
+    """Tiny ``GPT2LMHeadModel``; kwargs ``{"input_ids", "use_cache": False}``."""
+    tf = _transformers()
+    cfg = tf.GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed) as gen:
+        model = tf.GPT2LMHeadModel(cfg).eval()
+        return model, {"input_ids": _token_ids(64, gen), "use_cache": False}
+
+
+def hf_bert(attn_implementation: str = "sdpa", seed: int = 0) -> Example:
+    """Tiny ``BertForMaskedLM``; kwargs ``{"input_ids", "attention_mask"}``."""
+    tf = _transformers()
+    cfg = tf.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed) as gen:
+        model = tf.BertForMaskedLM(cfg).eval()
+        ids = _token_ids(64, gen)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, -2:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+def _hf_decoder(
+    config_cls: str, model_cls: str, n_kv_head: int, attn_implementation: str, seed: int
+) -> Example:
+    tf = _transformers()
+    cfg = getattr(tf, config_cls)(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_head,
+        head_dim=8,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed) as gen:
+        model = getattr(tf, model_cls)(cfg).eval()
+        return model, {"input_ids": _token_ids(64, gen), "use_cache": False}
+
+
+def hf_llama(n_kv_head: int = 2, attn_implementation: str = "sdpa", seed: int = 0) -> Example:
+    """Tiny ``LlamaForCausalLM`` (4 heads, ``n_kv_head`` KV heads); kwargs ``{"input_ids", "use_cache": False}``."""
+    return _hf_decoder("LlamaConfig", "LlamaForCausalLM", n_kv_head, attn_implementation, seed)
+
+
+def hf_qwen2(n_kv_head: int = 2, attn_implementation: str = "sdpa", seed: int = 0) -> Example:
+    """Tiny ``Qwen2ForCausalLM`` (4 heads, ``n_kv_head`` KV heads); kwargs ``{"input_ids", "use_cache": False}``."""
+    return _hf_decoder("Qwen2Config", "Qwen2ForCausalLM", n_kv_head, attn_implementation, seed)
+
+
+ZOO: dict[str, Callable[..., Example]] = {
+    "nanogpt": nanogpt,
+    "llama": llama,
+    "bert": bert,
+    "resnet": resnet,
+    "mlp": mlp,
+    "multihead": multihead,
+}
+
+HF_ZOO: dict[str, Callable[..., Example]] = {
+    "hf_gpt2": hf_gpt2,
+    "hf_bert": hf_bert,
+    "hf_llama": hf_llama,
+    "hf_qwen2": hf_qwen2,
+}

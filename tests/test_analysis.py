@@ -1,0 +1,181 @@
+"""The analysis finds, for every zoo model, one heads group per attention layer, one channels group
+per MLP and one hidden group, with the right sizes; what it cannot prune is frozen with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fxgradnas
+from fxgradnas.zoo import HF_ZOO, ZOO
+
+
+@dataclass(frozen=True)
+class Expect:
+    heads: dict[str, tuple[int, ...]]  # group name -> unit_shape
+    head_dim: int
+    mlps: dict[str, int]  # group name -> channels
+    hidden: int | None  # hidden width, None when the model has no residual stream
+    hidden_exact: bool = False
+    hidden_prunable: bool = True
+
+
+def layers(template: str, n: int, value):
+    return {template.format(i): value for i in range(n)}
+
+
+EXPECT = {
+    "nanogpt": Expect(layers("transformer.h.{}.attn", 2, (4,)), 8, layers("transformer.h.{}.mlp", 2, 128), 32),
+    "llama": Expect(layers("model.layers.{}.self_attn", 2, (2, 2)), 8, layers("model.layers.{}.mlp", 2, 48), 32,
+                    hidden_exact=True),
+    "bert": Expect(layers("encoder.layer.{}.attention", 2, (4,)), 8,
+                   {**layers("encoder.layer.{}", 2, 64), "pooler.dense": 32}, 32),
+    "resnet": Expect({}, 1, layers("layer1.{}", 2, 16), 16, hidden_exact=True),
+    "mlp": Expect({}, 1, {"layers.0": 64, "layers.1": 32}, None),
+    "multihead": Expect({"attn": (4,)}, 8, {"attn.out_proj": 32}, None),
+    "hf_gpt2": Expect(layers("transformer.h.{}.attn", 2, (4,)), 8, layers("transformer.h.{}.mlp", 2, 128), 32),
+    "hf_bert": Expect(layers("bert.encoder.layer.{}.attention", 2, (4,)), 8, layers("bert.encoder.layer.{}", 2, 64),
+                      32),
+    "hf_llama": Expect(layers("model.layers.{}.self_attn", 2, (2, 2)), 8, layers("model.layers.{}.mlp", 2, 48), 32,
+                       hidden_exact=True),
+    "hf_qwen2": Expect(layers("model.layers.{}.self_attn", 2, (2, 2)), 8, layers("model.layers.{}.mlp", 2, 48), 32,
+                       hidden_exact=True),
+}
+
+CASES = [pytest.param(name, id=name) for name in ZOO] + [
+    pytest.param(name, id=name, marks=pytest.mark.hf) for name in HF_ZOO
+]
+
+
+def _analysis(name: str) -> fxgradnas.Analysis:
+    if name in HF_ZOO:
+        pytest.importorskip("transformers")
+        return fxgradnas.analyze(*HF_ZOO[name]())
+    return fxgradnas.analyze(*ZOO[name]())
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request: pytest.FixtureRequest) -> tuple[str, fxgradnas.Analysis]:
+    return request.param, _analysis(request.param)
+
+
+def test_heads_groups(case) -> None:
+    name, analysis = case
+    expect = EXPECT[name]
+    heads = {g.name: g for g in analysis.by_kind("heads")}
+    assert {n: g.unit_shape for n, g in heads.items()} == expect.heads
+    for g in heads.values():
+        assert g.prunable and g.exact, g.reason
+        assert g.unit_width == expect.head_dim
+        assert g.kv_heads == g.unit_shape[0]
+        assert g.size == g.kv_heads * g.queries_per_kv
+        assert len(g.sites) == 1
+
+
+def test_channel_groups(case) -> None:
+    name, analysis = case
+    prunable = {g.name: g.size for g in analysis.by_kind("channels") if g.prunable}
+    assert prunable == EXPECT[name].mlps
+    for g in analysis.by_kind("channels"):
+        if g.prunable:
+            assert g.exact and g.sites and g.unit_width == 1
+
+
+def test_hidden_group(case) -> None:
+    name, analysis = case
+    expect = EXPECT[name]
+    hidden = analysis.by_kind("hidden")
+    if expect.hidden is None:
+        assert hidden == []
+        return
+    assert [g.name for g in hidden] == ["hidden"]
+    (g,) = hidden
+    assert g.size == expect.hidden
+    assert g.prunable == expect.hidden_prunable, g.reason
+    assert g.exact == expect.hidden_exact, g.exactness
+    assert g.sites, "a hidden group is masked where the residual stream is written"
+
+
+def test_frozen_groups_say_why(case) -> None:
+    _, analysis = case
+    frozen = [g for g in analysis.groups if not g.prunable]
+    assert frozen, "every zoo model has dims that reach its inputs or outputs"
+    for g in frozen:
+        assert g.reason
+
+
+def test_names_are_unique_and_stable(case) -> None:
+    name, analysis = case
+    names = [g.name for g in analysis.groups]
+    assert len(set(names)) == len(names)
+    again = _analysis(name)
+    assert [g.name for g in again.groups] == names
+
+
+def test_parameters_touched_exist_with_the_right_axis_sizes(case) -> None:
+    _, analysis = case
+    params = dict(analysis.captured.module.named_parameters(remove_duplicate=False))
+    for g in analysis.groups:
+        for t in g.params:
+            size = 1
+            for f in t.layout.factors:
+                size *= f.size
+            assert any(params[n].shape[t.axis] == size for n in t.names if n in params), (g.name, t)
+
+
+def test_table_lists_every_group(case) -> None:
+    _, analysis = case
+    table = analysis.table()
+    for g in analysis.groups:
+        assert g.name in table
+    assert f"{len(analysis.prunable)} of {len(analysis.groups)} groups prunable" in table
+
+
+def test_coupling_graph_links_groups_to_parameters(case) -> None:
+    _, analysis = case
+    graph = analysis.graph
+    for g in analysis.groups:
+        linked = {n for n in graph.neighbors(f"group:{g.name}") if n.startswith("tensor:")}
+        assert linked == {f"tensor:{t.name}" for t in g.params + g.buffers}
+
+
+@pytest.mark.hf
+def test_gpt2_fused_qkv_is_sliced_per_head() -> None:
+    """c_attn's output axis is [q/k/v piece, head, head_dim]: a head owns one block in each piece."""
+    pytest.importorskip("transformers")
+    analysis = _analysis("hf_gpt2")
+    g = analysis.group("transformer.h.0.attn")
+    c_attn = next(t for t in g.params if t.name == "transformer.h.0.attn.c_attn.weight")
+    assert c_attn.axis == 1  # Conv1D stores (in, out)
+    assert [(f.size, f.unit_axis) for f in c_attn.layout.factors] == [(3, None), (4, 0), (8, None)]
+
+
+def test_gqa_kv_projections_carry_only_the_kv_axis() -> None:
+    analysis = _analysis("llama")
+    g = analysis.group("model.layers.0.self_attn")
+    axes = {t.name.split(".")[-2]: t.layout.unit_axes for t in g.params}
+    assert axes == {"q_proj": (0, 1), "k_proj": (0,), "v_proj": (0,), "o_proj": (0, 1)}
+    patched = {c.node for c in g.shape_constants}
+    assert len(patched) >= 3, "q/k/v head views and the KV repeat must be patchable"
+
+
+def test_user_model_is_not_mutated() -> None:
+    model, inputs = ZOO["llama"]()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxgradnas.analyze(model, inputs)
+    assert model.training
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_dynamic_batch_and_sequence() -> None:
+    analysis = _analysis("llama")
+    assert len(analysis.captured.dynamic_dims) == 2
+    module = analysis.captured.module
+    ids = torch.randint(0, 64, (5, 11))
+    model, _ = ZOO["llama"]()
+    torch.testing.assert_close(module(ids), model(ids))
