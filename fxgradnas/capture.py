@@ -24,6 +24,7 @@ class Captured:
 
     module: torch.fx.GraphModule
     exported: torch.export.ExportedProgram
+    model: torch.nn.Module
     args: tuple
     kwargs: dict[str, Any]
     names: dict[int, list[str]] = field(default_factory=dict)
@@ -166,6 +167,7 @@ def capture(
     return Captured(
         module=module,
         exported=exported,
+        model=model,
         args=args,
         kwargs=kwargs,
         names=names,

@@ -16,7 +16,7 @@ from .rules import RULES
 
 __all__ = [
     "Analysis", "Factor", "Group", "Layout", "NodeAxis", "TensorAxis", "RULES", "analyze",
-    "analyze_captured",
+    "analyze_captured", "ensure_analysis",
 ]
 
 
@@ -77,6 +77,15 @@ def analyze_captured(captured: Captured) -> Analysis:
         propagation=walk,
         seconds={"capture": captured.seconds, "analysis": time.perf_counter() - start},
     )
+
+
+def ensure_analysis(model: torch.nn.Module | Analysis, example_inputs: ExampleInputs | None) -> Analysis:
+    """The analysis passed in, or a fresh one of ``model`` on ``example_inputs``."""
+    if isinstance(model, Analysis):
+        return model
+    if example_inputs is None:
+        raise TypeError("example_inputs are needed to capture the model (or pass an Analysis)")
+    return analyze(model, example_inputs)
 
 
 def analyze(model: torch.nn.Module, example_inputs: ExampleInputs, *, dynamic_shapes: Any = "auto") -> Analysis:

@@ -19,6 +19,7 @@ from .propagate import Propagation
 from .spaces import is_data_size
 
 KINDS = ("heads", "channels", "hidden")
+ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entries do not change
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Group:
     shape_constants: list[NodeAxis] = field(default_factory=list)
     reductions: list[tuple[str, str]] = field(default_factory=list)
     leaves: tuple[int, ...] = ()
+    shared_kv: bool = False  # multi-query attention: every query head reads the one KV head
 
     @property
     def size(self) -> int:
@@ -89,13 +91,15 @@ class Group:
 
     @property
     def kv_heads(self) -> int | None:
-        return self.unit_shape[0] if self.kind == "heads" else None
+        if self.kind != "heads":
+            return None
+        return 1 if self.shared_kv else self.unit_shape[0]
 
     @property
     def queries_per_kv(self) -> int | None:
         if self.kind != "heads":
             return None
-        return self.unit_shape[1] if len(self.unit_shape) > 1 else 1
+        return self.size // self.kv_heads
 
     @property
     def params_per_unit(self) -> float:
@@ -149,8 +153,11 @@ class _GroupBuilder:
 
         units: list[tuple[str, tuple[int, ...]]] = []
         owned: set[int] = set()
-        for space, _ in self.rec.heads:
+        single_kv: set[tuple[int, ...]] = set()
+        for space, kv_heads in self.rec.heads:
             grid = tuple(x for x in self.leaves(space) if not self.s.is_data(x))
+            if kv_heads == 1:
+                single_kv.add(grid)
             if grid and not owned.intersection(grid) and any(x in param_leaves for x in grid):
                 units.append(("heads", grid))
                 owned.update(grid)
@@ -158,12 +165,16 @@ class _GroupBuilder:
         for _, _, leaves in tensor_axes:
             if owned.intersection(leaves):
                 internal.update(x for x in leaves if x not in owned)
+        alone = {leaves[0] for _, _, leaves in tensor_axes if len(leaves) == 1}
         for leaf in param_leaves:
-            if leaf not in owned and leaf not in internal:
-                units.append(("hidden" if leaf in residual else "channels", (leaf,)))
-                owned.add(leaf)
+            if leaf in owned or leaf in internal or (leaf in frozen and leaf not in alone):
+                continue  # part of another unit (head dim, spatial position, piece index)
+            units.append(("hidden" if leaf in residual else "channels", (leaf,)))
+            owned.add(leaf)
 
         groups = [self.group(kind, grid, frozen, reductions) for kind, grid in units]
+        for g in groups:
+            g.shared_kv = g.kind == "heads" and g.leaves in single_kv
         groups.sort(key=self._first_use)
         _name_groups(groups)
         return groups
@@ -195,7 +206,7 @@ class _GroupBuilder:
                         tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()
                     )
                     (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
-        records = self.rec.produced if kind == "hidden" else self.rec.consumed
+        records = self.rec.writes if kind == "hidden" else self.rec.consumed
         sites = [
             NodeAxis(node, axis, self.layout(space, grid))
             for node, axis, space in records
@@ -244,8 +255,10 @@ def _judge_exactness(g: Group) -> None:
     if not kinds:
         g.exact, g.exactness = True, "exact"
         return
-    if g.kind == "hidden":
-        if kinds <= {"mean of squares", "rms_norm"}:
+    if g.kind == "hidden":  # masked at every write, its pruned channels are zero everywhere
+        if kinds <= ZERO_BLIND:
+            g.exact, g.exactness = True, "exact"
+        elif kinds <= ZERO_BLIND | {"mean of squares", "rms_norm"}:
             g.exact, g.exactness = True, "exact with RMSNorm rescale"
         else:
             g.exact = False

@@ -2,7 +2,7 @@
 
 The walk applies the op rules of :mod:`fxgradnas.analysis.rules` and collects *records* (what
 freezes a space, which spaces are attention heads, residual streams, reductions, where a space is
-contracted against or produced by a weight, which shape constants spell it). Records hold space ids
+contracted against a weight, what is written into a residual stream, which shape constants spell it). Records hold space ids
 and are resolved to final leaf spaces only after the walk, since later unions refine earlier spaces.
 """
 
@@ -27,10 +27,10 @@ class Records:
 
     frozen: list[tuple[int, str]] = field(default_factory=list)
     reductions: list[tuple[int, str, str]] = field(default_factory=list)  # space, kind, node
-    heads: list[tuple[int, str]] = field(default_factory=list)  # query-head space, node
+    heads: list[tuple[int, int | None]] = field(default_factory=list)  # query-head space, KV heads
     residual: list[tuple[int, str]] = field(default_factory=list)
     consumed: list[tuple[str, int, int]] = field(default_factory=list)  # input node, axis, space
-    produced: list[tuple[str, int, int]] = field(default_factory=list)  # output node, axis, space
+    writes: list[tuple[str, int, int]] = field(default_factory=list)  # residual-add operand, axis, space
     shape_ops: list[tuple[str, list[int]]] = field(default_factory=list)  # node, output spaces
     internal: list[int] = field(default_factory=list)  # weight axes that are never units (kernels)
     tensors: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)  # get_attr
@@ -47,6 +47,7 @@ class Propagation:
         self.dims: dict[Node, Any] = {}
         self.weightlike: set[Node] = set()
         self.origin: dict[Node, Node] = {}  # the op that last wrote each activation (residual adds)
+        self.stream: set[Node] = set()  # residual adds and what follows them elementwise
         self.node: Node | None = None
 
     # --- reading nodes -------------------------------------------------------------------------
@@ -137,15 +138,15 @@ class Propagation:
         if not self.spaces.is_trivial(space) and not self.spaces.is_data(space):
             self.records.reductions.append((space, kind, self.node.name))
 
-    def heads(self, space: int) -> None:
-        self.records.heads.append((space, self.node.name))
+    def heads(self, space: int, kv_heads: int | None = None) -> None:
+        self.records.heads.append((space, kv_heads))
 
     def consumed(self, x: Node, axis: int) -> None:
         dims = self.of(x)
         self.records.consumed.append((x.name, axis % len(dims), dims[axis]))
 
-    def produced(self, axis: int, space: int) -> None:
-        self.records.produced.append((self.node.name, axis, space))
+    def produced(self) -> None:
+        """The current node writes a new activation from a weight (linear, conv, embedding)."""
         self.origin[self.node] = self.node
 
 

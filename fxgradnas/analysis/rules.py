@@ -125,11 +125,19 @@ def elementwise(p: Propagation, node: Node) -> Dims:
                 out[j] = space
             else:
                 p.same(out[j], space)
+    activations = [x for x in inputs if not p.is_weight(x)]
     if node.target in (aten.add.Tensor, aten.sub.Tensor):
         for j, xs in enumerate(users):
-            writers = {p.origin[x] for x in xs if not p.is_weight(x)}
-            if len(writers) >= 2 and out[j] is not None:
+            writers = [x for x in xs if not p.is_weight(x)]
+            if len({p.origin.get(x, x) for x in writers}) >= 2 and out[j] is not None:
                 p.records.residual.append((out[j], node.name))
+                p.stream.add(node)
+                for x in writers:
+                    if x not in p.stream:
+                        axis = j - (len(out_shape) - len(p.of(x)))
+                        p.records.writes.append((x.name, axis, p.of(x)[axis]))
+    if len(activations) == 1 and activations[0] in p.stream:
+        p.stream.add(node)
     if inputs and all(p.is_weight(x) for x in inputs):
         p.weightlike.add(node)
     return [s if s is not None else p.spaces.new(out_shape[j]) for j, s in enumerate(out)]
@@ -140,6 +148,8 @@ def unary(p: Propagation, node: Node) -> Any:
     src = node.args[0]
     if p.is_weight(src):
         p.weightlike.add(node)
+    if src in p.stream:
+        p.stream.add(node)
     out = p.val(node)
     if isinstance(out, (tuple, list)):  # native_dropout: (output, mask)
         return [list(p.of(src)) for _ in out]
@@ -265,6 +275,8 @@ def split(p: Propagation, node: Node) -> list[Dims]:
         d = list(dims)
         d[dim] = s
         result.append(d)
+    if packet is aten.split:
+        p.records.shape_ops.append((node.name, result[0]))  # the split size spells the piece axis
     if p.is_weight(src):
         p.weightlike.add(node)
     return result
@@ -366,14 +378,10 @@ def _contract(p: Propagation, node: Node, a: Node, b: Node, out: Dims, a_axis: i
         p.weightlike.add(node)
     elif wb:
         p.consumed(a, a_axis)
-        for j, i in out_of_b.items():
-            if i != b_axis and j not in out_of_a:
-                p.produced(j, out[j])
+        p.produced()
     elif wa:
         p.consumed(b, b_axis)
-        for j, i in out_of_a.items():
-            if i != a_axis and j not in out_of_b:
-                p.produced(j, out[j])
+        p.produced()
     else:
         reason = f"contracted between two activations at {node.name} (per-head width)"
         p.freeze(da[a_axis], reason)
@@ -476,11 +484,12 @@ def conv(p: Propagation, node: Node) -> Dims:
         p.same(dx[1], dw[w_in])
         p.same(out[1], dw[w_out])
         p.consumed(x, 1)
-        p.produced(1, out[1])
+        p.produced()
     elif groups == cin == cout and p.shape(w)[w_in] == 1:
         p.same(dx[1], out[1])
         p.same(out[1], dw[w_out])
     else:
+        p.same(out[1], dw[w_out])
         reason = f"grouped convolution at {node.name}"
         for s in (dx[1], out[1], dw[0], dw[1]):
             p.freeze(s, reason)
@@ -513,7 +522,7 @@ def sdpa(p: Propagation, node: Node) -> Dims:
         p.same(dq[-3], p.spaces.compose([dk[-3], rep]))
     if p.is_tensor(mask):
         _broadcast_into(p, mask, out[:-1] + [dk[-2]], p.shape(q)[:-1] + [p.shape(k)[-2]])
-    p.heads(dq[-3])
+    p.heads(dq[-3], kv_heads=hkv)
     return out
 
 
@@ -523,7 +532,7 @@ def embedding(p: Propagation, node: Node) -> Dims:
     dw = p.of(w)
     p.freeze(dw[0], f"embedding rows are looked up by index at {node.name}")
     out = list(p.of(idx)) + [dw[1]]
-    p.produced(len(out) - 1, dw[1])
+    p.produced()
     return out
 
 
@@ -548,7 +557,7 @@ def _reduce_dims(p: Propagation, node: Node, dim_arg: Any, keepdim: bool, kind: 
 def _is_square(p: Propagation, x: Any) -> bool:
     if not isinstance(x, Node):
         return False
-    if x.target in (aten.pow.Tensor_Scalar,) and x.args[1] == 2:
+    if x.target is aten.pow.Tensor_Scalar and x.args[1] == 2 or x.target is aten.square.default:
         return True
     return x.target is aten.mul.Tensor and x.args[0] is x.args[1]
 
@@ -595,6 +604,7 @@ def layer_norm(p: Propagation, node: Node) -> Any:
     kind = "rms_norm" if node.target.overloadpacket is aten.rms_norm else "layer_norm"
     for s in tail:
         p.reduce(s, kind)
+    p.records.shape_ops.append((node.name, list(dims)))  # normalized_shape spells the tail axes
     for param in (weight, bias):
         if p.is_tensor(param):
             for s, t in zip(tail, p.of(param), strict=True):
