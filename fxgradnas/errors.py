@@ -11,3 +11,11 @@ class CaptureError(FxGradNasError):
 
 class AnalysisError(FxGradNasError):
     """The captured graph could not be analysed."""
+
+
+class PlanError(FxGradNasError):
+    """A plan does not fit the model it is applied to."""
+
+
+class RewriteError(FxGradNasError):
+    """The physically pruned module could not be built or does not match the masked one."""

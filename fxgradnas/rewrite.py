@@ -1,0 +1,218 @@
+"""Physical pruning: slice weights, patch shape constants, and check against the masked graph."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import defaultdict
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
+
+from .analysis import Analysis, Group, Layout, ensure_analysis
+from .capture import ExampleInputs
+from .errors import PlanError, RewriteError
+from .instrument import copy_graph_module, masked
+from .plan import Plan
+from .selection import keep_grid, kept_per_unit_axis, spread
+
+aten = torch.ops.aten
+SHAPE_LIST_ARG = {aten.view: 1, aten._unsafe_view: 1, aten.reshape: 1, aten.view_copy: 1, aten.expand: 1}
+NORMS = (aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+
+
+def apply_plan(
+    model: torch.nn.Module | Analysis,
+    plan: Plan,
+    example_inputs: ExampleInputs | None = None,
+    *,
+    check: bool = True,
+    tolerance: float = 1e-5,
+) -> GraphModule:
+    """A physically smaller module that keeps only the plan's units.
+
+    Weights, biases, norm parameters and buffers are sliced; shape constants in view/reshape/
+    expand/unflatten/norm nodes are patched; batch and sequence stay dynamic. The user's model is not
+    modified. With ``check`` the pruned output is compared with the masked reference on the example
+    inputs when every pruned group is exact (relative max difference at most ``tolerance``).
+    """
+    analysis = ensure_analysis(model, example_inputs)
+    plan.validate(analysis, analysis.captured.model)
+    groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
+    grids = {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}
+    per_axis = {}
+    for g in groups:
+        try:
+            per_axis[g.name] = kept_per_unit_axis(g, grids[g.name])
+        except ValueError as exc:
+            raise PlanError(str(exc)) from exc
+    pruned = copy_graph_module(analysis.captured.module, share_tensors=False)
+    _slice_tensors(pruned, groups, grids)
+    _patch_shape_constants(pruned, groups, per_axis)
+    _correct_rms_norms(pruned, groups, per_axis)
+    pruned.graph.lint()
+    pruned.recompile()
+    for p in pruned.parameters():
+        p.requires_grad_(True)
+    if check and all(g.exact for g in groups):
+        difference = relative_difference(masked(analysis, plan), pruned, analysis)
+        if difference > tolerance:
+            raise RewriteError(
+                f"the pruned module differs from the masked one by {difference:.3g} (relative max) on the "
+                f"example inputs; this is a bug in fxgradnas, please report it with the model"
+            )
+    return pruned
+
+
+def relative_difference(reference: torch.nn.Module, other: torch.nn.Module, analysis: Analysis) -> float:
+    """Largest |a - b| over all output tensors, relative to the largest |a|."""
+    args, kwargs = analysis.captured.args, analysis.captured.kwargs
+    with torch.no_grad():
+        ref = [t for t in pytree.tree_leaves(reference(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        out = [t for t in pytree.tree_leaves(other(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    worst = 0.0
+    for a, b in zip(ref, out, strict=True):
+        if a.shape != b.shape:
+            return math.inf
+        if a.is_floating_point():
+            scale = a.abs().max().clamp_min(1e-12)
+            worst = max(worst, float((a - b).abs().max() / scale))
+        elif not torch.equal(a, b):
+            return math.inf
+    return worst
+
+
+# --- tensors -----------------------------------------------------------------------------------
+def _owner(gm: GraphModule, name: str) -> tuple[torch.nn.Module, str] | None:
+    prefix, _, attr = name.rpartition(".")
+    try:
+        module = gm.get_submodule(prefix)
+    except AttributeError:
+        return None
+    if attr in module._parameters or attr in module._buffers:
+        return module, attr
+    return None
+
+
+def _slice_tensors(gm: GraphModule, groups: list[Group], grids: dict[str, torch.Tensor]) -> None:
+    """Index-select every touched axis; tied names get the one new tensor."""
+    keep: dict[tuple[str, ...], dict[int, torch.Tensor]] = defaultdict(dict)
+    for g in groups:
+        for t in g.params + g.buffers:
+            mask = spread(grids[g.name], t.layout)
+            axes = keep[t.names]
+            axes[t.axis] = mask if t.axis not in axes else axes[t.axis] & mask
+    for names, axes in keep.items():
+        owners = [o for o in (_owner(gm, n) for n in names) if o is not None]
+        if not owners:
+            raise RewriteError(f"cannot find {names[0]!r} in the captured module")
+        module, attr = owners[0]
+        old = getattr(module, attr)
+        new = old.detach()
+        for axis, mask in axes.items():
+            new = new.index_select(axis, mask.nonzero().flatten())
+        value = torch.nn.Parameter(new, requires_grad=old.requires_grad) if attr in module._parameters else new
+        for module, attr in owners:
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = value
+
+
+# --- shape constants ------------------------------------------------------------------------------
+def _new_factor_sizes(layouts: list[tuple[Layout, tuple[int, ...]]]) -> list[int | None]:
+    """Sizes of an axis's factors after pruning, combining every group that owns one of them."""
+    sizes: list[int | None] = [f.size for f in layouts[0][0].factors]
+    for layout, per_axis in layouts:
+        for i, f in enumerate(layout.factors):
+            if f.unit_axis is not None:
+                sizes[i] = per_axis[f.unit_axis]
+    return sizes
+
+
+def _patch_shape_constants(gm: GraphModule, groups: list[Group], per_axis: dict[str, tuple[int, ...]]) -> None:
+    touched: dict[tuple[str, int], list[tuple[Layout, tuple[int, ...]]]] = defaultdict(list)
+    for g in groups:
+        for c in g.shape_constants:
+            touched[(c.node, c.axis)].append((c.layout, per_axis[g.name]))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for (name, axis), layouts in touched.items():
+        sizes = _new_factor_sizes(layouts)
+        old = [f.size for f in layouts[0][0].factors]
+        if sizes == old:
+            continue
+        _patch_axis(nodes[name], axis, sizes, old)
+
+
+def _patch_axis(node: Node, axis: int, sizes: list[int | None], old: list[int | None]) -> None:
+    packet = node.target.overloadpacket
+    ndim = len(node.meta["val"].shape) if isinstance(node.meta.get("val"), torch.Tensor) else None
+    if packet in SHAPE_LIST_ARG:
+        arg_index, position = SHAPE_LIST_ARG[packet], axis
+    elif packet is aten.unflatten:
+        dim = node.args[1] % (ndim - len(node.args[2]) + 1)
+        arg_index, position = 2, axis - dim
+    elif packet in NORMS:
+        arg_index, position = 1, axis - (ndim - len(node.args[1]))
+    elif packet is aten.split and axis == node.args[2] % len(node.args[0].meta["val"].shape):
+        node.args = (node.args[0], math.prod(sizes), *node.args[2:])
+        return
+    elif packet is aten.repeat and old[0] == sizes[0]:
+        return  # the tile count is unchanged; the tiled axis follows its input
+    else:
+        raise RewriteError(f"cannot patch the shape constant of {node.name} ({packet.__name__})")
+    shape = list(node.args[arg_index])
+    value = shape[position]
+    fixed = math.prod(s for s in sizes if s is not None)
+    if isinstance(value, int):
+        if value == -1:
+            return
+        if any(s is None for s in sizes):
+            raise RewriteError(f"{node.name}: a constant axis has a dynamic factor")
+        shape[position] = fixed
+    elif isinstance(value, Node) and value.target is operator.mul:
+        literal = [i for i, a in enumerate(value.args) if isinstance(a, int)]
+        if len(literal) != 1:
+            raise RewriteError(f"{node.name}: cannot find the constant in {value.name}")
+        value.args = tuple(fixed if i == literal[0] else a for i, a in enumerate(value.args))
+        return
+    else:
+        raise RewriteError(f"{node.name}: axis {axis} is spelled by {value!r}, which fxgradnas cannot patch")
+    node.args = tuple(shape if i == arg_index else a for i, a in enumerate(node.args))
+
+
+# --- RMSNorm over a pruned residual width ---------------------------------------------------------
+def _correct_rms_norms(gm: GraphModule, groups: list[Group], per_axis: dict[str, tuple[int, ...]]) -> None:
+    """With C' of C channels left, mean(x^2) over C' is C/C' times the masked model's mean over C
+    (whose pruned channels are 0). Scaling it by C'/C makes the pruned model equal the masked one;
+    for ``aten.rms_norm`` the same is eps x C/C' and weight x sqrt(C/C')."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for g in groups:
+        if g.kind != "hidden" or not g.exact:
+            continue
+        ratio = per_axis[g.name][0] / g.size
+        if ratio == 1:
+            continue
+        for name, kind in dict.fromkeys(g.reductions):
+            node = nodes[name]
+            if kind == "mean of squares":
+                with gm.graph.inserting_after(node):
+                    scaled = gm.graph.call_function(aten.mul.Tensor, (node, ratio))
+                scaled.meta["val"] = node.meta.get("val")
+                node.replace_all_uses_with(scaled, delete_user_cb=lambda u, s=scaled: u is not s)
+            elif kind == "rms_norm":
+                _rescale_rms_norm_op(gm, node, ratio)
+
+
+def _rescale_rms_norm_op(gm: GraphModule, node: Node, ratio: float) -> None:
+    args = list(node.args) + [None] * (4 - len(node.args))
+    x, weight, eps = args[0], args[2], args[3]
+    if eps is None:
+        eps = torch.finfo(x.meta["val"].dtype).eps
+    args[3] = eps / ratio
+    if isinstance(weight, Node) and weight.op == "get_attr":
+        with torch.no_grad():
+            gm.get_parameter(weight.target).mul_(1 / math.sqrt(ratio))
+    else:
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (node, 1 / math.sqrt(ratio)))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+    node.args = tuple(args)
