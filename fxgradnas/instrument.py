@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
-from .analysis import Analysis, Group, Layout
+from .analysis import Analysis, Group, Layout, ensure_analysis
+from .capture import ExampleInputs
 from .plan import Plan
 from .selection import keep_grid
 
@@ -93,8 +94,13 @@ def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrum
     return result
 
 
-def masked(analysis: Analysis, plan: Plan) -> GraphModule:
-    """The reference for a plan: the captured graph with the plan's pruned units masked to zero."""
+def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: ExampleInputs | None = None) -> GraphModule:
+    """The reference for a plan: the captured graph with the plan's pruned units masked to zero.
+
+    With an empty plan its output equals the model's exactly.
+    """
+    analysis = ensure_analysis(model, example_inputs)
+    plan.validate(analysis, analysis.captured.model)
     groups = [analysis.group(name) for name in plan.keep]
     inst = instrument(analysis, groups)
     for group in groups:

@@ -1,0 +1,207 @@
+"""apply_plan builds a physically smaller module equal to the masked reference; plans round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxgradnas
+from fxgradnas import Plan, PlanError, apply_plan, masked
+from fxgradnas.plan import fingerprint
+from fxgradnas.rewrite import relative_difference
+from fxgradnas.zoo import HF_ZOO, ZOO
+
+CASES = [pytest.param(name, id=name) for name in ZOO] + [
+    pytest.param(name, id=name, marks=pytest.mark.hf) for name in HF_ZOO
+]
+_ANALYSES: dict[str, fxgradnas.Analysis] = {}
+
+
+def analysis_of(name: str) -> fxgradnas.Analysis:
+    if name not in _ANALYSES:
+        if name in HF_ZOO:
+            pytest.importorskip("transformers")
+        factory = HF_ZOO.get(name) or ZOO[name]
+        _ANALYSES[name] = fxgradnas.analyze(*factory())
+    return _ANALYSES[name]
+
+
+@st.composite
+def plans(draw: st.DrawFn, analysis: fxgradnas.Analysis) -> Plan:
+    """Random keep sets per prunable group (keeping 1 unit and keeping all included); grouped-query
+    heads keep the same number of queries in every kept KV head."""
+    keep = {}
+    for g in analysis.prunable:
+        if not draw(st.booleans()):
+            continue
+        if g.kind == "heads" and len(g.unit_shape) == 2:
+            kv, rep = g.unit_shape
+            kvs = draw(st.lists(st.integers(0, kv - 1), min_size=1, max_size=kv, unique=True))
+            r = draw(st.integers(1, rep))
+            keep[g.name] = sorted(k * rep + j for k in kvs for j in draw(st.permutations(range(rep)))[:r])
+        else:
+            keep[g.name] = draw(st.lists(st.integers(0, g.size - 1), min_size=1, max_size=g.size, unique=True))
+    return Plan(keep)
+
+
+def expected_params(analysis: fxgradnas.Analysis, plan: Plan) -> int:
+    """Parameter count the plan implies: each touched axis shrinks to its kept index count."""
+    from fxgradnas.selection import keep_grid, spread
+
+    kept_axes: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
+    for name in plan.keep:
+        g = analysis.group(name)
+        grid = keep_grid(g, plan.kept(name))
+        for t in g.params:
+            axes = kept_axes.setdefault(t.names, {})
+            mask = spread(grid, t.layout)
+            axes[t.axis] = mask if t.axis not in axes else axes[t.axis] & mask
+    total = 0
+    seen = set()
+    for name, p in analysis.captured.model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        names = next((k for k in kept_axes if name in k), None)
+        sizes = list(p.shape)
+        for axis, mask in (kept_axes[names].items() if names else []):
+            sizes[axis] = int(mask.sum())
+        total += math.prod(sizes)
+    return total
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_pruned_equals_masked_for_random_plans(name: str) -> None:
+    analysis = analysis_of(name)
+
+    @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(plan=plans(analysis))
+    def check(plan: Plan) -> None:
+        pruned = apply_plan(analysis, plan, check=False)
+        exact = all(analysis.group(n).exact for n in plan.keep)
+        if exact:
+            assert relative_difference(masked(analysis, plan), pruned, analysis) <= 1e-5
+        unique = {id(p): p for p in pruned.parameters()}
+        assert sum(p.numel() for p in unique.values()) == expected_params(analysis, plan)
+
+    check()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_keeping_one_unit_everywhere(name: str) -> None:
+    analysis = analysis_of(name)
+    plan = Plan({g.name: [g.size - 1] for g in analysis.prunable if g.exact})
+    apply_plan(analysis, plan)  # self-check raises if pruned != masked
+
+
+def test_empty_plan_masked_equals_model_and_pruned_equals_model() -> None:
+    model, inputs = ZOO["llama"]()
+    reference = model(inputs)
+    torch.testing.assert_close(masked(model, Plan(), inputs)(inputs), reference, rtol=0, atol=0)
+    torch.testing.assert_close(apply_plan(model, Plan(), inputs)(inputs), reference, rtol=0, atol=0)
+
+
+def test_pruned_module_is_smaller_runs_at_other_sizes_and_leaves_the_model_alone() -> None:
+    model, inputs = ZOO["llama"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    analysis = fxgradnas.analyze(model, inputs)
+    plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1],
+                 "hidden": list(range(20))})
+    pruned = apply_plan(analysis, plan)
+    assert pruned.get_parameter("model.layers.0.mlp.down_proj.weight").shape == (20, 16)
+    assert pruned.get_parameter("model.layers.1.self_attn.k_proj.weight").shape == (8, 20)  # one KV head
+    ids = torch.randint(0, 64, (5, 11))
+    torch.testing.assert_close(pruned(ids), masked(analysis, plan)(ids), rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.requires_grad for p in pruned.parameters())
+    pruned(ids).sum().backward()
+    assert pruned.get_parameter("model.layers.0.mlp.up_proj.weight").grad is not None
+
+
+def test_pruned_module_exports_again() -> None:
+    model, inputs = ZOO["nanogpt"]()
+    pruned = apply_plan(model, Plan({"transformer.h.0.attn": [1, 3], "transformer.h.1.mlp": [0, 5, 9]}), inputs)
+    again = fxgradnas.analyze(pruned, inputs)
+    assert again.group("transformer.h.0.attn").size == 2
+    assert again.group("transformer.h.1.mlp").size == 3
+
+
+def test_save_and_restore_without_pickle(tmp_path) -> None:
+    model, inputs = ZOO["llama"]()
+    plan = Plan({"model.layers.0.self_attn": [2, 3], "model.layers.1.mlp": [1, 2, 40]}, fingerprint(model))
+    pruned = apply_plan(model, plan, inputs)
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(0.01)  # fine-tuned after pruning
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    torch.save(pruned.state_dict(), tmp_path / "weights.pt")
+
+    fresh, _ = ZOO["llama"]()
+    restored = apply_plan(fresh, Plan.from_json((tmp_path / "plan.json").read_text()), inputs)
+    restored.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    torch.testing.assert_close(restored(inputs), pruned(inputs), rtol=0, atol=0)
+
+
+def test_uneven_queries_per_kv_head_are_refused_but_masked_works() -> None:
+    model, inputs = ZOO["llama"]()
+    plan = Plan({"model.layers.0.self_attn": [0, 1, 2]})  # KV head 0 keeps 2 queries, KV head 1 keeps 1
+    masked(model, plan, inputs)
+    with pytest.raises(PlanError, match="same count in every kept KV head"):
+        apply_plan(model, plan, inputs)
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        ({"nope": [0]}, "unknown group 'nope'"),
+        ({"model.layers.0.mlp": [48]}, "out of range"),
+        ({"model.layers.0.mlp": [1, 1]}, "repeats indices"),
+        ({"model.layers.0.mlp": []}, "keeps no unit"),
+        ({"lm_head": [0]}, "frozen"),
+    ],
+)
+def test_bad_plans_raise(keep: dict, message: str) -> None:
+    model, inputs = ZOO["llama"]()
+    with pytest.raises(PlanError, match=message):
+        apply_plan(model, Plan(keep), inputs)
+
+
+def test_plan_for_another_model_is_refused() -> None:
+    model, inputs = ZOO["llama"]()
+    other, _ = ZOO["llama"](intermediate=64)
+    plan = Plan({"model.layers.0.mlp": [0]}, fingerprint(other))
+    with pytest.raises(PlanError, match="different model"):
+        apply_plan(model, plan, inputs)
+
+
+def test_plan_json_round_trip_and_garbage() -> None:
+    plan = Plan({"a": [3, 1]}, "abc")
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    with pytest.raises(PlanError):
+        Plan.from_json("{}")
+    with pytest.raises(PlanError):
+        Plan.from_json("not json")
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["hf_llama", "hf_qwen2"])
+@pytest.mark.parametrize(
+    "heads", [[0, 1], [2, 3], [1, 3], [0]], ids=["kv0", "kv1", "one-query-per-kv", "one-head"]
+)
+def test_hf_gqa_with_padding_mask(family: str, attn: str, heads: list[int]) -> None:
+    """sdpa without a mask hides a wrong KV repeat; eager attention and a padding mask expose it."""
+    pytest.importorskip("transformers")
+    model, inputs = HF_ZOO[family](attn_implementation=attn)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, :3] = 0
+    inputs = {**inputs, "attention_mask": mask}
+    plan = Plan({"model.layers.0.self_attn": heads, "model.layers.1.mlp": list(range(0, 48, 5))})
+    pruned = apply_plan(model, plan, inputs)
+    assert pruned.get_parameter("model.layers.0.self_attn.q_proj.weight").shape[0] == 8 * len(heads)
