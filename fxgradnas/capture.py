@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,13 @@ def capture(
         for axis, size in enumerate(ph.meta["val"].shape)
         if isinstance(size, torch.SymInt)
     ]
+    if dynamic_shapes is not None and not dynamic:
+        warnings.warn(
+            f"torch.export kept every input dim of {type(model).__name__} static (a batch of 1 is always "
+            "specialised): the captured graph only accepts these exact shapes. Give example inputs with "
+            "batch and sequence of at least 2 to keep them dynamic.",
+            stacklevel=2,
+        )
     return Captured(
         module=module,
         exported=exported,

@@ -19,3 +19,11 @@ class PlanError(FxGradNasError):
 
 class RewriteError(FxGradNasError):
     """The physically pruned module could not be built or does not match the masked one."""
+
+
+class CalibrationError(FxGradNasError):
+    """Calibration data, loss or device do not allow scoring."""
+
+
+class ConstraintError(FxGradNasError):
+    """A constraint is malformed or cannot be met."""

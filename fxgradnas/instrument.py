@@ -2,7 +2,9 @@
 
 A mask has the group's ``unit_shape`` (all ones = the original model). At a site the mask is spread
 over the site's axis by its layout (a head's entry covers its ``head_dim`` entries) and multiplied
-in; a mask entry at 0 removes that unit's whole contribution, which is what pruning does.
+in; a mask entry at 0 removes that unit's whole contribution, which is what pruning does. Each site
+is a small :class:`MaskSite` module; with a :class:`GradientRecorder` attached it records
+``dLoss/dMask`` during backward (per batch or per sample) without keeping extra activations.
 """
 
 from __future__ import annotations
@@ -11,40 +13,107 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
-from .analysis import Analysis, Group, Layout, ensure_analysis
+from .analysis import Analysis, Group, NodeAxis, ensure_analysis
 from .capture import ExampleInputs
 from .plan import Plan
 from .selection import keep_grid
 
-MASK_PREFIX = "fxgradnas_mask"
+SITE_PREFIX = "fxgradnas_mask"
 
 
-def spread_mask(mask: torch.Tensor, order: tuple[int, ...], view: tuple[int, ...], full: tuple[int, ...]) -> torch.Tensor:
-    """The mask (unit grid) laid out along one axis: permute to the layout's unit order, broadcast
-    over the factors the group does not own, flatten."""
-    if order != tuple(range(len(order))):
-        mask = mask.permute(order)
-    return mask.reshape(view).expand(full).reshape(-1)
+class GradientRecorder:
+    """Sums ``dLoss/dMask`` of every site of a group for the current batch.
+
+    ``per_sample``: keep one gradient per sample, shape ``(batch, *unit_shape)``, else ``unit_shape``.
+    """
+
+    def __init__(self, per_sample: bool = False) -> None:
+        self.per_sample = per_sample
+        self.batch_size = 0
+        self.current: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        grad = grad.detach().float()
+        self.current[name] = self.current[name] + grad if name in self.current else grad
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.current = self.current, {}
+        return out
 
 
-def apply_mask(x: torch.Tensor, mask: torch.Tensor, axis: int, order: tuple[int, ...], view: tuple[int, ...],
-               full: tuple[int, ...]) -> torch.Tensor:
-    """``x`` times the group mask along ``axis``; the function a mask node calls."""
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return x * spread_mask(mask, order, view, full).to(x.dtype).reshape(shape)
+class _RecordMask(torch.autograd.Function):
+    """``x * mask`` whose backward hands the mask's gradient to the site's recorder."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, site: MaskSite) -> torch.Tensor:  # type: ignore[override]
+        spread = site.spread(x)
+        ctx.save_for_backward(x, spread)
+        ctx.site = site
+        return x * spread
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, spread = ctx.saved_tensors
+        ctx.site.record(grad * x)
+        return grad * spread, None, None
 
 
-def layout_args(layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(unit axis order, view shape, full shape) for :func:`spread_mask`."""
-    if any(f.size is None for f in layout.factors):
-        raise ValueError("a mask site needs fixed factor sizes")
-    order = layout.unit_axes
-    view = tuple(f.size if f.unit_axis is not None else 1 for f in layout.factors)
-    full = tuple(f.size for f in layout.factors)
-    return order, view, full
+class MaskSite(nn.Module):
+    """Multiplies its group's mask into one axis of the tensor passing through."""
+
+    def __init__(self, group: str, mask: torch.Tensor, site: NodeAxis) -> None:
+        super().__init__()
+        self.group = group
+        self.register_buffer("mask", mask, persistent=False)
+        self.axis = site.axis
+        self.batch_major = site.batch_major
+        factors = site.layout.factors
+        if any(f.size is None for f in factors):
+            raise ValueError(f"mask site {site.node} has a dynamic factor")
+        self.order = site.layout.unit_axes
+        self.view = tuple(f.size if f.unit_axis is not None else 1 for f in factors)
+        self.full = tuple(f.size for f in factors)
+        self.units = [i for i, f in enumerate(factors) if f.unit_axis is not None]
+        self.recorder: GradientRecorder | None = None
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask laid out along ``axis``, shaped to broadcast against ``x``."""
+        mask = self.mask
+        if self.order != tuple(range(len(self.order))):
+            mask = mask.permute(self.order)
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return mask.reshape(self.view).expand(self.full).reshape(shape).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recorder is not None and torch.is_grad_enabled():
+            return _RecordMask.apply(x, self.mask, self)
+        return x * self.spread(x)
+
+    def record(self, grad_times_x: torch.Tensor) -> None:
+        """Reduce ``grad * x`` to the unit grid (per sample if asked) and hand it to the recorder."""
+        recorder = self.recorder
+        g = grad_times_x.movedim(self.axis, -1)
+        length = g.shape[-1]
+        if recorder.per_sample and recorder.batch_size > 1:
+            if not self.batch_major:
+                raise ValueError(
+                    f"per-sample scores need the batch as the leading axis at mask site of group "
+                    f"{self.group!r}; use mode='batch'"
+                )
+            g = g.reshape(recorder.batch_size, -1, length).sum(1)
+        else:
+            g = g.reshape(-1, length).sum(0, keepdim=True)
+        g = g.reshape(g.shape[0], *self.full)
+        other = [1 + i for i in range(len(self.full)) if i not in self.units]
+        if other:
+            g = g.sum(dim=other)
+        if len(self.order) > 1:
+            g = g.permute([0] + [1 + self.order.index(a) for a in sorted(self.order)])
+        recorder.add(self.group, g if recorder.per_sample else g[0])
 
 
 def copy_graph_module(gm: GraphModule, share_tensors: bool) -> GraphModule:
@@ -58,11 +127,16 @@ def copy_graph_module(gm: GraphModule, share_tensors: bool) -> GraphModule:
 
 @dataclass
 class Instrumented:
-    """A copy of the captured graph with mask nodes; ``masks`` maps group name -> mask buffer."""
+    """A copy of the captured graph with mask sites; ``masks`` maps group name -> mask tensor."""
 
     module: GraphModule
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    mask_nodes: dict[str, list[str]] = field(default_factory=dict)
+    sites: dict[str, list[MaskSite]] = field(default_factory=dict)
+
+    def attach(self, recorder: GradientRecorder | None) -> None:
+        for sites in self.sites.values():
+            for site in sites:
+                site.recorder = recorder
 
 
 def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrumented:
@@ -74,24 +148,26 @@ def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrum
     nodes = {n.name: n for n in gm.graph.nodes}
     result = Instrumented(gm)
     for index, group in enumerate(groups if groups is not None else analysis.prunable):
-        attr = f"{MASK_PREFIX}_{index}"
-        mask = torch.ones(group.unit_shape)
-        gm.register_buffer(attr, mask)
+        mask = torch.ones(group.unit_shape, device=_device_of(gm))
         result.masks[group.name] = mask
-        result.mask_nodes[group.name] = []
-        for site in group.sites:
+        result.sites[group.name] = []
+        for k, site in enumerate(group.sites):
+            module = MaskSite(group.name, mask, site)
+            name = f"{SITE_PREFIX}_{index}_{k}"
+            gm.add_submodule(name, module)
             target = nodes[site.node]
             with gm.graph.inserting_after(target):
-                mask_node = gm.graph.get_attr(attr)
-            with gm.graph.inserting_after(mask_node):
-                masked = gm.graph.call_function(
-                    apply_mask, (target, mask_node, site.axis, *layout_args(site.layout))
-                )
-            masked.meta["val"] = target.meta.get("val")
-            target.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
-            result.mask_nodes[group.name].append(masked.name)
+                masked_node = gm.graph.call_module(name, (target,))
+            masked_node.meta["val"] = target.meta.get("val")
+            target.replace_all_uses_with(masked_node, delete_user_cb=lambda user, m=masked_node: user is not m)
+            result.sites[group.name].append(module)
     gm.recompile()
     return result
+
+
+def _device_of(gm: GraphModule) -> torch.device:
+    tensor = next(iter([*gm.parameters(), *gm.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: ExampleInputs | None = None) -> GraphModule:
@@ -106,5 +182,3 @@ def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: Exampl
     for group in groups:
         inst.masks[group.name].copy_(keep_grid(group, plan.kept(group.name)).to(torch.float32))
     return inst.module
-
-

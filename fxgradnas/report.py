@@ -8,6 +8,7 @@ from tabulate import tabulate
 
 if TYPE_CHECKING:
     from .analysis import Analysis, Group
+    from .prune import PruneResult
 
 
 def _units(g: Group) -> str:
@@ -44,3 +45,41 @@ def analysis_table(analysis: Analysis, tablefmt: str = "simple") -> str:
     footer = "".join(f"\n  {n}" for n in notes if n)
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in analysis.seconds.items())
     return f"{table}\n{len(analysis.prunable)} of {len(analysis.groups)} groups prunable ({timing}){footer}"
+
+
+def prune_table(result: PruneResult, tablefmt: str = "simple") -> str:
+    """One row per searched group: units kept, its own parameter saving, the score it gave up."""
+    from .cost import CostModel
+
+    model = CostModel(result.analysis)
+    rows = []
+    for name, choice in result.search.choices.items():
+        g = result.analysis.group(name)
+        total = float(result.scores[name].double().sum())
+        saved = -model.delta("params", name, {}, choice.kept)
+        rows.append([
+            name, g.kind, f"{len(choice.units)}/{g.size}", _kept_shape(g, choice.kept), f"{saved:,}",
+            f"{choice.degradation / total:.1%}" if total > 0 else "-",
+        ])
+    headers = ["group", "kind", "kept", "per axis", "params removed", "score lost"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+
+def _kept_shape(g: Group, kept: tuple[int, ...]) -> str:
+    if g.kind == "heads" and len(kept) == 2:
+        return f"{kept[0]} kv x {kept[1]}"
+    return ""
+
+
+def prune_summary(result: PruneResult) -> str:
+    s = result.search
+    metric, budget = s.budget
+    lines = [
+        f"constraint  {metric} <= {budget:,} ({budget / s.base[metric]:.1%} of {s.base[metric]:,})",
+        f"params      {s.base['params']:,} -> {s.costs['params']:,} ({s.achieved['params']:.1%})",
+        f"flops       {s.base['flops']:,} -> {s.costs['flops']:,} ({s.achieved['flops']:.1%}, per example input)",
+        f"scores      {result.scores.scorer}" + (f", mode {result.scores.mode}, {result.scores.batches} batches"
+                                                  if result.scores.mode else ""),
+        "time        " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()),
+    ]
+    return "\n".join(lines)

@@ -57,11 +57,15 @@ class TensorAxis:
 
 @dataclass(frozen=True)
 class NodeAxis:
-    """An axis of a graph node's output: a mask site or a shape constant to patch."""
+    """An axis of a graph node's output: a mask site or a shape constant to patch.
+
+    ``batch_major``: the node's first axis starts with the batch (per-sample scores can be read).
+    """
 
     node: str
     axis: int
     layout: Layout
+    batch_major: bool = False
 
 
 @dataclass
@@ -194,6 +198,16 @@ class _GroupBuilder:
             factors.append(Factor(None if is_data_size(size) else int(size), unit))
         return Layout(tuple(factors))
 
+    def batch_major(self, node_name: str) -> bool:
+        """Whether the node's axis 0 starts with the batch axis of the first tensor input."""
+        inputs = [n for n in self.p.gm.graph.find_nodes(op="placeholder") if n in self.p.dims]
+        node = next((n for n in self.p.dims if n.name == node_name), None)
+        if not inputs or node is None or not self.p.dims[node] or not self.p.dims[inputs[0]]:
+            return False
+        batch = self.leaves(self.p.dims[inputs[0]][0])
+        first = self.leaves(self.p.dims[node][0])
+        return bool(batch and first and first[0] == batch[0])
+
     def touching(self, space: int, grid: tuple[int, ...]) -> bool:
         return any(leaf in grid for leaf in self.leaves(space))
 
@@ -208,7 +222,7 @@ class _GroupBuilder:
                     (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
         records = self.rec.writes if kind == "hidden" else self.rec.consumed
         sites = [
-            NodeAxis(node, axis, self.layout(space, grid))
+            NodeAxis(node, axis, self.layout(space, grid), self.batch_major(node))
             for node, axis, space in records
             if self.touching(space, grid)
         ]

@@ -33,6 +33,7 @@ class Records:
     writes: list[tuple[str, int, int]] = field(default_factory=list)  # residual-add operand, axis, space
     shape_ops: list[tuple[str, list[int]]] = field(default_factory=list)  # node, output spaces
     internal: list[int] = field(default_factory=list)  # weight axes that are never units (kernels)
+    flops: list[list[int]] = field(default_factory=list)  # multiply-adds: 2 x product of these axes
     tensors: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)  # get_attr
 
 

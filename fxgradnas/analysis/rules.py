@@ -365,10 +365,11 @@ def factory(p: Propagation, node: Node) -> Dims:
 def _contract(p: Propagation, node: Node, a: Node, b: Node, out: Dims, a_axis: int, b_axis: int,
               out_of_a: dict[int, int], out_of_b: dict[int, int]) -> None:
     """``a`` and ``b`` are contracted over ``a_axis``/``b_axis``; ``out_of_x`` maps output axes to
-    the operand axis they come from. Against a weight, the activation side is a consumer site and
-    the weight's free axis a producer site; two activations (attention) freeze their own axes."""
+    the operand axis they come from. Against a weight, the activation side is a consumer site; two
+    activations (attention) freeze their own axes and mark the shared batch axes as heads."""
     da, db = p.of(a), p.of(b)
     p.same(da[a_axis], db[b_axis])
+    p.records.flops.append([*out, da[a_axis]])
     for j, i in out_of_a.items():
         p.same(out[j], da[i])
     for j, i in out_of_b.items():
@@ -480,6 +481,7 @@ def conv(p: Propagation, node: Node) -> Dims:
         p.records.internal.append(dw[j])
     p.same(out[0], dx[0])
     cin, cout = p.shape(x)[1], out_shape[1]
+    p.records.flops.append([*(dx if transposed else out), *dw[1:]])
     if groups == 1:
         p.same(dx[1], dw[w_in])
         p.same(out[1], dw[w_out])
@@ -523,6 +525,8 @@ def sdpa(p: Propagation, node: Node) -> Dims:
     if p.is_tensor(mask):
         _broadcast_into(p, mask, out[:-1] + [dk[-2]], p.shape(q)[:-1] + [p.shape(k)[-2]])
     p.heads(dq[-3], kv_heads=hkv)
+    p.records.flops.append([*dq, dk[-2]])  # q @ k^T
+    p.records.flops.append([*out, dk[-2]])  # weights @ v
     return out
 
 

@@ -1,0 +1,203 @@
+"""Calibration: score every unit of every group by Sum((dLoss/dMask)^2) over calibration batches."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
+
+from .analysis import Analysis, Group, ensure_analysis
+from .errors import CalibrationError
+from .instrument import GradientRecorder, instrument
+
+MODES = ("batch", "sample")
+
+
+class Scores(dict):
+    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made."""
+
+    def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
+                 seconds: float = 0.0, history: list[float] | None = None) -> None:
+        super().__init__(scores)
+        self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
+        self.history = history or []
+
+    def scaled(self, factor: float) -> Scores:
+        return Scores({k: v * factor for k, v in self.items()}, scorer=self.scorer, mode=self.mode,
+                      batches=self.batches, seconds=self.seconds, history=self.history)
+
+
+def default_collect(batch: Any) -> Any:
+    """Model inputs of a batch: the batch itself if a tensor or dict, its first item if a sequence."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise CalibrationError("an empty tuple/list is not a batch; pass collect_fn")
+        return batch[0]
+    return batch
+
+
+def call_with(module: torch.nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return module(*inputs)
+    return module(inputs)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.device != device:
+            try:
+                return x.to(device)
+            except RuntimeError as exc:
+                raise CalibrationError(f"cannot move a batch tensor from {x.device} to {device}: {exc}") from exc
+        return x
+
+    return pytree.tree_map(move, inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors:
+        raise CalibrationError("a batch has no tensor with a batch dimension")
+    return int(tensors[0].shape[0])
+
+
+@contextmanager
+def frozen_parameters(module: torch.nn.Module):
+    """Parameters stop requiring grad (only mask gradients are needed); flags restored after."""
+    params = list({id(p): p for p in module.parameters()}.values())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _relative_change(previous: dict[str, torch.Tensor] | None, current: dict[str, torch.Tensor]) -> float:
+    if previous is None:
+        return math.inf
+    num = sum(float((current[k] - previous[k]).abs().sum()) for k in current)
+    den = sum(float(current[k].abs().sum()) for k in current)
+    return num / den if den > 0 else 0.0
+
+
+def calibrate(
+    model: torch.nn.Module | Analysis,
+    data: Iterable,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    example_inputs: Any = None,
+    collect_fn: Callable[[Any], Any] | None = None,
+    max_batches: int | None = 128,
+    mode: str = "batch",
+    groups: list[Group] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    tolerance: float | None = None,
+    patience: int = 5,
+    progress: bool = True,
+) -> Scores:
+    """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
+
+    ``data``: an iterable of batches; ``collect_fn(batch)`` gives the model inputs (default
+    :func:`default_collect`); ``loss_fn(output, batch)`` returns a scalar. ``mode="batch"`` squares
+    each batch's gradient (the reference); ``"sample"`` squares each sample's (an empirical
+    Fisher), at the same backward cost. Runs where the model is (batches are moved there); only
+    mask gradients are computed (parameters are frozen for the duration, flags restored after).
+    With ``tolerance``, stops early once the mean relative change of the averaged scores stays
+    below it for ``patience`` batches. Under ``torch.distributed`` the sums are all-reduced, so N
+    ranks on N shards give the scores of one process on all batches.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    collect = collect_fn or default_collect
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise CalibrationError("calibration data is empty: pass an iterable with at least one batch") from None
+    if not isinstance(model, Analysis) and example_inputs is None:
+        example_inputs = collect(first)
+    analysis = ensure_analysis(model, example_inputs)
+    chosen = groups if groups is not None else analysis.prunable
+    if not chosen:
+        raise CalibrationError("the model has no prunable group to score; see analyze(...).table()")
+    inst = instrument(analysis, chosen)
+    device = _device(inst.module)
+    recorder = GradientRecorder(per_sample=mode == "sample")
+    inst.attach(recorder)
+    for mask in inst.masks.values():
+        mask.requires_grad_(True)
+    sums = {g.name: torch.zeros(g.unit_shape, device=device) for g in chosen}
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    history: list[float] = []
+    previous, calm, count = None, 0, 0
+    start = time.perf_counter()
+    total = max_batches if max_batches is not None else None
+    bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
+
+    def batches():
+        yield first
+        yield from iterator
+
+    with frozen_parameters(inst.module):
+        for index, batch in enumerate(batches()):
+            if max_batches is not None and index >= max_batches:
+                break
+            inputs = to_device(collect(batch), device)
+            recorder.batch_size = batch_size_of(inputs)
+            with autocast:
+                output = call_with(inst.module, inputs)
+                loss = loss_fn(output, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise CalibrationError(f"loss_fn must return a scalar tensor; batch {index} gave {type(loss).__name__}"
+                                       f"{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            if not torch.isfinite(loss).all():
+                raise CalibrationError(f"loss is {loss.item()} on batch {index}: check the batch and the model")
+            if not loss.requires_grad:
+                raise CalibrationError("the loss does not depend on the model output (no gradient reaches any mask)")
+            loss.float().backward()
+            grads = recorder.take()
+            if not grads:
+                raise CalibrationError("no gradient reached any mask: does loss_fn use the model output?")
+            for name, g in grads.items():
+                sums[name] += (g**2).sum(0) if recorder.per_sample else g**2
+            count += 1
+            averaged = {k: v / count for k, v in sums.items()}
+            change = _relative_change(previous, averaged)
+            previous = averaged
+            history.append(change)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}", change=f"{change:.2e}")
+            calm = calm + 1 if tolerance is not None and change < tolerance else 0
+            if not distributed and tolerance is not None and calm >= patience:
+                break
+    bar.close()
+    for mask in inst.masks.values():
+        mask.requires_grad_(False)
+    if distributed:
+        counter = torch.tensor([float(count)], device=device)
+        torch.distributed.all_reduce(counter)
+        for v in sums.values():
+            torch.distributed.all_reduce(v)
+        count = int(counter.item())
+    scores = {k: v.detach().reshape(-1).cpu() for k, v in sums.items()}
+    return Scores(scores, scorer="gradnas", mode=mode, batches=count, seconds=time.perf_counter() - start,
+                  history=history)

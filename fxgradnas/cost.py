@@ -1,0 +1,108 @@
+"""Exact parameter and FLOP counts of a pruned model as products of every group's kept counts.
+
+Every parameter and every contraction (linear, matmul, conv, attention) is a product of axis sizes;
+each axis is a product of leaf spaces, and a leaf is either a unit axis of a prunable group
+(its size is that group's kept count) or fixed. So each count is a sum of monomials in the kept
+counts: a Linear reading the hidden width and writing MLP channels costs hidden' x mlp'. FLOPs are
+for the example input shape (batch and sequence as captured), 2 per multiply-add, as
+``torch.utils.flop_counter`` counts them (matmuls, convolutions, attention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from .analysis import Analysis
+from .analysis.spaces import Size
+
+Var = tuple[str, int]  # (group name, unit axis)
+METRICS = ("params", "flops")
+
+
+@dataclass(frozen=True)
+class Term:
+    coef: int
+    variables: tuple[Var, ...]
+
+    def value(self, kept: dict[str, tuple[int, ...]]) -> int:
+        return self.coef * math.prod(kept[g][a] for g, a in self.variables)
+
+
+class CostModel:
+    """``evaluate({group: kept per unit axis})`` -> ``{"params": n, "flops": n}``; groups not named
+    are kept whole."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        walk = analysis.propagation
+        self.spaces = walk.spaces
+        self.full = {g.name: tuple(g.unit_shape) for g in analysis.prunable}
+        self.owner = {leaf: (g.name, i) for g in analysis.prunable for i, leaf in enumerate(g.leaves)}
+        self.hints = _symbol_values(analysis)
+        counted = set()
+        params = []
+        for tensor, dims in walk.records.tensors.values():
+            if isinstance(tensor, torch.nn.Parameter):
+                counted.add(id(tensor))
+                params.append(self._term(dims, 1))
+        for p in analysis.captured.module.parameters():
+            if id(p) not in counted:  # held by the module but never read by the graph
+                counted.add(id(p))
+                params.append(Term(p.numel(), ()))
+        self.terms = {
+            "params": _merge(params),
+            "flops": _merge([self._term(axes, 2) for axes in walk.records.flops]),
+        }
+        self.by_group: dict[str, dict[str, list[Term]]] = {
+            m: {g: [t for t in terms if any(v[0] == g for v in t.variables)] for g in self.full}
+            for m, terms in self.terms.items()
+        }
+        self.base = self.evaluate({})
+
+    def _term(self, spaces: list[int], coef: int) -> Term:
+        variables: list[Var] = []
+        for space in spaces:
+            for leaf in self.spaces.leaves(space):
+                if leaf in self.owner:
+                    variables.append(self.owner[leaf])
+                else:
+                    coef *= self._concrete(self.spaces.size(leaf))
+        return Term(coef, tuple(sorted(variables)))
+
+    def _concrete(self, size: Size) -> int:
+        if isinstance(size, int):
+            return size
+        return int(sympy.sympify(size).subs(self.hints))
+
+    def evaluate(self, kept: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        full = {**self.full, **kept}
+        return {m: sum(t.value(full) for t in terms) for m, terms in self.terms.items()}
+
+    def delta(self, metric: str, group: str, kept: dict[str, tuple[int, ...]], new: tuple[int, ...]) -> int:
+        """Change of ``metric`` when ``group`` moves from its entry in ``kept`` to ``new``."""
+        full = {**self.full, **kept}
+        before = sum(t.value(full) for t in self.by_group[metric][group])
+        full[group] = new
+        return sum(t.value(full) for t in self.by_group[metric][group]) - before
+
+
+def _merge(terms: list[Term]) -> list[Term]:
+    merged: dict[tuple[Var, ...], int] = defaultdict(int)
+    for t in terms:
+        merged[t.variables] += t.coef
+    return [Term(c, v) for v, c in merged.items()]
+
+
+def _symbol_values(analysis: Analysis) -> dict:
+    """Example-input values of the symbolic batch/sequence sizes."""
+    for node in analysis.captured.module.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        mode = getattr(val, "fake_mode", None)
+        if mode is not None and mode.shape_env is not None:
+            env = mode.shape_env
+        return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
+    return {}

@@ -1,0 +1,127 @@
+"""``prune``: analyse, score, search and rewrite in one call; each step is public on its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from . import search as searching
+from .analysis import Analysis, ensure_analysis
+from .calibrate import Scores, calibrate, default_collect
+from .capture import ExampleInputs
+from .plan import Plan, fingerprint
+from .rewrite import apply_plan
+from .scorers import l1_scores, random_scores
+from .search import RATIOS, SearchResult
+
+SCORERS = ("gradnas", "l1", "random")
+
+
+@dataclass
+class PruneResult:
+    """The physically smaller ``model``, the ``plan`` that made it, and how it was found."""
+
+    model: GraphModule
+    plan: Plan
+    scores: Scores
+    search: SearchResult
+    analysis: Analysis = field(repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def achieved(self) -> dict[str, float]:
+        """Params and FLOPs of the pruned model as ratios of the original's."""
+        return self.search.achieved
+
+    @property
+    def history(self) -> list[dict]:
+        return self.search.history
+
+    def table(self, tablefmt: str = "simple") -> str:
+        from .report import prune_table
+
+        return prune_table(self, tablefmt=tablefmt)
+
+    def summary(self) -> str:
+        from .report import prune_summary
+
+        return prune_summary(self)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def score(
+    analysis: Analysis,
+    scorer: str = "gradnas",
+    data: Iterable | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    *,
+    seed: int = 0,
+    **calibrate_options: Any,
+) -> Scores:
+    """Unit scores of every prunable group by ``scorer``: "gradnas" (calibration), "l1" or "random".
+    ``calibrate_options`` go to :func:`fxgradnas.calibrate` and are ignored by the baselines."""
+    if scorer == "gradnas":
+        if data is None or loss_fn is None:
+            raise TypeError("scorer='gradnas' needs calibration data and a loss_fn")
+        return calibrate(analysis, data, loss_fn, **calibrate_options)
+    if scorer == "l1":
+        return l1_scores(analysis)
+    if scorer == "random":
+        return random_scores(analysis, seed=seed)
+    raise ValueError(f"scorer must be one of {SCORERS}, not {scorer!r}")
+
+
+def prune(
+    model: torch.nn.Module | Analysis,
+    example_inputs: ExampleInputs | None,
+    data: Iterable | None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    *,
+    constraint: dict,
+    scorer: str = "gradnas",
+    mode: str = "batch",
+    search: str = "binary",
+    kinds: tuple[str, ...] = ("heads", "channels"),
+    divisor: int = 32,
+    ratios: tuple[float, ...] = RATIOS,
+    gqa: str = "both",
+    collect_fn: Callable[[Any], Any] | None = None,
+    max_batches: int | None = 128,
+    seed: int = 0,
+    check: bool = True,
+    progress: bool = True,
+    **calibrate_options: Any,
+) -> PruneResult:
+    """Prune ``model`` to meet ``constraint`` (e.g. ``{"params": 0.6}``) with the gradnas algorithm.
+
+    The composition of :func:`fxgradnas.analyze`, :func:`score` (``scorer``: "gradnas", "l1",
+    "random"), :func:`fxgradnas.search` (``search``: "binary" or "greedy") and
+    :func:`fxgradnas.apply_plan`. The user's model is not modified.
+    """
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    if example_inputs is None and data is not None and not isinstance(model, Analysis):
+        example_inputs = (collect_fn or default_collect)(next(iter(data)))
+    analysis = ensure_analysis(model, example_inputs)
+    seconds["analyze"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = score(analysis, scorer, data, loss_fn, seed=seed, collect_fn=collect_fn, max_batches=max_batches,
+                   mode=mode, progress=progress, **calibrate_options)
+    seconds["score"] = time.perf_counter() - start
+    start = time.perf_counter()
+    found = searching.search(analysis, scores, constraint, searcher=search, kinds=kinds, divisor=divisor,
+                             ratios=ratios, gqa=gqa)
+    seconds["search"] = time.perf_counter() - start
+    found.plan.fingerprint = fingerprint(analysis.captured.model)
+    start = time.perf_counter()
+    pruned = apply_plan(analysis, found.plan, check=check)
+    seconds["rewrite"] = time.perf_counter() - start
+    return PruneResult(pruned, found.plan, scores, found, analysis, seconds)
+

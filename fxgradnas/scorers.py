@@ -1,0 +1,45 @@
+"""Baseline unit scores behind the same interface as calibration: weight magnitude and random."""
+
+from __future__ import annotations
+
+import torch
+
+from .analysis import Analysis, Group
+from .calibrate import Scores
+
+
+def _fold_to_units(values: torch.Tensor, group: Group, layout) -> torch.Tensor:
+    """Per-index values along an axis summed onto the group's unit grid; an axis that carries only
+    some unit axes (a KV projection) adds its value to every unit it serves."""
+    full = [f.size for f in layout.factors]
+    units = [i for i, f in enumerate(layout.factors) if f.unit_axis is not None]
+    folded = values.reshape(full)
+    other = [i for i in range(len(full)) if i not in units]
+    if other:
+        folded = folded.sum(dim=other)
+    order = layout.unit_axes
+    if len(order) > 1:
+        folded = folded.permute([order.index(a) for a in sorted(order)])
+    shape = [group.unit_shape[a] if a in order else 1 for a in range(len(group.unit_shape))]
+    return folded.reshape(shape).expand(group.unit_shape)
+
+
+def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
+    """Unit score = the L1 norm of every weight slice the unit owns (the magnitude ranking)."""
+    model = analysis.captured.model
+    scores = {}
+    for g in groups if groups is not None else analysis.prunable:
+        total = torch.zeros(g.unit_shape)
+        for t in g.params:
+            w = model.get_parameter(t.name).detach().float().abs()
+            per_index = w.movedim(t.axis, 0).reshape(w.shape[t.axis], -1).sum(1).cpu()
+            total = total + _fold_to_units(per_index, g, t.layout)
+        scores[g.name] = total.reshape(-1)
+    return Scores(scores, scorer="l1")
+
+
+def random_scores(analysis: Analysis, groups: list[Group] | None = None, seed: int = 0) -> Scores:
+    """Unit scores drawn uniformly at random from ``seed``: the baseline any ranking must beat."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = groups if groups is not None else analysis.prunable
+    return Scores({g.name: torch.rand(g.size, generator=generator) for g in chosen}, scorer=f"random({seed})")
