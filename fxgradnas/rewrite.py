@@ -15,7 +15,7 @@ from .capture import ExampleInputs
 from .errors import PlanError, RewriteError
 from .instrument import copy_graph_module, masked
 from .plan import Plan
-from .selection import keep_grid, kept_per_unit_axis, spread
+from .selection import keep_grid, kept_per_unit_axis, tensor_selections
 
 aten = torch.ops.aten
 SHAPE_LIST_ARG = {aten.view: 1, aten._unsafe_view: 1, aten.reshape: 1, aten.view_copy: 1, aten.expand: 1}
@@ -84,7 +84,8 @@ def relative_difference(reference: torch.nn.Module, other: torch.nn.Module, anal
 
 
 # --- tensors -----------------------------------------------------------------------------------
-def _owner(gm: GraphModule, name: str) -> tuple[torch.nn.Module, str] | None:
+def tensor_owner(gm: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | None:
+    """The module holding parameter/buffer ``name`` and the attribute name, if it exists."""
     prefix, _, attr = name.rpartition(".")
     try:
         module = gm.get_submodule(prefix)
@@ -97,14 +98,8 @@ def _owner(gm: GraphModule, name: str) -> tuple[torch.nn.Module, str] | None:
 
 def _slice_tensors(gm: GraphModule, groups: list[Group], grids: dict[str, torch.Tensor]) -> None:
     """Index-select every touched axis; tied names get the one new tensor."""
-    keep: dict[tuple[str, ...], dict[int, torch.Tensor]] = defaultdict(dict)
-    for g in groups:
-        for t in g.params + g.buffers:
-            mask = spread(grids[g.name], t.layout)
-            axes = keep[t.names]
-            axes[t.axis] = mask if t.axis not in axes else axes[t.axis] & mask
-    for names, axes in keep.items():
-        owners = [o for o in (_owner(gm, n) for n in names) if o is not None]
+    for names, axes in tensor_selections(groups, grids).items():
+        owners = [o for o in (tensor_owner(gm, n) for n in names) if o is not None]
         if not owners:
             raise RewriteError(f"cannot find {names[0]!r} in the captured module")
         module, attr = owners[0]

@@ -71,3 +71,17 @@ def kept_size(layout: Layout, per_axis: tuple[int, ...]) -> int | None:
     if any(f.size is None for f in layout.factors):
         return None
     return prod(per_axis[f.unit_axis] if f.unit_axis is not None else f.size for f in layout.factors)
+
+
+def tensor_selections(groups: list[Group], grids: dict[str, torch.Tensor]) -> dict[tuple[str, ...], dict[int, torch.Tensor]]:
+    """Kept-index masks of every parameter/buffer axis the groups touch, keyed by the tensor's names
+    (tied names together); an axis touched by several groups keeps what all of them keep."""
+    keep: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
+    for g in groups:
+        if g.name not in grids:
+            continue
+        for t in g.params + g.buffers:
+            mask = spread(grids[g.name], t.layout)
+            axes = keep.setdefault(t.names, {})
+            axes[t.axis] = mask if t.axis not in axes else axes[t.axis] & mask
+    return keep

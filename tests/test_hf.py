@@ -1,0 +1,96 @@
+"""Hugging Face integration: in-place writeback equals the masked graph, generate() still works,
+save/load restores the pruned model; text helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxgradnas
+from fxgradnas import Plan
+
+transformers = pytest.importorskip("transformers")
+
+from fxgradnas.hf import (  # noqa: E402
+    batched,
+    causal_lm_loss,
+    load_pruned,
+    perplexity,
+    save_pruned,
+    token_windows,
+    write_back,
+)
+from fxgradnas.zoo import HF_ZOO  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+
+def _plan(analysis: fxgradnas.Analysis, hidden: bool) -> Plan:
+    keep = {}
+    for g in analysis.prunable:
+        if g.kind == "heads":
+            keep[g.name] = [2, 3] if len(g.unit_shape) == 2 else [0, 2, 3]
+        elif g.kind == "channels":
+            keep[g.name] = list(range(1, g.size, 3))
+        elif hidden and g.exact:
+            keep[g.name] = list(range(0, g.size, 2))
+    return Plan(keep)
+
+
+def _logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_gpt2", "hf_bert"])
+def test_write_back_equals_masked_graph_with_padding(name: str, attn: str) -> None:
+    model, inputs = HF_ZOO[name](attn_implementation=attn)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, :2] = 0
+    inputs = {**inputs, "attention_mask": mask}
+    analysis = fxgradnas.analyze(model, inputs)
+    plan = _plan(analysis, hidden=True)
+    with torch.no_grad():
+        reference = _logits(fxgradnas.masked(analysis, plan)(**inputs))
+        write_back(model, analysis, plan)
+        out = _logits(model(**inputs))
+    assert out.shape == reference.shape
+    assert float((out - reference).abs().max() / reference.abs().max()) < 1e-5
+    assert model.config.fxgradnas["plan"] == plan.keep
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_gpt2"])
+def test_generate_and_save_load_round_trip(name: str, tmp_path) -> None:
+    model, inputs = HF_ZOO[name]()
+    analysis = fxgradnas.analyze(model, inputs)
+    plan = _plan(analysis, hidden=name == "hf_llama")
+    structure = write_back(model, analysis, plan)
+    ids = inputs["input_ids"][:1]
+    generated = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
+    save_pruned(model, structure, tmp_path)
+    restored = load_pruned(tmp_path, model_class=type(model))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert sum(p.numel() for p in restored.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+class CharTokenizer:
+    """The part of a Hugging Face tokenizer the text helpers use."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) % 64 for c in text]}
+
+
+def test_windows_loss_and_perplexity() -> None:
+    windows = token_windows(CharTokenizer(), "abcdefghij" * 10, seq_len=8, count=5)
+    assert windows.shape == (5, 8)
+    batches = batched(windows, 2)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    model, _ = HF_ZOO["hf_llama"]()
+    loss = causal_lm_loss(model(batches[0]), batches[0])
+    with torch.no_grad():
+        ppl = perplexity(model, batches)
+    assert loss.dim() == 0 and 1 < ppl < 1e4
+    with pytest.raises(ValueError, match="shorter than one window"):
+        token_windows(CharTokenizer(), "abc", seq_len=8)
