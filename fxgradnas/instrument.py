@@ -10,6 +10,7 @@ is a small :class:`MaskSite` module; with a :class:`GradientRecorder` attached i
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -122,7 +123,9 @@ def copy_graph_module(gm: GraphModule, share_tensors: bool) -> GraphModule:
     if share_tensors:
         for t in [*gm.parameters(), *gm.buffers()]:
             memo[id(t)] = t
-    return copy.deepcopy(gm, memo)
+    with warnings.catch_warnings():  # torch's own pytree spec copy warns about its deprecated LeafSpec
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm, memo)
 
 
 @dataclass

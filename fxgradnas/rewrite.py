@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections import defaultdict
 
 import torch
@@ -47,6 +48,10 @@ def apply_plan(
             per_axis[g.name] = kept_per_unit_axis(g, grids[g.name])
         except ValueError as exc:
             raise PlanError(str(exc)) from exc
+    for g in groups:
+        if not g.exact:
+            warnings.warn(f"pruning group {g.name!r} is approximate ({g.exactness}): the pruned module "
+                          "differs from the masked one", stacklevel=2)
     pruned = copy_graph_module(analysis.captured.module, share_tensors=False)
     _slice_tensors(pruned, groups, grids)
     _patch_shape_constants(pruned, groups, per_axis)

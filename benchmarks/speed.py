@@ -1,0 +1,91 @@
+"""Where the time goes when pruning SmolLM2-135M-Instruct, all measured in one run.
+
+    python benchmarks/speed.py [--repeats 3] [--json runs/speed.json]
+
+Rows: capture + analysis; time per calibration batch (8 x 128 tokens) next to a plain
+forward+backward with weights requiring grad on the same batch; search; rewrite; and the forward
+latency of the pruned module next to the dense one (batch 1 x 512 tokens) beside the FLOPs ratio.
+Repetitions are interleaved and the minimum is kept (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxgradnas
+from fxgradnas.data import stdlib_text
+from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, token_windows
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--params", type=float, default=0.8)
+    parser.add_argument("--json", type=Path, default=Path("runs/speed.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    windows = token_windows(tokenizer, stdlib_text(), 128, 8 * 4)
+    batches = batched(windows, 8)
+    long = token_windows(tokenizer, stdlib_text(skip=1_000_000), 512, 1)
+
+    analysis = fxgradnas.analyze(model, batches[0])
+    rows = [{"step": "capture (torch.export)", "seconds": analysis.seconds["capture"]},
+            {"step": "analysis", "seconds": analysis.seconds["analysis"]}]
+
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model(batches[0]), batches[0]).backward()
+
+    def calibrate(n: int) -> None:
+        fxgradnas.calibrate(analysis, batches[:n], causal_lm_loss, progress=False)
+
+    plain_t, cal1, cal4 = [], [], []
+    for _ in range(args.repeats):  # interleaved
+        plain_t.append(timed(plain))
+        cal1.append(timed(lambda: calibrate(1)))
+        cal4.append(timed(lambda: calibrate(4)))
+    model.zero_grad(set_to_none=True)
+    per_batch = (min(cal4) - min(cal1)) / 3
+    rows += [{"step": "plain forward+backward, per batch", "seconds": min(plain_t)},
+             {"step": "calibration, per batch", "seconds": per_batch,
+              "ratio": per_batch / min(plain_t), "target": "<= 0.7"},
+             {"step": "calibration, fixed cost (instrumenting)", "seconds": min(cal1) - per_batch}]
+
+    scores = fxgradnas.calibrate(analysis, batches, causal_lm_loss, progress=False)
+    found = fxgradnas.search(analysis, scores, {"params": args.params})
+    rows.append({"step": f"search ({args.params:.0%} params)", "seconds": found.seconds})
+    rewrite = timed(lambda: fxgradnas.apply_plan(analysis, found.plan, check=False))
+    checked = timed(lambda: fxgradnas.apply_plan(analysis, found.plan, check=True))
+    pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
+    rows += [{"step": "rewrite", "seconds": rewrite}, {"step": "rewrite + self-check", "seconds": checked}]
+
+    dense_t, pruned_t = [], []
+    with torch.no_grad():
+        analysis.captured.module(long)
+        pruned(long)
+        for _ in range(args.repeats):
+            dense_t.append(timed(lambda: analysis.captured.module(long)))
+            pruned_t.append(timed(lambda: pruned(long)))
+    rows += [{"step": "dense forward, 1 x 512 tokens", "seconds": min(dense_t)},
+             {"step": "pruned forward, 1 x 512 tokens", "seconds": min(pruned_t),
+              "ratio": min(pruned_t) / min(dense_t), "target": f"FLOPs ratio {found.achieved['flops']:.3f}"}]
+    print(tabulate(rows, headers="keys", floatfmt=".3f", missingval=""))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
