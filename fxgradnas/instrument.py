@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,7 @@ class MaskSite(nn.Module):
         self.full = tuple(f.size for f in factors)
         self.units = [i for i, f in enumerate(factors) if f.unit_axis is not None]
         self.recorder: GradientRecorder | None = None
+        self.observer: Callable[[MaskSite, torch.Tensor], None] | None = None  # sees the unmasked input
 
     def spread(self, x: torch.Tensor) -> torch.Tensor:
         """The mask laid out along ``axis``, shaped to broadcast against ``x``."""
@@ -90,6 +92,8 @@ class MaskSite(nn.Module):
         return mask.reshape(self.view).expand(self.full).reshape(shape).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
         if self.recorder is not None and torch.is_grad_enabled():
             return _RecordMask.apply(x, self.mask, self)
         return x * self.spread(x)

@@ -14,6 +14,7 @@ from . import search as searching
 from .analysis import Analysis, ensure_analysis
 from .calibrate import Scores, calibrate, default_collect
 from .capture import ExampleInputs
+from .compensate import LayerReport, timed_compensation
 from .plan import Plan, fingerprint
 from .rewrite import apply_plan
 from .scorers import l1_scores, random_scores
@@ -32,6 +33,7 @@ class PruneResult:
     search: SearchResult
     analysis: Analysis = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
+    compensation: list[LayerReport] = field(default_factory=list)
 
     @property
     def achieved(self) -> dict[str, float]:
@@ -97,13 +99,16 @@ def prune(
     seed: int = 0,
     check: bool = True,
     progress: bool = True,
+    compensate: str | None = None,
     **calibrate_options: Any,
 ) -> PruneResult:
     """Prune ``model`` to meet ``constraint`` (e.g. ``{"params": 0.6}``) with the gradnas algorithm.
 
     The composition of :func:`fxgradnas.analyze`, :func:`score` (``scorer``: "gradnas", "l1",
     "random"), :func:`fxgradnas.search` (``search``: "binary" or "greedy") and
-    :func:`fxgradnas.apply_plan`. The user's model is not modified.
+    :func:`fxgradnas.apply_plan`. The user's model is not modified. ``compensate="ls"`` (or
+    ``"scale"``) then re-fits the Linear layers that consume pruned units on the calibration data
+    (:mod:`fxgradnas.compensate`); ``result.compensation`` reports each layer's error before/after.
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -123,5 +128,12 @@ def prune(
     start = time.perf_counter()
     pruned = apply_plan(analysis, found.plan, check=check)
     seconds["rewrite"] = time.perf_counter() - start
-    return PruneResult(pruned, found.plan, scores, found, analysis, seconds)
+    reports = []
+    if compensate is not None:
+        if data is None:
+            raise TypeError("compensate needs calibration data")
+        reports, seconds["compensate"] = timed_compensation(
+            analysis, found.plan, pruned, data, method=compensate, collect_fn=collect_fn, max_batches=max_batches,
+            progress=progress)
+    return PruneResult(pruned, found.plan, scores, found, analysis, seconds, reports)
 

@@ -62,6 +62,12 @@ def prune_table(result: PruneResult, tablefmt: str = "simple") -> str:
             f"{choice.degradation / total:.1%}" if total > 0 else "-",
         ])
     headers = ["group", "kind", "kept", "per axis", "params removed", "score lost"]
+    errors = {r.group: r for r in result.compensation}
+    if errors:
+        headers.append("reconstruction error (before -> after)")
+        for row in rows:
+            r = errors.get(row[0])
+            row.append(f"{r.error_before:.3g} -> {r.error_after:.3g}" + ("" if r.applied else " (kept)") if r else "")
     return tabulate(rows, headers=headers, tablefmt=tablefmt)
 
 
