@@ -140,6 +140,8 @@ def calibrate(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be at least 1 (or None for all batches), not {max_batches}")
     collect = collect_fn or default_collect
     iterator = iter(data)
     try:
@@ -175,11 +177,12 @@ def calibrate(
         yield first
         yield from iterator
 
-    with frozen_parameters(inst.module):
+    with frozen_parameters(inst.module), bar:
         for index, batch in enumerate(batches()):
             if max_batches is not None and index >= max_batches:
                 break
-            inputs = to_device(collect(batch), device)
+            batch = to_device(batch, device)
+            inputs = collect(batch)
             recorder.batch_size = batch_size_of(inputs)
             with autocast:
                 output = call_with(inst.module, inputs)
@@ -207,7 +210,6 @@ def calibrate(
             calm = calm + 1 if tolerance is not None and change < tolerance else 0
             if not distributed and tolerance is not None and calm >= patience:
                 break
-    bar.close()
     for mask in inst.masks.values():
         mask.requires_grad_(False)
     if distributed:

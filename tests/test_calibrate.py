@@ -357,9 +357,8 @@ def test_cuda_matches_cpu() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(strict=False, reason="suspected, not verified without a GPU: without example_inputs the "
-                   "model on cuda is captured on the first batch as given (on the CPU)")
 def test_cuda_model_captured_from_cpu_batch() -> None:
+    """Without example_inputs the first (CPU) batch is moved to the model's device to capture it."""
     batches = tiny_batches(3)
     gpu = run(tiny_mlp().cuda(), batches, lambda out, b: F.cross_entropy(out, b[1].to(out.device)))
     assert_scores_close(gpu, run(tiny_mlp(), batches), rtol=1e-3)
