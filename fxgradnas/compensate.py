@@ -143,8 +143,8 @@ def _refit(weight: torch.Tensor, moment: torch.Tensor, kept: torch.Tensor, unit_
     gram_w = w_k.T @ w_k  # |K| x |K|
     a = onehot.T @ (gram_w * s_kk) @ onehot
     b = onehot.T @ ((w_k.T @ weight) * moment[kept]).sum(1)
-    scales = torch.linalg.solve(a + damping * float(a.diagonal().mean().clamp_min(1e-12)) * torch.eye(units, dtype=a.dtype),
-                                b)
+    pull = damping * float(a.diagonal().mean().clamp_min(1e-12))  # towards scale 1: the unchanged weights
+    scales = torch.linalg.solve(a + pull * torch.eye(units, dtype=a.dtype), b + pull)
     return w_k * (onehot @ scales)
 
 
@@ -156,7 +156,7 @@ def compensate(
     *,
     method: str = "ls",
     bias: bool = True,
-    damping: float = 1e-2,
+    damping: float = 1.0,
 ) -> list[LayerReport]:
     """Fold the re-fitted consumer weights into ``pruned`` (in place); one report row per layer."""
     if method not in METHODS:
@@ -198,7 +198,7 @@ def compensate(
 
 
 def timed_compensation(analysis: Analysis, plan: Plan, pruned: GraphModule, data: Iterable, *, method: str,
-                       bias: bool = True, damping: float = 1e-2, collect_fn=None, max_batches: int | None = 128,
+                       bias: bool = True, damping: float = 1.0, collect_fn=None, max_batches: int | None = 128,
                        progress: bool = True) -> tuple[list[LayerReport], float]:
     """Statistics pass plus re-fit for the groups the plan prunes; returns the reports and seconds."""
     start = time.perf_counter()
