@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 from .analysis import Analysis, Group, NodeAxis, ensure_analysis
 from .capture import ExampleInputs
 from .plan import Plan
-from .selection import keep_grid
+from .selection import fold_to_units, keep_grid
 
 SITE_PREFIX = "fxgradnas_mask"
 
@@ -78,7 +78,7 @@ class MaskSite(nn.Module):
         self.order = site.layout.unit_axes
         self.view = tuple(f.size if f.unit_axis is not None else 1 for f in factors)
         self.full = tuple(f.size for f in factors)
-        self.units = [i for i, f in enumerate(factors) if f.unit_axis is not None]
+        self.layout = site.layout
         self.recorder: GradientRecorder | None = None
         self.observer: Callable[[MaskSite, torch.Tensor], None] | None = None  # sees the unmasked input
 
@@ -112,12 +112,7 @@ class MaskSite(nn.Module):
             g = g.reshape(recorder.batch_size, -1, length).sum(1)
         else:
             g = g.reshape(-1, length).sum(0, keepdim=True)
-        g = g.reshape(g.shape[0], *self.full)
-        other = [1 + i for i in range(len(self.full)) if i not in self.units]
-        if other:
-            g = g.sum(dim=other)
-        if len(self.order) > 1:
-            g = g.permute([0] + [1 + self.order.index(a) for a in sorted(self.order)])
+        g = fold_to_units(g, self.layout)
         recorder.add(self.group, g if recorder.per_sample else g[0])
 
 

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .analysis import Analysis, Group
+from .analysis import Analysis, Group, Layout
 from .calibrate import Scores
+from .selection import fold_to_units
 
 
-def _fold_to_units(values: torch.Tensor, group: Group, layout) -> torch.Tensor:
-    """Per-index values along an axis summed onto the group's unit grid; an axis that carries only
-    some unit axes (a KV projection) adds its value to every unit it serves."""
-    full = [f.size for f in layout.factors]
-    units = [i for i, f in enumerate(layout.factors) if f.unit_axis is not None]
-    folded = values.reshape(full)
-    other = [i for i in range(len(full)) if i not in units]
-    if other:
-        folded = folded.sum(dim=other)
-    order = layout.unit_axes
-    if len(order) > 1:
-        folded = folded.permute([order.index(a) for a in sorted(order)])
-    shape = [group.unit_shape[a] if a in order else 1 for a in range(len(group.unit_shape))]
+def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.Tensor:
+    """Per-index values along an axis on the group's unit grid; an axis that carries only some unit
+    axes (a KV projection) adds its value to every unit it serves."""
+    folded = fold_to_units(values, layout)
+    shape = [group.unit_shape[a] if a in layout.unit_axes else 1 for a in range(len(group.unit_shape))]
     return folded.reshape(shape).expand(group.unit_shape)
 
 
@@ -33,7 +26,7 @@ def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
         for t in g.params:
             w = model.get_parameter(t.name).detach().float().abs()
             per_index = w.movedim(t.axis, 0).reshape(w.shape[t.axis], -1).sum(1).cpu()
-            total = total + _fold_to_units(per_index, g, t.layout)
+            total = total + _to_unit_grid(per_index, g, t.layout)
         scores[g.name] = total.reshape(-1)
     return Scores(scores, scorer="l1")
 

@@ -46,6 +46,20 @@ def spread(grid: torch.Tensor, layout: Layout) -> torch.Tensor:
     return seen.reshape(view).expand(full).reshape(-1)
 
 
+def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The reverse of :func:`spread`: per-index values along an axis (the last dim of ``values``)
+    summed onto the unit axes the layout carries, in unit-axis order; leading dims are kept."""
+    lead = values.dim() - 1
+    folded = values.reshape(*values.shape[:-1], *[f.size for f in layout.factors])
+    other = [lead + i for i, f in enumerate(layout.factors) if f.unit_axis is None]
+    if other:
+        folded = folded.sum(dim=other)
+    order = layout.unit_axes
+    if len(order) > 1:
+        folded = folded.permute(*range(lead), *[lead + order.index(a) for a in sorted(order)])
+    return folded
+
+
 def kept_indices(grid: torch.Tensor, layout: Layout) -> torch.Tensor:
     return spread(grid, layout).nonzero().flatten()
 
