@@ -117,8 +117,9 @@ def prune(
     analysis = ensure_analysis(model, example_inputs)
     seconds["analyze"] = time.perf_counter() - start
     start = time.perf_counter()
+    searched = [g for g in analysis.prunable if g.kind in kinds]  # only these need scores
     scores = score(analysis, scorer, data, loss_fn, seed=seed, collect_fn=collect_fn, max_batches=max_batches,
-                   mode=mode, progress=progress, **calibrate_options)
+                   mode=mode, progress=progress, groups=searched, **calibrate_options)
     seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
     found = searching.search(analysis, scores, constraint, searcher=search, kinds=kinds, divisor=divisor,
