@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group, ensure_analysis
 from .errors import CalibrationError
-from .instrument import GradientRecorder, instrument
+from .instrument import GradientRecorder, device_of, instrument
 
 MODES = ("batch", "sample")
 
@@ -84,11 +84,6 @@ def frozen_parameters(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _relative_change(previous: dict[str, torch.Tensor] | None, current: dict[str, torch.Tensor]) -> float:
     if previous is None:
         return math.inf
@@ -149,7 +144,7 @@ def calibrate(
     except StopIteration:
         raise CalibrationError("calibration data is empty: pass an iterable with at least one batch") from None
     if not isinstance(model, Analysis) and example_inputs is None:
-        example_inputs = to_device(collect(first), _device(model))
+        example_inputs = to_device(collect(first), device_of(model))
     analysis = ensure_analysis(model, example_inputs)
     chosen = groups if groups is not None else analysis.prunable
     if not chosen:
@@ -157,7 +152,7 @@ def calibrate(
     if mode == "sample":
         chosen = _per_sample_groups(chosen, explicit=groups is not None)
     inst = instrument(analysis, chosen)
-    device = _device(inst.module)
+    device = device_of(inst.module)
     recorder = GradientRecorder(per_sample=mode == "sample")
     inst.attach(recorder)
     for mask in inst.masks.values():

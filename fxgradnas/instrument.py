@@ -150,7 +150,7 @@ def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrum
     nodes = {n.name: n for n in gm.graph.nodes}
     result = Instrumented(gm)
     for index, group in enumerate(groups if groups is not None else analysis.prunable):
-        mask = torch.ones(group.unit_shape, device=_device_of(gm))
+        mask = torch.ones(group.unit_shape, device=device_of(gm))
         result.masks[group.name] = mask
         result.sites[group.name] = []
         for k, site in enumerate(group.sites):
@@ -167,8 +167,9 @@ def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrum
     return result
 
 
-def _device_of(gm: GraphModule) -> torch.device:
-    tensor = next(iter([*gm.parameters(), *gm.buffers()]), None)
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's parameters (or buffers) live; the CPU for a module with neither."""
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
