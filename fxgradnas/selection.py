@@ -9,8 +9,6 @@ keeps an entry when any unit it serves is kept.
 
 from __future__ import annotations
 
-from math import prod
-
 import torch
 
 from .analysis import Group, Layout
@@ -60,10 +58,6 @@ def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
     return folded
 
 
-def kept_indices(grid: torch.Tensor, layout: Layout) -> torch.Tensor:
-    return spread(grid, layout).nonzero().flatten()
-
-
 def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:
     """Kept count along each unit axis when the kept set is a product after re-indexing (every
     kept KV head keeps the same number of queries); raises ValueError otherwise."""
@@ -78,13 +72,6 @@ def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:
             f"pruned grouped-query attention needs the same count in every kept KV head"
         )
     return (int(kept_rows.sum()), int(counts[0]) if counts.numel() else 0)
-
-
-def kept_size(layout: Layout, per_axis: tuple[int, ...]) -> int | None:
-    """New length of an axis after pruning (None when it has a dynamic factor)."""
-    if any(f.size is None for f in layout.factors):
-        return None
-    return prod(per_axis[f.unit_axis] if f.unit_axis is not None else f.size for f in layout.factors)
 
 
 def tensor_selections(groups: list[Group], grids: dict[str, torch.Tensor]) -> dict[tuple[str, ...], dict[int, torch.Tensor]]:

@@ -60,14 +60,6 @@ def _holds_tensor(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
-def _shape_of_value(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        from .spaces import as_size
-
-        return [as_size(s) for s in value.shape]
-    return [_shape_of_value(v) for v in value]
-
-
 def unknown(p: Propagation, node: Node) -> Any:
     """No rule: freeze everything the op reads and writes."""
     reason = f"no rule for {op_name(node)} at {node.name}"
@@ -84,7 +76,9 @@ def _fresh_like(p: Propagation, value: Any, reason: str | None) -> Any:
 
 
 def _out_shape(p: Propagation, node: Node) -> list:
-    return _shape_of_value(p.val(node))
+    """Sizes of the node's output, or a list of them for ops that return several tensors."""
+    value = p.val(node)
+    return p.shape_of(value) if isinstance(value, torch.Tensor) else [p.shape_of(v) for v in value]
 
 
 # --- elementwise ---------------------------------------------------------------------------------
