@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group
 from .calibrate import batch_size_of, call_with, default_collect, to_device
-from .instrument import MaskSite, instrument
+from .instrument import MaskSite, device_of, instrument
 from .plan import Plan
 from .selection import keep_grid, spread
 
@@ -110,7 +110,7 @@ def collect_statistics(
     for sites in inst.sites.values():
         for site in sites:
             site.observer = observe
-    device = next(iter(inst.module.parameters())).device
+    device = device_of(inst.module)
     collect = collect_fn or default_collect
     with torch.no_grad():
         for index, batch in enumerate(tqdm(data, desc="statistics", unit="batch", disable=not progress, leave=False)):
