@@ -6,6 +6,9 @@ Batches of 4 x 128 random token ids with a next-token cross-entropy loss. In one
 repetitions interleaved (the order rotates each repeat) so a noisy machine hurts every column alike:
 
 * ``plain``: forward + backward of the original model with its weights requiring grad, one batch;
+* ``floor``: forward + backward of the original model with frozen weights and the token embeddings
+  requiring grad: the activation gradients down to the embedding, no masks — what any gradient
+  with respect to the residual-width mask at the embedding has to compute;
 * ``calibrate``: ``calibrate(analysis, batches, loss)`` per batch, from the slope between a run on
   one batch and a run on ``--batches`` (the one-time instrumentation cost cancels), and from the
   run's own ``Scores.seconds`` (which starts after instrumentation);
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxgradnas
-from fxgradnas.calibrate import calibrate
+from fxgradnas.calibrate import calibrate, frozen_parameters
 
 BATCH, TOKENS = 4, 128
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -99,6 +102,11 @@ def main() -> None:
         next_token_loss(model(**current), current).backward()
         model.zero_grad(set_to_none=True)
 
+    def floor() -> None:
+        with frozen_parameters(model):
+            embeds = model.get_input_embeddings()(current["input_ids"]).detach().requires_grad_()
+            next_token_loss(model(inputs_embeds=embeds, use_cache=False), current).backward()
+
     def forward(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
@@ -120,13 +128,14 @@ def main() -> None:
     n = len(batches)
     jobs: dict[str, Callable[[], None]] = {
         "plain": plain,
+        "floor": floor,
         "calibrate_1": calib(1),
         f"calibrate_{n}": calib(n),
         "forward_model": forward(model),
         "forward_captured": forward(captured),
         "forward_instrumented": forward(instrumented),
     }
-    for warm_up in (plain, calib(1), forward(instrumented)):  # first-call costs out of every column
+    for warm_up in (plain, floor, calib(1), forward(instrumented)):  # first-call costs out of every column
         warm_up()
     clocks: dict[str, dict[str, list[float]]] = {"wall": {k: [] for k in jobs}, "cpu": {k: [] for k in jobs}}
     names = list(jobs)
@@ -152,6 +161,7 @@ def main() -> None:
             slope = stat([(long - short) / (n - 1) for short, long in pairs])
         return {
             "plain": t["plain"],
+            "floor (activation gradients only, no masks)": t["floor"],
             "calibrate (slope)": slope,
             f"calibrate ({n} batches / {n})": t[f"calibrate_{n}"] / n,
             "forward: model": t["forward_model"],
@@ -163,6 +173,8 @@ def main() -> None:
         return {
             "calibrate(slope)/plain": p["calibrate (slope)"] / p["plain"],
             f"calibrate({n} batches)/plain": p[f"calibrate ({n} batches / {n})"] / p["plain"],
+            "floor/plain": p["floor (activation gradients only, no masks)"] / p["plain"],
+            "calibrate(slope)/floor": p["calibrate (slope)"] / p["floor (activation gradients only, no masks)"],
             "instrumented/captured forward": p["forward: instrumented graph"] / p["forward: captured graph"],
             "captured/model forward": p["forward: captured graph"] / p["forward: model"],
         }

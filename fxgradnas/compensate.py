@@ -1,19 +1,27 @@
 """Compensation without retraining: re-fit what consumes the pruned units so the layer output
-reconstructs the dense one (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
+reconstructs the unpruned one (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
 Transformers", mask tuning by linear least squares).
 
 For a group whose units feed a Linear ``y = W x + b`` (o_proj for heads, down_proj for MLP
-channels), one streaming pass over calibration batches accumulates the float64 Gram matrix
-``S = E[x x^T]`` and mean ``mu = E[x]`` of the Linear's dense input. Keeping columns ``K`` and
-pruning ``P``:
+channels), calibration batches give the float64 second moment ``S = E[x x^T]`` and mean of the
+Linear's input. Keeping columns ``K``, the target is the layer's own output ``W x``:
 
-- ``"scale"``: per kept unit one scale ``s`` minimising ``E|W x - W_K diag(s) x_K|^2`` (a units x units
-  system, Kwon's mask tuning);
 - ``"ls"``: the re-fit ``W'_K = (W S[:, K] + lambda W_K) (S[K, K] + lambda I)^-1``, least squares with
   a ridge that pulls towards the original kept columns (``damping`` scales ``lambda`` by the mean
   diagonal of ``S[K, K]``), which keeps the fit from over-adapting to the calibration text;
-- with a bias, ``bias=True`` also adds the mean contribution of what is left unexplained, so the
-  output's mean is kept (for ``"ls"`` the re-fit then uses the covariance instead of ``S``).
+- ``"scale"``: per kept unit one scale ``s`` minimising ``E|W x - W_K diag(s) x_K|^2`` (a units x units
+  system, Kwon's mask tuning);
+- with a bias, ``bias=True`` also adds the mean of what is left unexplained, so the output's mean is
+  kept (the fit then uses the covariance instead of ``S``).
+
+Where the statistics come from:
+
+- ``sequential=True`` (default): the calibration batches run through the pruned model node by node,
+  all batches together, and each consumer is fitted when the walk reaches it; its inputs ``x`` are
+  those of the pruned model whose earlier layers are already compensated (as layer-wise solvers
+  do). This holds the live activations of all calibration batches at once.
+- ``sequential=False``: one streaming pass over the dense model (memory independent of the number of
+  batches); ``x`` is the dense input.
 
 The new weights are folded into the pruned module, which keeps its structure. A layer whose
 reconstruction error on the calibration statistics did not go down is left unchanged.
@@ -22,12 +30,13 @@ reconstruction error on the calibration statistics did not go down is left uncha
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group
@@ -42,19 +51,23 @@ aten = torch.ops.aten
 
 @dataclass
 class InputStatistics:
-    """Streaming float64 sums of a consumer's input: ``x^T x``, ``x`` and the row count."""
+    """Float64 sums over calibration rows of a consumer's input: ``x^T x``, ``x`` and the row count
+    (products per batch in float32)."""
 
     gram: torch.Tensor
     total: torch.Tensor
     rows: int = 0
 
-    @property
-    def second_moment(self) -> torch.Tensor:
-        return self.gram / max(self.rows, 1)
+    @classmethod
+    def empty(cls, width: int, device: torch.device) -> InputStatistics:
+        return cls(torch.zeros(width, width, dtype=torch.float64, device=device),
+                   torch.zeros(width, dtype=torch.float64, device=device))
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.rows, 1)
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        self.gram += (rows.T @ rows).double()
+        self.total += rows.sum(0).double()
+        self.rows += rows.shape[0]
 
 
 @dataclass
@@ -66,144 +79,290 @@ class LayerReport:
     applied: bool
 
 
-def _consumer(gm: GraphModule, site_node: str) -> tuple[Node, Node, Node | None] | None:
-    """The Linear reading a site: (linear node, weight get_attr, bias get_attr or None)."""
+@dataclass
+class _Consumer:
+    """A pruned group's consuming Linear: its graph nodes and which input columns are kept.
+
+    ``transposed``: the weight is stored ``(in, out)`` and applied by ``addmm(bias, x, W)`` (GPT-2's
+    Conv1D); otherwise ``(out, in)`` by ``linear(x, W, bias)``.
+    """
+
+    group: Group
+    linear: str
+    weight: str
+    bias: str | None
+    transposed: bool
+    kept: torch.Tensor  # indices of kept input columns
+    unit_of: torch.Tensor  # unit (0..) of each kept column
+
+    def matrix(self, module: torch.nn.Module) -> torch.Tensor:
+        """The weight as ``(out, in)``."""
+        weight = module.get_parameter(self.weight).detach()
+        return weight.T if self.transposed else weight
+
+    @property
+    def input_arg(self) -> int:
+        return 1 if self.transposed else 0
+
+
+def _get_attr(value: Any) -> Node | None:
+    return value if isinstance(value, Node) and value.op == "get_attr" else None
+
+
+def _linear_reading(gm: GraphModule, site_node: str) -> tuple[Node, Node, Node | None, bool] | None:
+    """The Linear that alone reads a site: (node, weight get_attr, bias get_attr or None, transposed)."""
     node = next(n for n in gm.graph.nodes if n.name == site_node)
-    users = [u for u in node.users if u.target is aten.linear.default and u.args[0] is node]
-    if len(users) != 1 or len(node.users) != 1:
+    if len(node.users) != 1:
         return None
-    linear = users[0]
-    weight = linear.args[1]
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    if not (isinstance(weight, Node) and weight.op == "get_attr"):
+    user = next(iter(node.users))
+    if user.target is aten.linear.default and user.args[0] is node:
+        bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+        weight, transposed = _get_attr(user.args[1]), False
+    elif user.target is aten.addmm.default and user.args[1] is node and not user.kwargs:
+        bias, weight, transposed = user.args[0], _get_attr(user.args[2]), True
+    else:
         return None
-    return linear, weight, bias if isinstance(bias, Node) and bias.op == "get_attr" else None
+    return (user, weight, _get_attr(bias), transposed) if weight is not None else None
 
 
-def collect_statistics(
-    analysis: Analysis,
-    groups: list[Group],
-    data: Iterable,
-    *,
-    collect_fn: Callable[[Any], Any] | None = None,
-    max_batches: int | None = 128,
-    progress: bool = True,
-) -> dict[str, InputStatistics]:
-    """One forward pass over ``data`` accumulating each group's consumer-input statistics."""
-    supported = [g for g in groups if len(g.sites) == 1 and _consumer(analysis.captured.module, g.sites[0].node)]
-    inst = instrument(analysis, supported)
-    stats: dict[str, InputStatistics] = {}
+def consumers(analysis: Analysis, plan: Plan) -> list[_Consumer]:
+    """The compensable groups of ``plan``: heads/channels whose single site feeds one Linear's input."""
+    gm = analysis.captured.module
+    found = []
+    for name in plan.keep:
+        group = analysis.group(name)
+        if group.kind == "hidden" or len(group.sites) != 1:
+            continue
+        site = group.sites[0]
+        reading = _linear_reading(gm, site.node)
+        if reading is None:
+            continue
+        linear, weight, bias, transposed = reading
+        rank = node_rank(gm, site.node)
+        if site.axis % rank != rank - 1:
+            continue  # the group is not the Linear's contracted axis
+        keep_axis = spread(keep_grid(group, plan.kept(name)), site.layout)
+        kept = keep_axis.nonzero().flatten()
+        unit_of = spread(torch.arange(group.size).reshape(group.unit_shape), site.layout)[kept]
+        unit_of = torch.unique(unit_of, return_inverse=True)[1]
+        found.append(_Consumer(group, linear.name, weight.target, bias.target if bias is not None else None,
+                               transposed, kept, unit_of))
+    return found
+
+
+def node_rank(gm: GraphModule, name: str) -> int:
+    return next(n for n in gm.graph.nodes if n.name == name).meta["val"].dim()
+
+
+def _batches(data: Iterable, collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
+             device: torch.device, desc: str, progress: bool) -> Iterator[Any]:
+    collect = collect_fn or default_collect
+    for index, batch in enumerate(tqdm(data, desc=desc, unit="batch", disable=not progress, leave=False)):
+        if max_batches is not None and index >= max_batches:
+            break
+        inputs = to_device(collect(batch), device)
+        batch_size_of(inputs)
+        yield inputs
+
+
+def _observe_into(stats: dict[str, InputStatistics]) -> Callable[[MaskSite, torch.Tensor], None]:
+    """A mask-site observer adding the unmasked input to its group's statistics."""
 
     def observe(site: MaskSite, x: torch.Tensor) -> None:
-        rows = x.detach().movedim(site.axis, -1).reshape(-1, x.shape[site.axis]).float()
         entry = stats.get(site.group)
         if entry is None:
-            width = rows.shape[1]
-            entry = stats[site.group] = InputStatistics(
-                torch.zeros(width, width, dtype=torch.float64, device=rows.device),
-                torch.zeros(width, dtype=torch.float64, device=rows.device),
-            )
-        entry.gram += (rows.T @ rows).double()
-        entry.total += rows.sum(0).double()
-        entry.rows += rows.shape[0]
+            entry = stats[site.group] = InputStatistics.empty(x.shape[-1], x.device)
+        entry.add(x)
 
+    return observe
+
+
+def streaming_statistics(analysis: Analysis, found: list[_Consumer], data: Iterable, *,
+                         collect_fn: Callable[[Any], Any] | None = None, max_batches: int | None = 128,
+                         progress: bool = True) -> dict[str, InputStatistics]:
+    """One forward pass of the dense model accumulating each consumer's input statistics."""
+    inst = instrument(analysis, [c.group for c in found])
+    stats: dict[str, InputStatistics] = {}
     for sites in inst.sites.values():
         for site in sites:
-            site.observer = observe
+            site.observer = _observe_into(stats)
     device = device_of(inst.module)
-    collect = collect_fn or default_collect
     with torch.no_grad():
-        for index, batch in enumerate(tqdm(data, desc="statistics", unit="batch", disable=not progress, leave=False)):
-            if max_batches is not None and index >= max_batches:
-                break
-            inputs = to_device(collect(batch), device)
-            batch_size_of(inputs)
+        for inputs in _batches(data, collect_fn, max_batches, device, "statistics", progress):
             call_with(inst.module, inputs)
     return stats
 
 
-def _error(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor) -> float:
-    """E|W x - W~ x|^2 from the second moment of x."""
-    diff = weight - approx
-    return float(torch.einsum("oi,ij,oj->", diff, moment, diff))
+def _solve(weight: torch.Tensor, stats: InputStatistics, c: _Consumer, method: str, damping: float,
+           use_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """New kept columns, bias shift (or None), and the error ``E|W x - W~ x_K|^2`` before and after."""
+    n = max(stats.rows, 1)
+    moment, mean = stats.gram.cpu() / n, stats.total.cpu() / n
+    if use_bias:  # centred: the bias shift takes the means
+        moment = moment - torch.outer(mean, mean)
+    kept = c.kept
+    gram, cross = moment[kept][:, kept], moment[:, kept]
+    energy = float(((weight @ moment) * weight).sum())
+    wc = weight @ cross  # out x |K|
 
+    def error(w_k: torch.Tensor) -> float:
+        return energy - 2 * float((wc * w_k).sum()) + float(((w_k @ gram) * w_k).sum())
 
-def _refit(weight: torch.Tensor, moment: torch.Tensor, kept: torch.Tensor, unit_of: torch.Tensor, method: str,
-           damping: float) -> torch.Tensor:
-    """New kept columns (out x |K|) for ``method``; ``unit_of[i]`` is the unit of kept column i."""
-    s_kk = moment[kept][:, kept]
-    ridge = damping * float(s_kk.diagonal().mean().clamp_min(1e-12))
+    w_k = weight[:, c.kept]
+    ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
     if method == "ls":  # ridge towards the original kept columns, not towards zero
-        system = s_kk + ridge * torch.eye(len(kept), dtype=moment.dtype)
-        return torch.linalg.solve(system, (weight @ moment[:, kept] + ridge * weight[:, kept]).T).T
-    # per-unit scales: W_K diag(s) with s shared by a unit's columns
-    units = int(unit_of.max()) + 1
-    onehot = torch.nn.functional.one_hot(unit_of, units).to(moment.dtype)  # |K| x units
-    w_k = weight[:, kept]
-    gram_w = w_k.T @ w_k  # |K| x |K|
-    a = onehot.T @ (gram_w * s_kk) @ onehot
-    b = onehot.T @ ((w_k.T @ weight) * moment[kept]).sum(1)
-    pull = damping * float(a.diagonal().mean().clamp_min(1e-12))  # towards scale 1: the unchanged weights
-    scales = torch.linalg.solve(a + pull * torch.eye(units, dtype=a.dtype), b + pull)
-    return w_k * (onehot @ scales)
+        system = gram + ridge * torch.eye(len(c.kept), dtype=gram.dtype)
+        new = torch.linalg.solve(system, (wc + ridge * w_k).T).T
+    else:  # per-unit scales: W_K diag(s) with s shared by a unit's columns
+        onehot = torch.nn.functional.one_hot(c.unit_of, int(c.unit_of.max()) + 1).to(gram.dtype)  # |K| x units
+        a = onehot.T @ ((w_k.T @ w_k) * gram) @ onehot
+        b = onehot.T @ (w_k * wc).sum(0)
+        pull = damping * float(a.diagonal().mean().clamp_min(1e-12))  # towards scale 1: the unchanged weights
+        scales = torch.linalg.solve(a + pull * torch.eye(len(a), dtype=a.dtype), b + pull)
+        new = w_k * (onehot @ scales)
+    shift = weight @ mean - new @ mean[kept] if use_bias else None
+    return new, shift, error(w_k), error(new)
+
+
+class _Fitter:
+    """Solves one consumer and remembers the result for folding into the pruned module."""
+
+    def __init__(self, method: str, bias: bool, damping: float) -> None:
+        if method not in METHODS:
+            raise ValueError(f"compensate must be one of {METHODS}, not {method!r}")
+        self.method, self.bias, self.damping = method, bias, damping
+        self.reports: list[LayerReport] = []
+        self.updates: dict[str, tuple[_Consumer, torch.Tensor, torch.Tensor | None]] = {}
+
+    def fit(self, c: _Consumer, weight: torch.Tensor,
+            stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """New kept columns (of ``weight`` as ``(out, in)``) and bias shift (float64, CPU), or None where
+        the error did not go down."""
+        new, shift, before, after = _solve(weight.detach().double().cpu(), stats, c, self.method, self.damping,
+                                           self.bias and c.bias is not None)
+        applied = after < before
+        self.reports.append(LayerReport(c.group.name, c.weight, before, after, applied))
+        if not applied:
+            return None
+        self.updates[c.group.name] = (c, new, shift)
+        return new, shift
+
+    def fold(self, pruned: GraphModule) -> None:
+        with torch.no_grad():
+            for c, new, shift in self.updates.values():
+                target = pruned.get_parameter(c.weight)
+                target.copy_((new.T if c.transposed else new).to(target.dtype))
+                if shift is not None:
+                    bias = pruned.get_parameter(c.bias)
+                    bias.add_(shift.to(bias.dtype))
+
+
+def input_flattener(gm: GraphModule) -> Callable[[Any], tuple]:
+    """A function from ``gm``'s inputs (a tensor, a tuple of args or a dict of kwargs, as
+    :func:`fxgradnas.calibrate` takes them) to its flat placeholder values, in graph order."""
+    graph = torch.fx.Graph()
+    info = gm.graph._codegen.pytree_info if isinstance(gm.graph._codegen, _PyTreeCodeGen) else None
+    if info is not None:
+        graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
+    placeholders = [graph.placeholder(n.name) for n in gm.graph.nodes if n.op == "placeholder"]
+    graph.output(tuple(placeholders))
+    module = GraphModule(torch.nn.Module(), graph)
+    return lambda inputs: call_with(module, inputs)
+
+
+def sequential_compensation(analysis: Analysis, plan: Plan, found: list[_Consumer], fitter: _Fitter, data: Iterable, *,
+                            collect_fn: Callable[[Any], Any] | None = None, max_batches: int | None = 128,
+                            progress: bool = True) -> None:
+    """Walk the masked graph node by node over all batches, fitting each consumer when it is reached
+    and running the rest of the walk with its new weights (see the module docstring)."""
+    groups = [c.group for c in found]
+    inst = instrument(analysis, groups)
+    for g in groups:
+        inst.masks[g.name].copy_(keep_grid(g, plan.kept(g.name)).float())
+    stats: dict[str, InputStatistics] = {}
+    for sites in inst.sites.values():
+        for site in sites:
+            site.observer = _observe_into(stats)
+    gm = inst.module
+    flatten = input_flattener(gm)
+    envs: list[dict[Node, Any]] = []
+    for inputs in _batches(data, collect_fn, max_batches, device_of(gm), "statistics", False):
+        flat = flatten(inputs)
+        envs.append({n: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat, strict=True)})
+    nodes = list(gm.graph.nodes)
+    by_linear = {c.linear: c for c in found}
+    stop = max((i for i, n in enumerate(nodes) if n.name in by_linear), default=-1)
+    dead: dict[int, list[Node]] = {}
+    for n, i in {n: i for i, node in enumerate(nodes) for n in node.all_input_nodes}.items():
+        dead.setdefault(i, []).append(n)
+    runner = Interpreter(gm)
+    with torch.no_grad():
+        for index, node in enumerate(tqdm(nodes[: stop + 1], desc="compensating", unit="node", disable=not progress,
+                                          leave=False)):
+            if node.op != "placeholder":
+                c = by_linear.get(node.name)
+                update = fitter.fit(c, c.matrix(gm), stats.pop(c.group.name)) if c else None
+                for env in envs:
+                    env[node] = _linear(env, node, gm, c, update) if update else _run(runner, env, node)
+            for gone in dead.get(index, []):
+                for env in envs:
+                    del env[gone]
+
+
+def _run(runner: Interpreter, env: dict[Node, Any], node: Node) -> Any:
+    runner.env = env
+    return runner.run_node(node)
+
+
+def _linear(env: dict[Node, Any], node: Node, gm: GraphModule, c: _Consumer,
+            update: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """The consumer's output with its re-fitted weights (pruned columns are zero in its input)."""
+    weight = c.matrix(gm)
+    new_kept, shift = update
+    new = torch.zeros_like(weight)
+    new[:, c.kept.to(weight.device)] = new_kept.to(weight)
+    bias = gm.get_parameter(c.bias) if c.bias is not None else None
+    if shift is not None:
+        bias = bias + shift.to(bias)
+    return torch.nn.functional.linear(env[node.args[c.input_arg]], new, bias)
 
 
 def compensate(
     analysis: Analysis,
     plan: Plan,
     pruned: GraphModule,
-    statistics: dict[str, InputStatistics],
+    data: Iterable,
     *,
     method: str = "ls",
     bias: bool = True,
     damping: float = 1.0,
+    sequential: bool = True,
+    collect_fn: Callable[[Any], Any] | None = None,
+    max_batches: int | None = 128,
+    progress: bool = True,
 ) -> list[LayerReport]:
-    """Fold the re-fitted consumer weights into ``pruned`` (in place); one report row per layer."""
-    if method not in METHODS:
-        raise ValueError(f"compensate must be one of {METHODS}, not {method!r}")
-    dense_gm = analysis.captured.module
-    reports = []
-    for name in plan.keep:
-        group = analysis.group(name)
-        if name not in statistics or group.kind == "hidden":
-            continue
-        site = group.sites[0]
-        _, weight_node, bias_node = _consumer(dense_gm, site.node)
-        weight = dense_gm.get_parameter(weight_node.target).detach().double().cpu()
-        stats = statistics[name]
-        keep_axis = spread(keep_grid(group, plan.kept(name)), site.layout)
-        kept = keep_axis.nonzero().flatten()
-        unit_index = torch.arange(group.size).reshape(group.unit_shape)
-        unit_of = spread(unit_index, site.layout)[kept]
-        unit_of = torch.unique(unit_of, return_inverse=True)[1]
-        mean = stats.mean.cpu()
-        moment = stats.second_moment.cpu()
-        use_bias = bias and bias_node is not None
-        fit_moment = moment - torch.outer(mean, mean) if use_bias else moment
-        before = _error(weight, weight * keep_axis, fit_moment)
-        new_kept = _refit(weight, fit_moment, kept, unit_of, method, damping)
-        approx = torch.zeros_like(weight)
-        approx[:, kept] = new_kept
-        after = _error(weight, approx, fit_moment)
-        applied = after < before
-        if applied:
-            target = pruned.get_parameter(weight_node.target)
-            with torch.no_grad():
-                target.copy_(new_kept.to(target.dtype))
-                if use_bias:
-                    shift = (weight - approx) @ mean
-                    pruned.get_parameter(bias_node.target).add_(shift.to(target.dtype))
-        reports.append(LayerReport(name, weight_node.target, before, after, applied))
-    return reports
+    """Re-fit the Linear layers consuming ``plan``'s pruned units on ``data`` and fold the new weights
+    into ``pruned`` (the module :func:`fxgradnas.apply_plan` made for ``plan``, changed in place);
+    returns one report per layer."""
+    fitter = _Fitter(method, bias, damping)
+    found = consumers(analysis, plan)
+    if sequential:
+        sequential_compensation(analysis, plan, found, fitter, data, collect_fn=collect_fn,
+                                max_batches=max_batches, progress=progress)
+    else:
+        stats = streaming_statistics(analysis, found, data, collect_fn=collect_fn, max_batches=max_batches,
+                                     progress=progress)
+        gm = analysis.captured.module
+        for c in found:
+            if c.group.name in stats:
+                fitter.fit(c, c.matrix(gm), stats[c.group.name])
+    fitter.fold(pruned)
+    return fitter.reports
 
 
-def timed_compensation(analysis: Analysis, plan: Plan, pruned: GraphModule, data: Iterable, *, method: str,
-                       bias: bool = True, damping: float = 1.0, collect_fn=None, max_batches: int | None = 128,
-                       progress: bool = True) -> tuple[list[LayerReport], float]:
-    """Statistics pass plus re-fit for the groups the plan prunes; returns the reports and seconds."""
+def timed_compensation(analysis: Analysis, plan: Plan, pruned: GraphModule, data: Iterable,
+                       **options: Any) -> tuple[list[LayerReport], float]:
+    """:func:`compensate` and the seconds it took."""
     start = time.perf_counter()
-    groups = [analysis.group(n) for n in plan.keep if analysis.group(n).kind in ("heads", "channels")]
-    stats = collect_statistics(analysis, groups, data, collect_fn=collect_fn, max_batches=max_batches,
-                               progress=progress)
-    reports = compensate(analysis, plan, pruned, stats, method=method, bias=bias, damping=damping)
+    reports = compensate(analysis, plan, pruned, data, **options)
     return reports, time.perf_counter() - start

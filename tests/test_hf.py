@@ -75,6 +75,26 @@ def test_generate_and_save_load_round_trip(name: str, tmp_path) -> None:
     assert sum(p.numel() for p in restored.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["hf_llama", "hf_gpt2"])
+def test_write_back_carries_compensated_weights(name: str) -> None:
+    """``write_back(..., weights=result.model)`` makes the Hugging Face model equal the compensated
+    graph module (GPT-2: Conv1D weights stored (in, out))."""
+    model, inputs = HF_ZOO[name]()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (3, 7), generator=gen) for _ in range(4)]
+    result = fxgradnas.prune(model, inputs, batches, causal_lm_loss, constraint={"params": 0.8}, divisor=4,
+                             progress=False, compensate="ls", collect_fn=lambda b: {"input_ids": b, "use_cache": False})
+    applied = [r for r in result.compensation if r.applied]
+    assert applied
+    with torch.no_grad():
+        write_back(model, result.analysis, result.plan, weights=result.model)
+        reference = _logits(result.model(**inputs))
+        torch.testing.assert_close(_logits(model(**inputs)), reference)
+        other, _ = HF_ZOO[name]()
+        write_back(other, result.analysis, result.plan)  # plain slices: differs where the fit applied
+        assert not torch.allclose(_logits(other(**inputs)), reference)
+
+
 class CharTokenizer:
     """The part of a Hugging Face tokenizer the text helpers use."""
 
