@@ -47,20 +47,25 @@ class GradientRecorder:
 
 
 class _RecordMask(torch.autograd.Function):
-    """``x * mask`` whose backward hands the mask's gradient to the site's recorder."""
+    """``x * mask`` whose backward hands the mask's gradient to the site's recorder. With an all-ones
+    mask (``site.identity``, as in calibration) neither pass multiplies: ``x`` and the gradient go
+    through unchanged."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, site: MaskSite) -> torch.Tensor:  # type: ignore[override]
+        ctx.site = site
+        if site.identity:
+            ctx.save_for_backward(x)
+            return x.view_as(x)
         spread = site.spread(x)
         ctx.save_for_backward(x, spread)
-        ctx.site = site
         return x * spread
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, spread = ctx.saved_tensors
+        x, *spread = ctx.saved_tensors
         ctx.site.record(grad * x)
-        return grad * spread, None, None
+        return (grad if ctx.site.identity else grad * spread[0]), None, None
 
 
 class MaskSite(nn.Module):
@@ -80,6 +85,7 @@ class MaskSite(nn.Module):
         self.full = tuple(f.size for f in factors)
         self.layout = site.layout
         self.recorder: GradientRecorder | None = None
+        self.identity = False  # the mask is all ones (set when a recorder is attached)
         self.observer: Callable[[MaskSite, torch.Tensor], None] | None = None  # sees the unmasked input
 
     def spread(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +142,12 @@ class Instrumented:
     sites: dict[str, list[MaskSite]] = field(default_factory=dict)
 
     def attach(self, recorder: GradientRecorder | None) -> None:
-        for sites in self.sites.values():
+        """Record mask gradients into ``recorder`` (None: stop); masks must not change while attached."""
+        for name, sites in self.sites.items():
+            identity = recorder is not None and bool((self.masks[name] == 1).all())
             for site in sites:
                 site.recorder = recorder
+                site.identity = identity
 
 
 def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrumented:

@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from fxgradnas import Analysis, analyze, instrument
 from fxgradnas.calibrate import Scores, calibrate, call_with
 from fxgradnas.errors import CalibrationError
-from fxgradnas.instrument import SITE_PREFIX
+from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
 from fxgradnas.scorers import l1_scores, random_scores
 from fxgradnas.zoo import HF_ZOO, ZOO
 
@@ -145,6 +145,35 @@ def test_batch_mode_equals_autograd_mask_grad(name: str) -> None:
     assert set(scores) == {g.name for g in analysis.prunable}
     assert all(v.abs().max() > 0 for v in want.values())
     assert_scores_close(scores, want)
+
+
+def test_recorder_with_masks_not_all_ones_equals_autograd() -> None:
+    """A recorder attached to masks with zeros and fractions multiplies them in (no identity shortcut)
+    and records what autograd gives for the mask; the output is the masked model's."""
+    model, inputs = ZOO["llama"]()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    analysis = analyze(model, inputs)
+    gen = torch.Generator().manual_seed(3)
+    values = {g.name: torch.rand(g.unit_shape, generator=gen).round(decimals=1) for g in analysis.prunable}
+    plain = instrument(analysis)
+    for name, mask in plain.masks.items():
+        mask.copy_(values[name]).requires_grad_(True)
+    want_out = call_with(plain.module, inputs)
+    logits_loss(want_out, inputs).backward()
+    recorded = instrument(analysis)
+    for name, mask in recorded.masks.items():
+        mask.copy_(values[name]).requires_grad_(True)
+    recorder = GradientRecorder()
+    recorded.attach(recorder)
+    assert not any(site.identity for sites in recorded.sites.values() for site in sites)
+    out = call_with(recorded.module, inputs)
+    logits_loss(out, inputs).backward()
+    torch.testing.assert_close(out.logits if hasattr(out, "logits") else out,
+                               want_out.logits if hasattr(want_out, "logits") else want_out)
+    got = recorder.take()
+    for name, mask in plain.masks.items():
+        torch.testing.assert_close(got[name], mask.grad, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- batch vs sample mode
