@@ -3,8 +3,10 @@
     python benchmarks/speed.py [--repeats 3] [--json runs/speed.json]
 
 Rows: capture + analysis; time per calibration batch (8 x 128 tokens) next to a plain
-forward+backward with weights requiring grad on the same batch; search; rewrite; and the forward
-latency of the pruned module next to the dense one (batch 1 x 512 tokens) beside the FLOPs ratio.
+forward+backward with weights requiring grad on the same batch and next to the floor (frozen weights,
+token embeddings requiring grad: the activation gradients any residual-width mask score needs);
+search; rewrite; compensation; and the forward latency of the pruned module next to the dense one
+(batch 1 x 512 tokens) beside the FLOPs ratio.
 Repetitions are interleaved and the minimum is kept (the machine is shared and noisy).
 """
 
@@ -19,6 +21,8 @@ import torch
 from tabulate import tabulate
 
 import fxgradnas
+from fxgradnas.calibrate import frozen_parameters
+from fxgradnas.compensate import timed_compensation
 from fxgradnas.data import stdlib_text
 from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, token_windows
 
@@ -49,28 +53,45 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         causal_lm_loss(model(batches[0]), batches[0]).backward()
 
-    def calibrate(n: int) -> None:
-        fxgradnas.calibrate(analysis, batches[:n], causal_lm_loss, progress=False)
+    def floor() -> None:
+        with frozen_parameters(model):
+            embeds = model.get_input_embeddings()(batches[0]).detach().requires_grad_()
+            causal_lm_loss(model(inputs_embeds=embeds), batches[0]).backward()
 
-    plain_t, cal1, cal4 = [], [], []
+    calibration: list[float] = []  # Scores.seconds: the batches only, after instrumenting
+
+    def calibrate() -> None:
+        calibration.append(fxgradnas.calibrate(analysis, batches, causal_lm_loss, progress=False).seconds)
+
+    plain_t, floor_t, whole = [], [], []
+    calibrate()  # first-call costs out of every column
     for _ in range(args.repeats):  # interleaved
         plain_t.append(timed(plain))
-        cal1.append(timed(lambda: calibrate(1)))
-        cal4.append(timed(lambda: calibrate(4)))
+        floor_t.append(timed(floor))
+        whole.append(timed(calibrate))
     model.zero_grad(set_to_none=True)
-    per_batch = (min(cal4) - min(cal1)) / 3
+    per_batch = min(calibration) / len(batches)
     rows += [{"step": "plain forward+backward, per batch", "seconds": min(plain_t)},
+             {"step": "floor: activation gradients only, per batch", "seconds": min(floor_t),
+              "ratio": min(floor_t) / min(plain_t)},
              {"step": "calibration, per batch", "seconds": per_batch,
               "ratio": per_batch / min(plain_t), "target": "<= 0.7"},
-             {"step": "calibration, fixed cost (instrumenting)", "seconds": min(cal1) - per_batch}]
+             {"step": "calibration / floor", "ratio": per_batch / min(floor_t)},
+             {"step": "calibration, fixed cost (instrumenting)", "seconds": min(whole) - min(calibration)}]
 
     scores = fxgradnas.calibrate(analysis, batches, causal_lm_loss, progress=False)
+    rows.append({"step": f"calibration, {len(batches)} batches", "seconds": min(whole)})
     found = fxgradnas.search(analysis, scores, {"params": args.params})
     rows.append({"step": f"search ({args.params:.0%} params)", "seconds": found.seconds})
     rewrite = timed(lambda: fxgradnas.apply_plan(analysis, found.plan, check=False))
     checked = timed(lambda: fxgradnas.apply_plan(analysis, found.plan, check=True))
     pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
     rows += [{"step": "rewrite", "seconds": rewrite}, {"step": "rewrite + self-check", "seconds": checked}]
+    for label, sequential in (("layer after layer", True), ("one dense pass", False)):
+        _, seconds = timed_compensation(analysis, found.plan, fxgradnas.apply_plan(analysis, found.plan, check=False),
+                                        batches, sequential=sequential, progress=False)
+        rows.append({"step": f"compensation ls, {label}, {len(batches)} batches", "seconds": seconds,
+                     "ratio": seconds / min(whole), "target": "< calibration"})
 
     dense_t, pruned_t = [], []
     with torch.no_grad():

@@ -135,6 +135,34 @@ def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
     )
 
 
+def drop_whole_slices(gm: torch.fx.GraphModule) -> int:
+    """Remove ``slice`` nodes that keep a whole axis (start 0, step 1, end past the size); returns how
+    many. Export writes one for every ``x[:, ...]``; each would cost a zero-filled full-size gradient
+    in backward and would otherwise count as slicing the axis."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
+            continue
+        source, dim, start, end, step = (*node.args, *[None] * (5 - len(node.args)))[:5]
+        dim = 0 if dim is None else dim
+        val = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or start not in (None, 0) or step not in (None, 1):
+            continue
+        size = val.shape[dim]
+        if end is None or (isinstance(end, int) and end >= _INT64_MAX) or (
+            isinstance(end, int) and isinstance(size, int) and end >= size
+        ):
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
+_INT64_MAX = 2**63 - 1
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: ExampleInputs,
@@ -159,6 +187,7 @@ def capture(
         except Exception as exc:  # torch.export raises many unrelated types
             raise _capture_error(model, exc) from exc
         module = exported.module()
+    drop_whole_slices(module)
     names: dict[int, list[str]] = {}
     for name, tensor in [
         *model.named_parameters(remove_duplicate=False),

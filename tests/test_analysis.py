@@ -179,3 +179,25 @@ def test_dynamic_batch_and_sequence() -> None:
     ids = torch.randint(0, 64, (5, 11))
     model, _ = ZOO["llama"]()
     torch.testing.assert_close(module(ids), model(ids))
+
+
+def test_capture_drops_slices_that_keep_the_whole_axis() -> None:
+    """``x[:, :]`` exports as a slice that keeps everything: capture removes it (its backward would
+    zero-fill a full-size gradient); a real slice stays, and the output is unchanged."""
+    from fxgradnas.capture import capture
+
+    class Slicing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.proj(x)[:, :, None, :][:, :, 0]
+            return y[..., :4] + y[..., 2:]
+
+    model = Slicing().eval()
+    x = torch.randn(3, 5, 6)
+    captured = capture(model, x)
+    slices = [n for n in captured.module.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert len(slices) == 2 and all(n.args[2:] in ((0, 4), (2, 9223372036854775807)) for n in slices)
+    torch.testing.assert_close(captured.module(x), model(x), rtol=0, atol=0)
