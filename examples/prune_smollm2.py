@@ -99,7 +99,8 @@ def main() -> None:
         pruned_ppl = perplexity(pruned, batches)
         print(f"perplexity   {dense_ppl[name]:.2f} -> {pruned_ppl:.2f} ({pruned_ppl / dense_ppl[name]:.2f}x)  {name}")
     print(f"graph module and Hugging Face model agree: {abs(graph_ppl - hf_ppl_first) / hf_ppl_first:.1e} relative")
-    print(f"\nprompt       {PROMPT!r}\ndense        {dense_text!r}\npruned       {generate(pruned, tokenizer, PROMPT)!r}")
+    pruned_text = generate(pruned, tokenizer, PROMPT)
+    print(f"\nprompt       {PROMPT!r}\ndense        {dense_text!r}\npruned       {pruned_text!r}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_pruned(pruned, structure, args.out)

@@ -41,11 +41,13 @@ from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group
 from .calibrate import batch_size_of, call_with, default_collect, to_device
+from .errors import CalibrationError
 from .instrument import MaskSite, device_of, instrument
 from .plan import Plan
 from .selection import keep_grid, spread
 
 METHODS = ("scale", "ls")
+_NO_BATCH = "compensation got no calibration batch: pass the data the model was calibrated on"
 aten = torch.ops.aten
 
 
@@ -80,7 +82,7 @@ class LayerReport:
 
 
 @dataclass
-class _Consumer:
+class Consumer:
     """A pruned group's consuming Linear: its graph nodes and which input columns are kept.
 
     ``transposed``: the weight is stored ``(in, out)`` and applied by ``addmm(bias, x, W)`` (GPT-2's
@@ -125,7 +127,7 @@ def _linear_reading(gm: GraphModule, site_node: str) -> tuple[Node, Node, Node |
     return (user, weight, _get_attr(bias), transposed) if weight is not None else None
 
 
-def consumers(analysis: Analysis, plan: Plan) -> list[_Consumer]:
+def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
     """The compensable groups of ``plan``: heads/channels whose single site feeds one Linear's input."""
     gm = analysis.captured.module
     found = []
@@ -145,7 +147,7 @@ def consumers(analysis: Analysis, plan: Plan) -> list[_Consumer]:
         kept = keep_axis.nonzero().flatten()
         unit_of = spread(torch.arange(group.size).reshape(group.unit_shape), site.layout)[kept]
         unit_of = torch.unique(unit_of, return_inverse=True)[1]
-        found.append(_Consumer(group, linear.name, weight.target, bias.target if bias is not None else None,
+        found.append(Consumer(group, linear.name, weight.target, bias.target if bias is not None else None,
                                transposed, kept, unit_of))
     return found
 
@@ -177,9 +179,9 @@ def _observe_into(stats: dict[str, InputStatistics]) -> Callable[[MaskSite, torc
     return observe
 
 
-def streaming_statistics(analysis: Analysis, found: list[_Consumer], data: Iterable, *,
-                         collect_fn: Callable[[Any], Any] | None = None, max_batches: int | None = 128,
-                         progress: bool = True) -> dict[str, InputStatistics]:
+def _streaming_statistics(analysis: Analysis, found: list[Consumer], data: Iterable, *,
+                          collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
+                          progress: bool) -> dict[str, InputStatistics]:
     """One forward pass of the dense model accumulating each consumer's input statistics."""
     inst = instrument(analysis, [c.group for c in found])
     stats: dict[str, InputStatistics] = {}
@@ -187,13 +189,17 @@ def streaming_statistics(analysis: Analysis, found: list[_Consumer], data: Itera
         for site in sites:
             site.observer = _observe_into(stats)
     device = device_of(inst.module)
+    count = 0
     with torch.no_grad():
         for inputs in _batches(data, collect_fn, max_batches, device, "statistics", progress):
             call_with(inst.module, inputs)
+            count += 1
+    if not count:
+        raise CalibrationError(_NO_BATCH)
     return stats
 
 
-def _solve(weight: torch.Tensor, stats: InputStatistics, c: _Consumer, method: str, damping: float,
+def _solve(weight: torch.Tensor, stats: InputStatistics, c: Consumer, method: str, damping: float,
            use_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
     """New kept columns, bias shift (or None), and the error ``E|W x - W~ x_K|^2`` before and after."""
     n = max(stats.rows, 1)
@@ -232,9 +238,9 @@ class _Fitter:
             raise ValueError(f"compensate must be one of {METHODS}, not {method!r}")
         self.method, self.bias, self.damping = method, bias, damping
         self.reports: list[LayerReport] = []
-        self.updates: dict[str, tuple[_Consumer, torch.Tensor, torch.Tensor | None]] = {}
+        self.updates: dict[str, tuple[Consumer, torch.Tensor, torch.Tensor | None]] = {}
 
-    def fit(self, c: _Consumer, weight: torch.Tensor,
+    def fit(self, c: Consumer, weight: torch.Tensor,
             stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """New kept columns (of ``weight`` as ``(out, in)``) and bias shift (float64, CPU), or None where
         the error did not go down."""
@@ -270,9 +276,8 @@ def input_flattener(gm: GraphModule) -> Callable[[Any], tuple]:
     return lambda inputs: call_with(module, inputs)
 
 
-def sequential_compensation(analysis: Analysis, plan: Plan, found: list[_Consumer], fitter: _Fitter, data: Iterable, *,
-                            collect_fn: Callable[[Any], Any] | None = None, max_batches: int | None = 128,
-                            progress: bool = True) -> None:
+def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _Fitter, data: Iterable, *,
+                collect_fn: Callable[[Any], Any] | None, max_batches: int | None, progress: bool) -> None:
     """Walk the masked graph node by node over all batches, fitting each consumer when it is reached
     and running the rest of the walk with its new weights (see the module docstring)."""
     groups = [c.group for c in found]
@@ -289,6 +294,8 @@ def sequential_compensation(analysis: Analysis, plan: Plan, found: list[_Consume
     for inputs in _batches(data, collect_fn, max_batches, device_of(gm), "statistics", False):
         flat = flatten(inputs)
         envs.append({n: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat, strict=True)})
+    if not envs:
+        raise CalibrationError(_NO_BATCH)
     nodes = list(gm.graph.nodes)
     by_linear = {c.linear: c for c in found}
     stop = max((i for i, n in enumerate(nodes) if n.name in by_linear), default=-1)
@@ -314,7 +321,7 @@ def _run(runner: Interpreter, env: dict[Node, Any], node: Node) -> Any:
     return runner.run_node(node)
 
 
-def _linear(env: dict[Node, Any], node: Node, gm: GraphModule, c: _Consumer,
+def _linear(env: dict[Node, Any], node: Node, gm: GraphModule, c: Consumer,
             update: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     """The consumer's output with its re-fitted weights (pruned columns are zero in its input)."""
     weight = c.matrix(gm)
@@ -347,11 +354,11 @@ def compensate(
     fitter = _Fitter(method, bias, damping)
     found = consumers(analysis, plan)
     if sequential:
-        sequential_compensation(analysis, plan, found, fitter, data, collect_fn=collect_fn,
-                                max_batches=max_batches, progress=progress)
+        _sequential(analysis, plan, found, fitter, data, collect_fn=collect_fn, max_batches=max_batches,
+                    progress=progress)
     else:
-        stats = streaming_statistics(analysis, found, data, collect_fn=collect_fn, max_batches=max_batches,
-                                     progress=progress)
+        stats = _streaming_statistics(analysis, found, data, collect_fn=collect_fn, max_batches=max_batches,
+                                      progress=progress)
         gm = analysis.captured.module
         for c in found:
             if c.group.name in stats:

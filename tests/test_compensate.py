@@ -161,6 +161,9 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     assert "reconstruction error" in result.table()
     with pytest.raises(ValueError):
         compensate(result.analysis, result.plan, result.model, batches, method="bogus")
+    for sequential in (True, False):
+        with pytest.raises(fxgradnas.CalibrationError, match="no calibration batch"):
+            compensate(result.analysis, result.plan, result.model, [], sequential=sequential)
 
 
 def test_sequential_walk_takes_keyword_inputs_and_agrees_on_the_first_layer() -> None:
