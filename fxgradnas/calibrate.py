@@ -180,8 +180,7 @@ def calibrate(
             inputs = collect(batch)
             recorder.batch_size = batch_size_of(inputs)
             with autocast:
-                output = call_with(inst.module, inputs)
-                loss = loss_fn(output, batch)
+                loss = loss_fn(call_with(inst.module, inputs), batch)  # the output is freed before backward
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise CalibrationError(f"loss_fn must return a scalar tensor; batch {index} gave {type(loss).__name__}"
                                        f"{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
