@@ -135,6 +135,9 @@ def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
     )
 
 
+_INT64_MAX = 2**63 - 1  # export's "to the end" for a slice
+
+
 def drop_whole_slices(gm: torch.fx.GraphModule) -> int:
     """Remove ``slice`` nodes that keep a whole axis (start 0, step 1, end past the size); returns how
     many. Export writes one for every ``x[:, ...]``; each would cost a zero-filled full-size gradient
@@ -158,9 +161,6 @@ def drop_whole_slices(gm: torch.fx.GraphModule) -> int:
     if dropped:
         gm.recompile()
     return dropped
-
-
-_INT64_MAX = 2**63 - 1
 
 
 def capture(

@@ -111,9 +111,8 @@ def _get_attr(value: Any) -> Node | None:
     return value if isinstance(value, Node) and value.op == "get_attr" else None
 
 
-def _linear_reading(gm: GraphModule, site_node: str) -> tuple[Node, Node, Node | None, bool] | None:
-    """The Linear that alone reads a site: (node, weight get_attr, bias get_attr or None, transposed)."""
-    node = next(n for n in gm.graph.nodes if n.name == site_node)
+def _linear_reading(node: Node) -> tuple[Node, Node, Node | None, bool] | None:
+    """The Linear that alone reads ``node``: (its node, weight get_attr, bias get_attr or None, transposed)."""
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
@@ -129,18 +128,18 @@ def _linear_reading(gm: GraphModule, site_node: str) -> tuple[Node, Node, Node |
 
 def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
     """The compensable groups of ``plan``: heads/channels whose single site feeds one Linear's input."""
-    gm = analysis.captured.module
+    nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
     found = []
     for name in plan.keep:
         group = analysis.group(name)
         if group.kind == "hidden" or len(group.sites) != 1:
             continue
         site = group.sites[0]
-        reading = _linear_reading(gm, site.node)
+        reading = _linear_reading(nodes[site.node])
         if reading is None:
             continue
         linear, weight, bias, transposed = reading
-        rank = node_rank(gm, site.node)
+        rank = nodes[site.node].meta["val"].dim()
         if site.axis % rank != rank - 1:
             continue  # the group is not the Linear's contracted axis
         keep_axis = spread(keep_grid(group, plan.kept(name)), site.layout)
@@ -151,9 +150,6 @@ def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
                                transposed, kept, unit_of))
     return found
 
-
-def node_rank(gm: GraphModule, name: str) -> int:
-    return next(n for n in gm.graph.nodes if n.name == name).meta["val"].dim()
 
 
 def _batches(data: Iterable, collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
@@ -214,10 +210,10 @@ def _solve(weight: torch.Tensor, stats: InputStatistics, c: Consumer, method: st
     def error(w_k: torch.Tensor) -> float:
         return energy - 2 * float((wc * w_k).sum()) + float(((w_k @ gram) * w_k).sum())
 
-    w_k = weight[:, c.kept]
+    w_k = weight[:, kept]
     ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
     if method == "ls":  # ridge towards the original kept columns, not towards zero
-        system = gram + ridge * torch.eye(len(c.kept), dtype=gram.dtype)
+        system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype)
         new = torch.linalg.solve(system, (wc + ridge * w_k).T).T
     else:  # per-unit scales: W_K diag(s) with s shared by a unit's columns
         onehot = torch.nn.functional.one_hot(c.unit_of, int(c.unit_of.max()) + 1).to(gram.dtype)  # |K| x units
@@ -309,8 +305,12 @@ def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _
             if node.op != "placeholder":
                 c = by_linear.get(node.name)
                 update = fitter.fit(c, c.matrix(gm), stats.pop(c.group.name)) if c else None
+                refitted = _refitted(gm, c, update) if update else None
                 for env in envs:
-                    env[node] = _linear(env, node, gm, c, update) if update else _run(runner, env, node)
+                    if refitted is None:
+                        env[node] = _run(runner, env, node)
+                    else:
+                        env[node] = torch.nn.functional.linear(env[node.args[c.input_arg]], *refitted)
             for gone in dead.get(index, []):
                 for env in envs:
                     del env[gone]
@@ -321,9 +321,10 @@ def _run(runner: Interpreter, env: dict[Node, Any], node: Node) -> Any:
     return runner.run_node(node)
 
 
-def _linear(env: dict[Node, Any], node: Node, gm: GraphModule, c: Consumer,
-            update: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """The consumer's output with its re-fitted weights (pruned columns are zero in its input)."""
+def _refitted(gm: GraphModule, c: Consumer,
+              update: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The consumer's ``(out, in)`` weight and bias with the re-fit folded in (pruned columns zero:
+    their inputs are masked to zero)."""
     weight = c.matrix(gm)
     new_kept, shift = update
     new = torch.zeros_like(weight)
@@ -331,7 +332,7 @@ def _linear(env: dict[Node, Any], node: Node, gm: GraphModule, c: Consumer,
     bias = gm.get_parameter(c.bias) if c.bias is not None else None
     if shift is not None:
         bias = bias + shift.to(bias)
-    return torch.nn.functional.linear(env[node.args[c.input_arg]], new, bias)
+    return new, bias
 
 
 def compensate(
