@@ -22,38 +22,20 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxgradnas
 from fxgradnas.search import group_choices
+from fxgradnas.tasks import LAG, VOCAB, accuracy, sequences, task_loss
 from fxgradnas.zoo import llama
 
-VOCAB = 32
-LAG = 2
-START = LAG + 1  # the first predictable position
 MODEL = dict(n_layer=4, n_head=4, n_kv_head=2, head_dim=16, hidden=64, intermediate=256, vocab=VOCAB)
-
-
-def sequences(n: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` task sequences: ``START`` random tokens, then ``x[t] = (x[t-1] + x[t-1-LAG]) % VOCAB``."""
-    x = torch.empty(n, length, dtype=torch.long)
-    x[:, :START] = torch.randint(0, VOCAB, (n, START), generator=gen)
-    for t in range(START, length):
-        x[:, t] = (x[:, t - 1] + x[:, t - 1 - LAG]) % VOCAB
-    return x
-
-
-def task_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the predictable positions (the calibration ``loss_fn`` too)."""
-    return F.cross_entropy(logits[:, START - 1:-1].reshape(-1, VOCAB).float(), x[:, START:].reshape(-1))
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     logits = model(x)
-    accuracy = (logits[:, START - 1:-1].argmax(-1) == x[:, START:]).float().mean()
-    return {"loss": float(task_loss(logits, x)), "accuracy": float(accuracy)}
+    return {"loss": float(task_loss(logits, x)), "accuracy": accuracy(logits, x)}
 
 
 def train(seed: int, steps: int, batch: int, length: int, lr: float) -> tuple[torch.nn.Module, torch.Tensor]:

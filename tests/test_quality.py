@@ -12,13 +12,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fxgradnas
+from fxgradnas.tasks import VOCAB, sequences, task_loss
 from fxgradnas.zoo import llama
 
-VOCAB, LAG, LENGTH = 32, 2, 16
-START = LAG + 1  # the first predictable position
+LENGTH = 16
 BUDGET = 0.6
 RANDOM_SEEDS = (0, 1, 2)
 
@@ -30,19 +29,6 @@ RANDOM_SEEDS = (0, 1, 2)
 # less far: dense 0.82). Random pruning through this search takes every layer to one query head,
 # which alone costs the model most of what it learned.
 MARGIN = 1.0
-
-
-def sequences(n: int, gen: torch.Generator) -> torch.Tensor:
-    x = torch.empty(n, LENGTH, dtype=torch.long)
-    x[:, :START] = torch.randint(0, VOCAB, (n, START), generator=gen)
-    for t in range(START, LENGTH):
-        x[:, t] = (x[:, t - 1] + x[:, t - 1 - LAG]) % VOCAB
-    return x
-
-
-def task_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over the predictable positions; the calibration loss too."""
-    return F.cross_entropy(logits[:, START - 1:-1].reshape(-1, VOCAB).float(), x[:, START:].reshape(-1))
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +47,16 @@ def outcome() -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
         for _ in range(steps):
-            x = sequences(32, gen)
+            x = sequences(32, LENGTH, gen)
             loss = task_loss(model(x), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
         model.eval()
-        held_out = sequences(256, torch.Generator().manual_seed(2000))
+        held_out = sequences(256, LENGTH, torch.Generator().manual_seed(2000))
         cal_gen = torch.Generator().manual_seed(3000)
-        calibration = [sequences(32, cal_gen) for _ in range(8)]
+        calibration = [sequences(32, LENGTH, cal_gen) for _ in range(8)]
 
         def held_out_loss(m: torch.nn.Module) -> float:
             with torch.no_grad():
