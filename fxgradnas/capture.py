@@ -25,7 +25,6 @@ class Captured:
     """A captured model: the runnable graph module plus what is needed to read it."""
 
     module: torch.fx.GraphModule
-    exported: torch.export.ExportedProgram
     model: torch.nn.Module
     args: tuple
     kwargs: dict[str, Any]
@@ -210,7 +209,6 @@ def capture(
         )
     return Captured(
         module=module,
-        exported=exported,
         model=model,
         args=args,
         kwargs=kwargs,

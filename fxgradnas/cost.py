@@ -38,24 +38,23 @@ class CostModel:
     are kept whole."""
 
     def __init__(self, analysis: Analysis) -> None:
-        walk = analysis.propagation
-        self.spaces = walk.spaces
+        self.analysis = analysis
         self.full = {g.name: tuple(g.unit_shape) for g in analysis.prunable}
         self.owner = {leaf: (g.name, i) for g in analysis.prunable for i, leaf in enumerate(g.leaves)}
         self.hints = _symbol_values(analysis)
         counted = set()
         params = []
-        for tensor, dims in walk.records.tensors.values():
+        for tensor, axes in analysis.parameter_leaves():
             if isinstance(tensor, torch.nn.Parameter):
                 counted.add(id(tensor))
-                params.append(self._term(dims, 1))
+                params.append(self._term([leaf for leaves in axes for leaf in leaves], 1))
         for p in analysis.captured.module.parameters():
             if id(p) not in counted:  # held by the module but never read by the graph
                 counted.add(id(p))
                 params.append(Term(p.numel(), ()))
         self.terms = {
             "params": _merge(params),
-            "flops": _merge([self._term(axes, 2) for axes in walk.records.flops]),
+            "flops": _merge([self._term(leaves, 2) for leaves in analysis.multiply_adds()]),
         }
         self.by_group: dict[str, dict[str, list[Term]]] = {
             m: {g: [t for t in terms if any(v[0] == g for v in t.variables)] for g in self.full}
@@ -63,14 +62,13 @@ class CostModel:
         }
         self.base = self.evaluate({})
 
-    def _term(self, spaces: list[int], coef: int) -> Term:
+    def _term(self, leaves: list[int], coef: int) -> Term:
         variables: list[Var] = []
-        for space in spaces:
-            for leaf in self.spaces.leaves(space):
-                if leaf in self.owner:
-                    variables.append(self.owner[leaf])
-                else:
-                    coef *= self._concrete(self.spaces.size(leaf))
+        for leaf in leaves:
+            if leaf in self.owner:
+                variables.append(self.owner[leaf])
+            else:
+                coef *= self._concrete(self.analysis.leaf_size(leaf))
         return Term(coef, tuple(sorted(variables)))
 
     def _concrete(self, size: Size) -> int:
@@ -98,11 +96,10 @@ def _merge(terms: list[Term]) -> list[Term]:
 
 
 def _symbol_values(analysis: Analysis) -> dict:
-    """Example-input values of the symbolic batch/sequence sizes."""
+    """Example-input values of the symbolic batch/sequence sizes (empty for a static capture)."""
     for node in analysis.captured.module.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        mode = getattr(val, "fake_mode", None)
+        mode = getattr(node.meta.get("val"), "fake_mode", None)
         if mode is not None and mode.shape_env is not None:
             env = mode.shape_env
-        return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
+            return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
     return {}

@@ -10,9 +10,12 @@ import networkx as nx
 import torch
 
 from ..capture import Captured, ExampleInputs, capture
+from ..report import analysis_table
 from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
-from .propagate import Propagation, propagate
+from .propagate import propagate
 from .rules import RULES
+from .spaces import Size
+from .state import Propagation
 
 __all__ = [
     "Analysis", "Factor", "Group", "Layout", "NodeAxis", "TensorAxis", "RULES", "analyze",
@@ -26,7 +29,7 @@ class Analysis:
 
     captured: Captured
     groups: list[Group]
-    propagation: Propagation = field(repr=False)
+    walk: Propagation = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def group(self, name: str) -> Group:
@@ -58,9 +61,22 @@ class Analysis:
                     graph.add_edge(gid, f"node:{n.node}", axis=n.axis, role=role)
         return graph
 
-    def table(self, tablefmt: str = "simple") -> str:
-        from ..report import analysis_table
+    # --- what the cost model reads: tensors and contractions as products of leaf spaces ----------
+    def leaf_size(self, leaf: int) -> Size:
+        """Size of a leaf space (an int, or a sympy expression for batch/sequence)."""
+        return self.walk.spaces.size(leaf)
 
+    def parameter_leaves(self) -> list[tuple[torch.Tensor, list[list[int]]]]:
+        """Every parameter and buffer the graph reads (tied ones once), with the leaf spaces of each axis."""
+        return [(tensor, [self.walk.spaces.leaves(s) for s in spaces])
+                for tensor, spaces in self.walk.records.tensors.values()]
+
+    def multiply_adds(self) -> list[list[int]]:
+        """Leaf spaces of every contraction (linear, matmul, conv, attention): its multiply-adds are
+        the product of their sizes."""
+        return [[leaf for s in spaces for leaf in self.walk.spaces.leaves(s)] for spaces in self.walk.records.flops]
+
+    def table(self, tablefmt: str = "simple") -> str:
         return analysis_table(self, tablefmt=tablefmt)
 
     def __str__(self) -> str:
@@ -74,7 +90,7 @@ def analyze_captured(captured: Captured) -> Analysis:
     return Analysis(
         captured=captured,
         groups=groups,
-        propagation=walk,
+        walk=walk,
         seconds={"capture": captured.seconds, "analysis": time.perf_counter() - start},
     )
 

@@ -15,8 +15,8 @@ from math import prod
 
 import torch
 
-from .propagate import Propagation
 from .spaces import is_data_size
+from .state import Propagation
 
 KINDS = ("heads", "channels", "hidden")
 ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entries do not change
@@ -110,10 +110,6 @@ class Group:
         """Parameters on the group's axes, averaged per unit."""
         return sum(t.numel for t in self.params) / self.size
 
-    @property
-    def param_names(self) -> list[str]:
-        return [t.name for t in self.params]
-
 
 def build_groups(p: Propagation) -> list[Group]:
     """Resolve the walk's records into groups, in graph order."""
@@ -147,8 +143,8 @@ class _GroupBuilder:
 
         tensor_axes = [
             (tensor, axis, self.leaves(space))
-            for tensor, dims in self.rec.tensors.values()
-            for axis, space in enumerate(dims)
+            for tensor, spaces in self.rec.tensors.values()
+            for axis, space in enumerate(spaces)
         ]
         param_leaves: list[int] = []
         for tensor, _, leaves in tensor_axes:
@@ -185,8 +181,8 @@ class _GroupBuilder:
 
     def _first_use(self, g: Group) -> int:
         """Index of the first parameter the group touches, in graph order."""
-        for i, (_, dims) in enumerate(self.rec.tensors.values()):
-            if any(self.touching(space, g.leaves) for space in dims):
+        for i, (_, spaces) in enumerate(self.rec.tensors.values()):
+            if any(self.touching(space, g.leaves) for space in spaces):
                 return i
         return len(self.rec.tensors)
 
@@ -200,12 +196,12 @@ class _GroupBuilder:
 
     def batch_major(self, node_name: str) -> bool:
         """Whether the node's axis 0 starts with the batch axis of the first tensor input."""
-        inputs = [n for n in self.p.gm.graph.find_nodes(op="placeholder") if n in self.p.dims]
-        node = next((n for n in self.p.dims if n.name == node_name), None)
-        if not inputs or node is None or not self.p.dims[node] or not self.p.dims[inputs[0]]:
+        inputs = [n for n in self.p.gm.graph.find_nodes(op="placeholder") if n in self.p.axes]
+        node = next((n for n in self.p.axes if n.name == node_name), None)
+        if not inputs or node is None or not self.p.axes[node] or not self.p.axes[inputs[0]]:
             return False
-        batch = self.leaves(self.p.dims[inputs[0]][0])
-        first = self.leaves(self.p.dims[node][0])
+        batch = self.leaves(self.p.axes[inputs[0]][0])
+        first = self.leaves(self.p.axes[node][0])
         return bool(batch and first and first[0] == batch[0])
 
     def touching(self, space: int, grid: tuple[int, ...]) -> bool:
@@ -213,8 +209,8 @@ class _GroupBuilder:
 
     def group(self, kind: str, grid: tuple[int, ...], frozen: dict, reductions: dict) -> Group:
         params, buffers = [], []
-        for tensor, dims in self.rec.tensors.values():
-            for axis, space in enumerate(dims):
+        for tensor, spaces in self.rec.tensors.values():
+            for axis, space in enumerate(spaces):
                 if self.touching(space, grid):
                     entry = TensorAxis(
                         tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()

@@ -1,196 +1,43 @@
 """Walk the captured graph once and label every tensor axis with a dimension space.
 
-The walk applies the op rules of :mod:`fxgradnas.analysis.rules` and collects *records* (what
-freezes a space, which spaces are attention heads, residual streams, reductions, where a space is
-contracted against a weight, what is written into a residual stream, which shape constants spell it). Records hold space ids
-and are resolved to final leaf spaces only after the walk, since later unions refine earlier spaces.
+Each node's rule (:mod:`fxgradnas.analysis.rules`) runs in graph order on the shared
+:class:`~fxgradnas.analysis.state.Propagation`; records hold space ids and are resolved to final leaf
+spaces only after the walk, since later unions refine earlier spaces.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
 
 from ..capture import Captured
-from .spaces import ShapeConflict, Size, SpaceGraph, as_size
-
-Dims = list[int]
-
-
-@dataclass
-class Records:
-    """Facts gathered during the walk, keyed by (not yet resolved) space ids."""
-
-    frozen: list[tuple[int, str]] = field(default_factory=list)
-    reductions: list[tuple[int, str, str]] = field(default_factory=list)  # space, kind, node
-    heads: list[tuple[int, int | None]] = field(default_factory=list)  # query-head space, KV heads
-    residual: list[tuple[int, str]] = field(default_factory=list)
-    consumed: list[tuple[str, int, int]] = field(default_factory=list)  # input node, axis, space
-    writes: list[tuple[str, int, int]] = field(default_factory=list)  # residual-add operand, axis, space
-    shape_ops: list[tuple[str, list[int]]] = field(default_factory=list)  # node, output spaces
-    internal: list[int] = field(default_factory=list)  # weight axes that are never units (kernels)
-    flops: list[list[int]] = field(default_factory=list)  # multiply-adds: 2 x product of these axes
-    tensors: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)  # get_attr
-
-
-class Propagation:
-    """The state of one walk: spaces of every node's axes plus the records."""
-
-    def __init__(self, captured: Captured) -> None:
-        self.captured = captured
-        self.gm: GraphModule = captured.module
-        self.spaces = SpaceGraph()
-        self.records = Records()
-        self.dims: dict[Node, Any] = {}
-        self.weightlike: set[Node] = set()
-        self.origin: dict[Node, Node] = {}  # the op that last wrote each activation (residual adds)
-        self.stream: set[Node] = set()  # residual adds and what follows them elementwise
-        self.node: Node | None = None
-
-    # --- reading nodes -------------------------------------------------------------------------
-    @staticmethod
-    def val(x: Any) -> Any:
-        return x.meta.get("val") if isinstance(x, Node) else None
-
-    @classmethod
-    def is_tensor(cls, x: Any) -> bool:
-        return isinstance(cls.val(x), torch.Tensor)
-
-    @classmethod
-    def shape(cls, x: Node) -> list[Size]:
-        return cls.shape_of(cls.val(x))
-
-    @staticmethod
-    def shape_of(value: torch.Tensor) -> list[Size]:
-        return [as_size(s) for s in value.shape]
-
-    def tensor_inputs(self, node: Node) -> list[Node]:
-        """Every tensor-valued node among the args and kwargs, lists flattened, in order."""
-        found: list[Node] = []
-
-        def visit(a: Any) -> None:
-            if isinstance(a, Node):
-                if self.is_tensor(a) and a not in found:
-                    found.append(a)
-            elif isinstance(a, (list, tuple)):
-                for b in a:
-                    visit(b)
-
-        visit(node.args)
-        visit(list(node.kwargs.values()))
-        return found
-
-    def of(self, x: Node) -> Dims:
-        return self.dims[x]
-
-    def is_weight(self, x: Any) -> bool:
-        return isinstance(x, Node) and x in self.weightlike
-
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        node = self.node
-        assert node is not None
-        if len(node.args) > index:
-            return node.args[index]
-        return node.kwargs.get(name, default)
-
-    # --- declaring facts -----------------------------------------------------------------------
-    def fresh(self, shape: list[Size], reason: str | None = None) -> Dims:
-        spaces = [self.spaces.new(s) for s in shape]
-        if reason:
-            for s in spaces:
-                self.freeze(s, reason)
-        return spaces
-
-    def freeze(self, space: int, reason: str) -> None:
-        if not self.spaces.is_trivial(space) and not self.spaces.is_data(space):
-            self.records.frozen.append((space, reason))
-
-    def same(self, a: int, b: int) -> None:
-        """Declare two axes one index space; incompatible ones are frozen, never forced."""
-        if self.spaces.is_trivial(a) or self.spaces.is_trivial(b):
-            return
-        try:
-            self.spaces.union(a, b)
-        except ShapeConflict as exc:
-            reason = f"incompatible shapes at {self.where()}: {exc}"
-            self.freeze(a, reason)
-            self.freeze(b, reason)
-
-    def regroup(self, in_spaces: Dims, out_shape: list[Size]) -> Dims:
-        try:
-            return self.spaces.regroup(in_spaces, out_shape)
-        except ShapeConflict as exc:
-            reason = f"reshape not understood at {self.where()}: {exc}"
-            for s in in_spaces:
-                self.freeze(s, reason)
-            return self.fresh(out_shape, reason)
-
-    def where(self) -> str:
-        node = self.node
-        if node is None:
-            return "?"
-        return f"{node.name} ({op_name(node)})"
-
-    def reduce(self, space: int, kind: str) -> None:
-        if not self.spaces.is_trivial(space) and not self.spaces.is_data(space):
-            self.records.reductions.append((space, kind, self.node.name))
-
-    def heads(self, space: int, kv_heads: int | None = None) -> None:
-        self.records.heads.append((space, kv_heads))
-
-    def consumed(self, x: Node, axis: int) -> None:
-        dims = self.of(x)
-        self.records.consumed.append((x.name, axis % len(dims), dims[axis]))
-
-    def produced(self) -> None:
-        """The current node writes a new activation from a weight (linear, conv, embedding)."""
-        self.origin[self.node] = self.node
-
-
-def op_name(node: Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"aten.{target.overloadpacket.__name__}" if target.namespace == "aten" else str(target)
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "__name__", str(target))
-
-
-def _get_attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+from .rules import apply_rule
+from .state import Propagation
 
 
 def propagate(captured: Captured) -> Propagation:
     """Label every axis of every tensor in ``captured`` with a space and gather the records."""
-    from .rules import apply_rule
-
     p = Propagation(captured)
     tensor_spaces: dict[int, list[int]] = {}
     for node in p.gm.graph.nodes:
         p.node = node
         if node.op == "get_attr":
-            value = _get_attr(p.gm, node.target)
+            value = operator.attrgetter(node.target)(p.gm)
             if isinstance(value, torch.Tensor) and node.users:
-                p.dims[node] = tensor_spaces.get(id(value)) or p.fresh([int(s) for s in value.shape])
+                p.axes[node] = tensor_spaces.get(id(value)) or p.fresh([int(s) for s in value.shape])
                 p.weightlike.add(node)
                 if id(value) in tensor_spaces:
                     continue  # a tied weight: one tensor, one set of spaces
-                tensor_spaces[id(value)] = p.dims[node]
+                tensor_spaces[id(value)] = p.axes[node]
                 if captured.names_of(value):
-                    p.records.tensors[node.name] = (value, p.dims[node])
+                    p.records.tensors[node.name] = (value, p.axes[node])
                 else:
-                    for s in p.dims[node]:
+                    for s in p.axes[node]:
                         p.freeze(s, f"constant tensor {node.target} has a fixed shape")
         elif node.op == "placeholder":
             if p.is_tensor(node):
-                p.dims[node] = p.fresh(p.shape(node), f"model input {node.name}")
+                p.axes[node] = p.fresh(p.shape(node), f"model input {node.name}")
         elif node.op == "output":
             for x in p.tensor_inputs(node):
                 for s in p.of(x):

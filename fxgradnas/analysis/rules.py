@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from .propagate import Dims, Propagation, op_name
+from .state import AxisSpaces, Propagation, op_name
 
 aten = torch.ops.aten
 Rule = Callable[[Propagation, Node], Any]
@@ -48,7 +48,7 @@ def apply_rule(p: Propagation, node: Node) -> None:
     if not _holds_tensor(out):
         return  # shape arithmetic, assertions, guards: nothing to label
     rule = rule_for(node) or unknown
-    p.dims[node] = rule(p, node)
+    p.axes[node] = rule(p, node)
     if node not in p.origin:
         sources = [x for x in p.tensor_inputs(node) if not p.is_weight(x)]
         p.origin[node] = p.origin.get(sources[0], sources[0]) if sources else node
@@ -101,16 +101,16 @@ UNARY = ops(
 
 
 @register(*ELEMENTWISE)
-def elementwise(p: Propagation, node: Node) -> Dims:
+def elementwise(p: Propagation, node: Node) -> AxisSpaces:
     """Broadcasting: axes aligned from the right share a space unless one side has size 1."""
     out_shape = _out_shape(p, node)
     inputs = p.tensor_inputs(node)
     out: list[int | None] = [None] * len(out_shape)
     users: list[list[Node]] = [[] for _ in out_shape]
     for x in inputs:
-        dims, shape = p.of(x), p.shape(x)
-        offset = len(out_shape) - len(dims)
-        for i, space in enumerate(dims):
+        spaces, shape = p.of(x), p.shape(x)
+        offset = len(out_shape) - len(spaces)
+        for i, space in enumerate(spaces):
             j = offset + i
             if shape[i] == 1 and out_shape[j] != 1:
                 continue
@@ -151,17 +151,17 @@ def unary(p: Propagation, node: Node) -> Any:
 
 
 @register(operator.getitem)
-def getitem(p: Propagation, node: Node) -> Dims:
+def getitem(p: Propagation, node: Node) -> AxisSpaces:
     src, index = node.args
     if p.is_weight(src):
         p.weightlike.add(node)
-    return p.dims[src][index]
+    return p.axes[src][index]
 
 
 # --- layout ----------------------------------------------------------------------------------------
 @register(aten.view, aten._unsafe_view, aten.reshape, aten.view_as, aten.reshape_as, aten.flatten,
           aten.unflatten, aten.squeeze, aten.unsqueeze, aten.view_copy)
-def reshape(p: Propagation, node: Node) -> Dims:
+def reshape(p: Propagation, node: Node) -> AxisSpaces:
     """Row-major reshapes (squeeze/unsqueeze included): output axes regroup the input's leaves."""
     src = node.args[0]
     out = p.regroup(p.of(src), _out_shape(p, node))
@@ -173,10 +173,10 @@ def reshape(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.transpose, aten.swapaxes, aten.t, aten.permute, aten.movedim, aten.numpy_T)
-def permute(p: Propagation, node: Node) -> Dims:
+def permute(p: Propagation, node: Node) -> AxisSpaces:
     src = node.args[0]
-    dims = p.of(src)
-    n = len(dims)
+    spaces = p.of(src)
+    n = len(spaces)
     packet = node.target.overloadpacket
     if packet is aten.permute:
         order = [d % n for d in node.args[1]]
@@ -190,20 +190,20 @@ def permute(p: Propagation, node: Node) -> Dims:
         order[a], order[b] = order[b], order[a]
     if p.is_weight(src):
         p.weightlike.add(node)
-    return [dims[i] for i in order]
+    return [spaces[i] for i in order]
 
 
 @register(aten.expand, aten.expand_as, aten.broadcast_to)
-def expand(p: Propagation, node: Node) -> Dims:
+def expand(p: Propagation, node: Node) -> AxisSpaces:
     """Axes of size 1 grown to n become new spaces (e.g. the queries-per-KV axis of GQA)."""
     src = node.args[0]
-    dims, shape = p.of(src), p.shape(src)
+    spaces, shape = p.of(src), p.shape(src)
     out_shape = _out_shape(p, node)
-    offset = len(out_shape) - len(dims)
+    offset = len(out_shape) - len(spaces)
     out = []
     for j, size in enumerate(out_shape):
         i = j - offset
-        out.append(dims[i] if i >= 0 and shape[i] == size else p.spaces.new(size))
+        out.append(spaces[i] if i >= 0 and shape[i] == size else p.spaces.new(size))
     if p.is_weight(src):
         p.weightlike.add(node)
     if node.target.overloadpacket is aten.expand:
@@ -212,13 +212,13 @@ def expand(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.repeat)
-def repeat(p: Propagation, node: Node) -> Dims:
+def repeat(p: Propagation, node: Node) -> AxisSpaces:
     src, repeats = node.args[0], list(node.args[1])
-    dims = p.of(src)
-    offset = len(repeats) - len(dims)
+    spaces = p.of(src)
+    offset = len(repeats) - len(spaces)
     out = []
     for j, r in enumerate(repeats):
-        inner = dims[j - offset] if j >= offset else None
+        inner = spaces[j - offset] if j >= offset else None
         tile = p.spaces.new(r)
         out.append(p.spaces.compose([tile] + ([inner] if inner is not None else [])))
     p.records.shape_ops.append((node.name, out))
@@ -226,30 +226,30 @@ def repeat(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.repeat_interleave)
-def repeat_interleave(p: Propagation, node: Node) -> Dims:
+def repeat_interleave(p: Propagation, node: Node) -> AxisSpaces:
     src, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if not isinstance(repeats, int) or dim is None:
         return unknown(p, node)
-    dims = list(p.of(src))
-    dim %= len(dims)
-    dims[dim] = p.spaces.compose([dims[dim], p.spaces.new(repeats)])
-    p.records.shape_ops.append((node.name, dims))
-    return dims
+    spaces = list(p.of(src))
+    dim %= len(spaces)
+    spaces[dim] = p.spaces.compose([spaces[dim], p.spaces.new(repeats)])
+    p.records.shape_ops.append((node.name, spaces))
+    return spaces
 
 
 @register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.unsafe_split)
-def split(p: Propagation, node: Node) -> list[Dims]:
+def split(p: Propagation, node: Node) -> list[AxisSpaces]:
     """Equal pieces: the axis becomes [pieces, piece] and every output's axis is the piece space."""
     src = node.args[0]
-    dims = p.of(src)
+    spaces = p.of(src)
     packet = node.target.overloadpacket
     dim_arg = 1 if packet is aten.unbind else 2
-    dim = (node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", 0)) % len(dims)
+    dim = (node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", 0)) % len(spaces)
     outs = p.val(node)
     sizes = [v.shape[dim] for v in outs] if packet is not aten.unbind else None
-    whole = dims[dim]
-    keep = [s for i, s in enumerate(dims) if i != dim]
+    whole = spaces[dim]
+    keep = [s for i, s in enumerate(spaces) if i != dim]
     if packet is aten.unbind:
         p.freeze(whole, f"unbound (one tensor per index) at {node.name}")
         return [list(keep) for _ in outs]
@@ -266,7 +266,7 @@ def split(p: Propagation, node: Node) -> list[Dims]:
         piece_spaces = [piece] * len(outs)
     result = []
     for s in piece_spaces:
-        d = list(dims)
+        d = list(spaces)
         d[dim] = s
         result.append(d)
     if packet is aten.split:
@@ -277,7 +277,7 @@ def split(p: Propagation, node: Node) -> list[Dims]:
 
 
 @register(aten.cat, aten.concat, aten.concatenate)
-def cat(p: Propagation, node: Node) -> Dims:
+def cat(p: Propagation, node: Node) -> AxisSpaces:
     tensors = [t for t in node.args[0] if p.is_tensor(t) and p.val(t).dim() > 0]
     out_shape = _out_shape(p, node)
     dim = p.arg(1, "dim", 0) % len(out_shape)
@@ -285,16 +285,16 @@ def cat(p: Propagation, node: Node) -> Dims:
     reason = f"concatenated at {node.name}"
     p.freeze(out[dim], reason)
     for t in tensors:
-        dims = p.of(t)
-        p.freeze(dims[dim], reason)
-        for i, s in enumerate(dims):
+        spaces = p.of(t)
+        p.freeze(spaces[dim], reason)
+        for i, s in enumerate(spaces):
             if i != dim:
                 p.same(out[i], s)
     return out
 
 
 @register(aten.stack)
-def stack(p: Propagation, node: Node) -> Dims:
+def stack(p: Propagation, node: Node) -> AxisSpaces:
     tensors = list(node.args[0])
     out_shape = _out_shape(p, node)
     dim = p.arg(1, "dim", 0) % len(out_shape)
@@ -307,15 +307,15 @@ def stack(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.slice)
-def slice_(p: Propagation, node: Node) -> Dims:
+def slice_(p: Propagation, node: Node) -> AxisSpaces:
     src = node.args[0]
-    dims, shape = p.of(src), p.shape(src)
+    spaces, shape = p.of(src), p.shape(src)
     out_shape = _out_shape(p, node)
-    dim = p.arg(1, "dim", 0) % len(dims)
-    out = list(dims)
+    dim = p.arg(1, "dim", 0) % len(spaces)
+    out = list(spaces)
     if not (out_shape[dim] == shape[dim] and p.arg(4, "step", 1) == 1):
         reason = f"sliced at {node.name}"
-        p.freeze(dims[dim], reason)
+        p.freeze(spaces[dim], reason)
         out[dim] = p.fresh([out_shape[dim]], reason)[0]
     if p.is_weight(src):
         p.weightlike.add(node)
@@ -323,22 +323,22 @@ def slice_(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.select)
-def select(p: Propagation, node: Node) -> Dims:
+def select(p: Propagation, node: Node) -> AxisSpaces:
     src, dim = node.args[0], node.args[1]
-    dims = list(p.of(src))
-    dim %= len(dims)
-    p.freeze(dims[dim], f"indexed by select at {node.name}")
-    del dims[dim]
-    return dims
+    spaces = list(p.of(src))
+    dim %= len(spaces)
+    p.freeze(spaces[dim], f"indexed by select at {node.name}")
+    del spaces[dim]
+    return spaces
 
 
 @register(aten.constant_pad_nd, aten.pad)
-def pad(p: Propagation, node: Node) -> Dims:
+def pad(p: Propagation, node: Node) -> AxisSpaces:
     src = node.args[0]
-    dims, shape = p.of(src), p.shape(src)
+    spaces, shape = p.of(src), p.shape(src)
     out_shape = _out_shape(p, node)
     out = []
-    for i, s in enumerate(dims):
+    for i, s in enumerate(spaces):
         if shape[i] == out_shape[i]:
             out.append(s)
         else:
@@ -351,12 +351,12 @@ def pad(p: Propagation, node: Node) -> Dims:
 @register(aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor, aten.rand,
           aten.randn, aten.new_ones, aten.new_zeros, aten.new_empty, aten.new_full, aten.tensor,
           aten.randint, aten.eye, aten.linspace)
-def factory(p: Propagation, node: Node) -> Dims:
+def factory(p: Propagation, node: Node) -> AxisSpaces:
     return p.fresh(_out_shape(p, node), f"created with a fixed shape at {node.name}")
 
 
 # --- contractions ----------------------------------------------------------------------------------
-def _contract(p: Propagation, node: Node, a: Node, b: Node, out: Dims, a_axis: int, b_axis: int,
+def _contract(p: Propagation, node: Node, a: Node, b: Node, out: AxisSpaces, a_axis: int, b_axis: int,
               out_of_a: dict[int, int], out_of_b: dict[int, int]) -> None:
     """``a`` and ``b`` are contracted over ``a_axis``/``b_axis``; ``out_of_x`` maps output axes to
     the operand axis they come from. Against a weight, the activation side is a consumer site; two
@@ -402,7 +402,7 @@ def _matmul_maps(na: int, nb: int, nout: int) -> tuple[int, int, dict[int, int],
 
 
 @register(aten.mm, aten.bmm, aten.matmul)
-def matmul(p: Propagation, node: Node) -> Dims:
+def matmul(p: Propagation, node: Node) -> AxisSpaces:
     a, b = node.args[0], node.args[1]
     out_shape = _out_shape(p, node)
     if p.val(a).dim() < 2 or p.val(b).dim() < 2:
@@ -416,7 +416,7 @@ def matmul(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.addmm, aten.baddbmm)
-def addmm(p: Propagation, node: Node) -> Dims:
+def addmm(p: Propagation, node: Node) -> AxisSpaces:
     bias, a, b = node.args[0], node.args[1], node.args[2]
     out_shape = _out_shape(p, node)
     out = p.fresh(out_shape)
@@ -426,18 +426,18 @@ def addmm(p: Propagation, node: Node) -> Dims:
     return out
 
 
-def _broadcast_into(p: Propagation, x: Any, out: Dims, out_shape: list) -> None:
+def _broadcast_into(p: Propagation, x: Any, out: AxisSpaces, out_shape: list) -> None:
     if not p.is_tensor(x):
         return
-    dims, shape = p.of(x), p.shape(x)
-    offset = len(out) - len(dims)
-    for i, s in enumerate(dims):
+    spaces, shape = p.of(x), p.shape(x)
+    offset = len(out) - len(spaces)
+    for i, s in enumerate(spaces):
         if shape[i] != 1 or out_shape[offset + i] == 1:
             p.same(out[offset + i], s)
 
 
 @register(aten.linear)
-def linear(p: Propagation, node: Node) -> Dims:
+def linear(p: Propagation, node: Node) -> AxisSpaces:
     x, w = node.args[0], node.args[1]
     bias = p.arg(2, "bias")
     out_shape = _out_shape(p, node)
@@ -452,7 +452,7 @@ def linear(p: Propagation, node: Node) -> Dims:
 
 @register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
           aten.conv_transpose2d, aten.conv_transpose3d)
-def conv(p: Propagation, node: Node) -> Dims:
+def conv(p: Propagation, node: Node) -> AxisSpaces:
     """Channels of input/weight/output/bias; spatial axes are new spaces; groups need care."""
     x, w = node.args[0], node.args[1]
     bias = p.arg(2, "bias")
@@ -494,7 +494,7 @@ def conv(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.scaled_dot_product_attention)
-def sdpa(p: Propagation, node: Node) -> Dims:
+def sdpa(p: Propagation, node: Node) -> AxisSpaces:
     """q (..., Hq, L, E), k (..., Hkv, S, E), v (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
     With Hq = Hkv * n_rep (grouped-query attention), query head h reads KV head h // n_rep."""
     q, k, v = node.args[0], node.args[1], node.args[2]
@@ -525,7 +525,7 @@ def sdpa(p: Propagation, node: Node) -> Dims:
 
 
 @register(aten.embedding)
-def embedding(p: Propagation, node: Node) -> Dims:
+def embedding(p: Propagation, node: Node) -> AxisSpaces:
     w, idx = node.args[0], node.args[1]
     dw = p.of(w)
     p.freeze(dw[0], f"embedding rows are looked up by index at {node.name}")
@@ -535,9 +535,9 @@ def embedding(p: Propagation, node: Node) -> Dims:
 
 
 # --- normalisation and reductions ------------------------------------------------------------------
-def _reduce_dims(p: Propagation, node: Node, dim_arg: Any, keepdim: bool, kind: str) -> Any:
-    dims = p.of(node.args[0])
-    n = len(dims)
+def _reduce_axes(p: Propagation, node: Node, dim_arg: Any, keepdim: bool, kind: str) -> Any:
+    spaces = p.of(node.args[0])
+    n = len(spaces)
     if dim_arg is None or dim_arg == []:
         reduced = set(range(n))
     elif isinstance(dim_arg, int):
@@ -545,8 +545,8 @@ def _reduce_dims(p: Propagation, node: Node, dim_arg: Any, keepdim: bool, kind: 
     else:
         reduced = {d % n for d in dim_arg}
     for d in reduced:
-        p.reduce(dims[d], kind)
-    out = [p.spaces.new(1) if i in reduced else s for i, s in enumerate(dims) if keepdim or i not in reduced]
+        p.reduce(spaces[d], kind)
+    out = [p.spaces.new(1) if i in reduced else s for i, s in enumerate(spaces) if keepdim or i not in reduced]
     if isinstance(p.val(node), (tuple, list)):  # (values, indices) or (var, mean)
         return [out, list(out)]
     return out
@@ -577,7 +577,7 @@ def reduction(p: Propagation, node: Node) -> Any:
         kind = "mean of squares" if _is_square(p, node.args[0]) else "mean"
     else:
         kind = packet.__name__
-    return _reduce_dims(p, node, dim, bool(keepdim), kind)
+    return _reduce_axes(p, node, dim, bool(keepdim), kind)
 
 
 @register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
@@ -585,11 +585,11 @@ def reduction(p: Propagation, node: Node) -> Any:
 def along_axis(p: Propagation, node: Node) -> Any:
     """Same shape out, but every output entry depends on the whole axis ``dim``."""
     src = node.args[0]
-    dims = p.of(src)
-    p.reduce(dims[node.args[1] % len(dims)], node.target.overloadpacket.__name__.lstrip("_"))
+    spaces = p.of(src)
+    p.reduce(spaces[node.args[1] % len(spaces)], node.target.overloadpacket.__name__.lstrip("_"))
     if isinstance(p.val(node), (tuple, list)):
-        return [list(dims), list(dims)]
-    return list(dims)
+        return [list(spaces), list(spaces)]
+    return list(spaces)
 
 
 @register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
@@ -597,33 +597,33 @@ def layer_norm(p: Propagation, node: Node) -> Any:
     x, normalized = node.args[0], list(node.args[1])
     weight = p.arg(2, "weight")
     bias = p.arg(3, "bias") if node.target.overloadpacket is not aten.rms_norm else None
-    dims = p.of(x)
-    tail = dims[len(dims) - len(normalized):]
+    spaces = p.of(x)
+    tail = spaces[len(spaces) - len(normalized):]
     kind = "rms_norm" if node.target.overloadpacket is aten.rms_norm else "layer_norm"
     for s in tail:
         p.reduce(s, kind)
-    p.records.shape_ops.append((node.name, list(dims)))  # normalized_shape spells the tail axes
+    p.records.shape_ops.append((node.name, list(spaces)))  # normalized_shape spells the tail axes
     for param in (weight, bias):
         if p.is_tensor(param):
             for s, t in zip(tail, p.of(param), strict=True):
                 p.same(s, t)
     if isinstance(p.val(node), (tuple, list)):
-        stats = [s if i < len(dims) - len(normalized) else p.spaces.new(1) for i, s in enumerate(dims)]
-        return [list(dims), stats, list(stats)]
-    return list(dims)
+        stats = [s if i < len(spaces) - len(normalized) else p.spaces.new(1) for i, s in enumerate(spaces)]
+        return [list(spaces), stats, list(stats)]
+    return list(spaces)
 
 
 @register(aten.group_norm, aten.native_group_norm)
 def group_norm(p: Propagation, node: Node) -> Any:
     x = node.args[0]
-    dims = p.of(x)
-    p.reduce(dims[1], "group_norm")
+    spaces = p.of(x)
+    p.reduce(spaces[1], "group_norm")
     for param in (p.arg(2, "weight"), p.arg(3, "bias")):
         if p.is_tensor(param):
-            p.same(dims[1], p.of(param)[0])
+            p.same(spaces[1], p.of(param)[0])
     if isinstance(p.val(node), (tuple, list)):
-        return [list(dims)] + _fresh_like(p, list(p.val(node))[1:], None)
-    return list(dims)
+        return [list(spaces)] + _fresh_like(p, list(p.val(node))[1:], None)
+    return list(spaces)
 
 
 @register(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
@@ -631,16 +631,16 @@ def group_norm(p: Propagation, node: Node) -> Any:
 def batch_norm(p: Propagation, node: Node) -> Any:
     """Per-channel affine with running statistics: channels stay independent (exact)."""
     x = node.args[0]
-    dims = p.of(x)
+    spaces = p.of(x)
     if node.target.overloadpacket is aten.instance_norm:
-        for s in dims[2:]:
+        for s in spaces[2:]:
             p.reduce(s, "instance_norm")
     for param in node.args[1:5]:
         if p.is_tensor(param):
-            p.same(dims[1], p.of(param)[0])
+            p.same(spaces[1], p.of(param)[0])
     if isinstance(p.val(node), (tuple, list)):
-        return [list(dims)] + _fresh_like(p, list(p.val(node))[1:], None)
-    return list(dims)
+        return [list(spaces)] + _fresh_like(p, list(p.val(node))[1:], None)
+    return list(spaces)
 
 
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d,
@@ -649,13 +649,13 @@ def batch_norm(p: Propagation, node: Node) -> Any:
 def pool(p: Propagation, node: Node) -> Any:
     """Pooling mixes spatial positions only; batch and channel axes pass through."""
     x = node.args[0]
-    dims = p.of(x)
+    spaces = p.of(x)
     value = p.val(node)
     first = value[0] if isinstance(value, (tuple, list)) else value
     spatial = first.dim() - 2 if first.dim() > 2 else 1
-    keep = len(dims) - spatial
-    out = list(dims[:keep]) + p.fresh(p.shape_of(first)[keep:], f"spatial axis of {node.name}")
-    for s in dims[keep:]:
+    keep = len(spaces) - spatial
+    out = list(spaces[:keep]) + p.fresh(p.shape_of(first)[keep:], f"spatial axis of {node.name}")
+    for s in spaces[keep:]:
         p.freeze(s, f"spatial axis of {node.name}")
     if isinstance(value, (tuple, list)):
         return [out, list(out)]

@@ -84,9 +84,6 @@ class SpaceGraph:
     def is_data(self, s: int) -> bool:
         return is_data_size(self.size(s))
 
-    def factors_of(self, s: int) -> list[int] | None:
-        return self.factors.get(self.find(s))
-
     def leaves(self, s: int) -> list[int]:
         """The leaf spaces ``s`` is the row-major product of (size-1 leaves dropped)."""
         root = self.find(s)
