@@ -16,16 +16,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ and examples/
 
 import torch
 from tabulate import tabulate
 
 import fxgradnas
+from examples.smollm2 import load_smollm2
 from fxgradnas.compensate import timed_compensation
-from fxgradnas.data import CALIBRATION_SKIP, python_docs_text, shakespeare_text, stdlib_text
-from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, perplexity, token_windows
+from fxgradnas.datasets import (
+    CALIBRATION_SKIP,
+    batched,
+    causal_lm_loss,
+    perplexity,
+    python_docs_text,
+    shakespeare_text,
+    stdlib_text,
+    token_windows,
+)
 from fxgradnas.instrument import instrument
 from fxgradnas.selection import keep_grid
 

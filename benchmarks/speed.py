@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ and examples/
 
 import torch
 from tabulate import tabulate
 
 import fxgradnas
+from examples.smollm2 import load_smollm2
 from fxgradnas.calibrate import frozen_parameters
 from fxgradnas.compensate import timed_compensation
-from fxgradnas.data import stdlib_text
-from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, token_windows
+from fxgradnas.datasets import batched, causal_lm_loss, stdlib_text, token_windows
 
 
 def timed(fn) -> float:

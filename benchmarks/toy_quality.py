@@ -2,7 +2,7 @@
 
     python benchmarks/toy_quality.py [--json runs/toy_quality.json] [--seed 0] [--steps 400]
 
-Trains a 4-layer Llama-style GQA decoder (``fxgradnas.zoo.llama``: hidden 64, MLP 256, 4 query /
+Trains a 4-layer Llama-style GQA decoder (``tests.zoo.llama``: hidden 64, MLP 256, 4 query /
 2 KV heads of 16, vocab 32) on a synthetic next-token task, a lagged modular Fibonacci:
 ``x[t] = (x[t-1] + x[t-1-LAG]) mod VOCAB`` after ``LAG + 1`` random tokens, so every later token is
 predictable (loss -> 0, chance is ln 32 = 3.47) but only by attending to two earlier positions and
@@ -17,17 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ and examples/
 
 import torch
 from tabulate import tabulate
 
 import fxgradnas
 from fxgradnas.search import group_choices
-from fxgradnas.tasks import LAG, VOCAB, accuracy, sequences, task_loss
-from fxgradnas.zoo import llama
+from tests.tasks import LAG, VOCAB, accuracy, sequences, task_loss
+from tests.zoo import llama
 
 MODEL = dict(n_layer=4, n_head=4, n_kv_head=2, head_dim=16, hidden=64, intermediate=256, vocab=VOCAB)
 

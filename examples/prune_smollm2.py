@@ -20,18 +20,20 @@ import time
 from pathlib import Path
 
 import torch
+from smollm2 import load_smollm2  # examples/smollm2.py, beside this script
 
 import fxgradnas
-from fxgradnas.data import CALIBRATION_SKIP, python_docs_text, shakespeare_text, stdlib_text
-from fxgradnas.hf import (
+from fxgradnas.datasets import (
+    CALIBRATION_SKIP,
     batched,
     causal_lm_loss,
-    load_smollm2,
     perplexity,
-    save_pruned,
+    python_docs_text,
+    shakespeare_text,
+    stdlib_text,
     token_windows,
-    write_back,
 )
+from fxgradnas.hf import save_pruned, write_back
 
 PROMPT = "ROMEO. But soft, what light"
 CALIBRATION = {"shakespeare": lambda: shakespeare_text(skip=CALIBRATION_SKIP), "stdlib": stdlib_text}

@@ -1,7 +1,7 @@
 """fxgradnas: gradient-scored structured pruning of PyTorch models as a torch.fx graph pass."""
 
 from .analysis import Analysis, Group, analyze
-from .calibrate import Scores, calibrate
+from .calibrate import calibrate
 from .capture import Captured, capture
 from .cost import CostModel
 from .errors import (
@@ -17,7 +17,7 @@ from .instrument import instrument, masked
 from .plan import Plan
 from .prune import PruneResult, prune, score
 from .rewrite import apply_plan
-from .scorers import l1_scores, random_scores
+from .scores import Scores, l1_scores, random_scores
 from .search import SearchResult, search
 
 __all__ = [

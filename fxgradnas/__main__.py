@@ -1,36 +1,44 @@
-"""Command line: ``python -m fxgradnas inspect MODULE:FACTORY`` and ``python -m fxgradnas demo``."""
+"""Command line: ``python -m fxgradnas inspect MODULE:FACTORY`` prints the analysis table of a model.
+
+torch is imported only once a command runs, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .analysis import analyze
 
-
-def load_factory(spec: str):
+def load_factory(spec: str) -> Callable[[], Any]:
     """``package.module:function`` -> the function (it returns ``(model, example_inputs)``)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
-        raise SystemExit(f"expected MODULE:FACTORY (e.g. fxgradnas.zoo:llama), got {spec!r}")
+        raise SystemExit(f"error: expected MODULE:FACTORY (e.g. tests.zoo:llama), got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError as exc:
-        raise SystemExit(f"{module_name!r} has no attribute {attr!r}") from exc
+        raise SystemExit(f"error: cannot import {module_name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SystemExit(f"error: {module_name!r} has no function {attr!r}")
+    return factory
 
 
 def inspect_factory(spec: str, tablefmt: str = "simple") -> str:
+    from .analysis import analyze
+    from .errors import FxGradNasError
+
     made = load_factory(spec)()
     if not (isinstance(made, tuple) and len(made) == 2):
-        raise SystemExit(f"{spec} must return (model, example_inputs), got {type(made).__name__}")
+        raise SystemExit(f"error: {spec} must return (model, example_inputs), not {type(made).__name__}")
     model, example_inputs = made
-    return analyze(model, example_inputs).table(tablefmt=tablefmt)
+    try:
+        return analyze(model, example_inputs).table(tablefmt=tablefmt)
+    except FxGradNasError as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,14 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="print the analysis table of a model factory")
     inspect.add_argument("factory", help="MODULE:FACTORY returning (model, example_inputs)")
     inspect.add_argument("--tablefmt", default="simple", help="tabulate table format")
-    demo = sub.add_parser("demo", help="analyse a bundled Llama-style example model")
-    demo.add_argument("--tablefmt", default="simple")
     args = parser.parse_args(argv)
-    if args.command == "inspect":
-        print(inspect_factory(args.factory, args.tablefmt))
-    else:
-        print("fxgradnas demo: the prunable groups of a bundled Llama-style decoder (fxgradnas.zoo:llama)\n")
-        print(inspect_factory("fxgradnas.zoo:llama", args.tablefmt))
+    print(inspect_factory(args.factory, args.tablefmt))
     return 0
 
 

@@ -10,64 +10,15 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group, ensure_analysis
+from .batches import batch_size_of, call_with, default_collect, to_device
 from .errors import CalibrationError
 from .instrument import GradientRecorder, device_of, instrument
+from .scores import Scores
 
 MODES = ("batch", "sample")
-
-
-class Scores(dict):
-    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made."""
-
-    def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
-                 seconds: float = 0.0, history: list[float] | None = None) -> None:
-        super().__init__(scores)
-        self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
-        self.history = history or []
-
-    def scaled(self, factor: float) -> Scores:
-        return Scores({k: v * factor for k, v in self.items()}, scorer=self.scorer, mode=self.mode,
-                      batches=self.batches, seconds=self.seconds, history=self.history)
-
-
-def default_collect(batch: Any) -> Any:
-    """Model inputs of a batch: the batch itself if a tensor or dict, its first item if a sequence."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise CalibrationError("an empty tuple/list is not a batch; pass collect_fn")
-        return batch[0]
-    return batch
-
-
-def call_with(module: torch.nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return module(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return module(*inputs)
-    return module(inputs)
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.device != device:
-            try:
-                return x.to(device)
-            except RuntimeError as exc:
-                raise CalibrationError(f"cannot move a batch tensor from {x.device} to {device}: {exc}") from exc
-        return x
-
-    return pytree.tree_map(move, inputs)
-
-
-def batch_size_of(inputs: Any) -> int:
-    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if not tensors:
-        raise CalibrationError("a batch has no tensor with a batch dimension")
-    return int(tensors[0].shape[0])
 
 
 @contextmanager
@@ -118,7 +69,7 @@ def calibrate(
     mode: str = "batch",
     groups: list[Group] | None = None,
     autocast_dtype: torch.dtype | None = None,
-    tolerance: float | None = None,
+    converged_below: float | None = None,
     patience: int = 5,
     progress: bool = True,
 ) -> Scores:
@@ -129,7 +80,7 @@ def calibrate(
     each batch's gradient (the reference); ``"sample"`` squares each sample's (an empirical
     Fisher), at the same backward cost. Runs where the model is (batches are moved there); only
     mask gradients are computed (parameters are frozen for the duration, flags restored after).
-    With ``tolerance``, stops early once the mean relative change of the averaged scores stays
+    With ``converged_below``, stops early once the mean relative change of the averaged scores stays
     below it for ``patience`` batches. Under ``torch.distributed`` the sums are all-reduced, so N
     ranks on N shards give the scores of one process on all batches.
     """
@@ -201,11 +152,9 @@ def calibrate(
             history.append(change)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4g}", change=f"{change:.2e}")
-            calm = calm + 1 if tolerance is not None and change < tolerance else 0
-            if not distributed and tolerance is not None and calm >= patience:
+            calm = calm + 1 if converged_below is not None and change < converged_below else 0
+            if not distributed and converged_below is not None and calm >= patience:
                 break
-    for mask in inst.masks.values():
-        mask.requires_grad_(False)
     if distributed:
         counter = torch.tensor([float(count)], device=device)
         torch.distributed.all_reduce(counter)

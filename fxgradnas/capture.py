@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import re
 import time
@@ -29,12 +30,19 @@ class Captured:
     args: tuple
     kwargs: dict[str, Any]
     names: dict[int, list[str]] = field(default_factory=dict)
+    fingerprint: str = ""
     dynamic_dims: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def names_of(self, tensor: torch.Tensor) -> list[str]:
         """All names (tied ones included) under which the model holds this tensor."""
         return self.names.get(id(tensor), [])
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's parameter and buffer names and shapes (what a plan must match)."""
+    items = [f"{n}:{tuple(t.shape)}" for n, t in model.state_dict(keep_vars=True).items()]
+    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:16]
 
 
 def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict[str, Any]]:
@@ -213,6 +221,7 @@ def capture(
         args=args,
         kwargs=kwargs,
         names=names,
+        fingerprint=fingerprint(model),
         dynamic_dims=dynamic,
         seconds=time.perf_counter() - start,
     )

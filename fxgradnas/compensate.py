@@ -29,6 +29,7 @@ reconstruction error on the calibration statistics did not go down is left uncha
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,11 +37,11 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
-from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group
-from .calibrate import batch_size_of, call_with, default_collect, to_device
+from .batches import batch_size_of, call_with, default_collect, to_device
 from .errors import CalibrationError
 from .instrument import MaskSite, device_of, instrument
 from .plan import Plan
@@ -259,23 +260,74 @@ class _Fitter:
                     bias.add_(shift.to(bias.dtype))
 
 
-def input_flattener(gm: GraphModule) -> Callable[[Any], tuple]:
+def input_flattener(gm: GraphModule) -> Callable[[Any], list]:
     """A function from ``gm``'s inputs (a tensor, a tuple of args or a dict of kwargs, as
     :func:`fxgradnas.calibrate` takes them) to its flat placeholder values, in graph order."""
-    graph = torch.fx.Graph()
-    info = gm.graph._codegen.pytree_info if isinstance(gm.graph._codegen, _PyTreeCodeGen) else None
-    if info is not None:
-        graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
-    placeholders = [graph.placeholder(n.name) for n in gm.graph.nodes if n.op == "placeholder"]
-    graph.output(tuple(placeholders))
-    module = GraphModule(torch.nn.Module(), graph)
-    return lambda inputs: call_with(module, inputs)
+    signature = inspect.signature(gm.forward)
+
+    def flatten(inputs: Any) -> list:
+        if isinstance(inputs, dict):
+            bound = signature.bind(**inputs)
+        else:
+            bound = signature.bind(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+        return list(gm.graph.process_inputs(*bound.arguments.values()))
+
+    return flatten
+
+
+class _WalkDone(Exception):
+    """Raised after the last consumer: the rest of the graph is not needed."""
+
+
+class _LockstepInterpreter(Interpreter):
+    """Runs the graph on all calibration batches together, node by node (each value in ``env`` is the
+    list of per-batch values; values are freed after their last use). When the walk reaches a consumer it
+    is fitted on the inputs gathered so far, and the rest of the walk runs with its new weights."""
+
+    def __init__(self, gm: GraphModule, fitter: _Fitter, consumers: dict[str, Consumer],
+                 stats: dict[str, InputStatistics], progress: bool) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.fitter, self.consumers, self.stats = fitter, consumers, stats
+        self.last = max((i for i, n in enumerate(gm.graph.nodes) if n.name in consumers), default=-1)
+        self.bar = tqdm(total=self.last + 1, desc="compensating", unit="node", disable=not progress, leave=False)
+        self.count = self.reached = 0
+
+    def run_node(self, n: Node) -> Any:
+        self.bar.update(1)
+        self.reached += 1
+        if n.op == "placeholder":
+            return super().run_node(n)
+        c = self.consumers.get(n.name)
+        update = self.fitter.fit(c, c.matrix(self.module), self.stats.pop(c.group.name)) if c else None
+        if update is not None:
+            weight, bias = _refitted(self.module, c, update)
+            values = [torch.nn.functional.linear(x, weight, bias) for x in self.env[n.args[c.input_arg]]]
+        else:
+            values = []
+            for b in range(self.count):
+                args = map_arg(n.args, lambda x, b=b: self.env[x][b])
+                kwargs = map_arg(n.kwargs, lambda x, b=b: self.env[x][b])
+                values.append(getattr(self, n.op)(n.target, args, kwargs))
+        if self.reached > self.last:
+            raise _WalkDone
+        return values
+
+    def walk(self, batches: list[list]) -> None:
+        """``batches``: the flat placeholder values of each batch."""
+        self.count = len(batches)
+        try:
+            self.run(*[list(column) for column in zip(*batches, strict=True)], enable_io_processing=False)
+        except _WalkDone:
+            pass
+        finally:
+            self.bar.close()
 
 
 def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _Fitter, data: Iterable, *,
                 collect_fn: Callable[[Any], Any] | None, max_batches: int | None, progress: bool) -> None:
-    """Walk the masked graph node by node over all batches, fitting each consumer when it is reached
-    and running the rest of the walk with its new weights (see the module docstring)."""
+    """Walk the masked graph over all batches together, fitting each consumer when it is reached and
+    running the rest of the walk with its new weights (see the module docstring)."""
     groups = [c.group for c in found]
     inst = instrument(analysis, groups)
     for g in groups:
@@ -284,41 +336,13 @@ def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _
     for sites in inst.sites.values():
         for site in sites:
             site.observer = _observe_into(stats)
-    gm = inst.module
-    flatten = input_flattener(gm)
-    envs: list[dict[Node, Any]] = []
-    for inputs in _batches(data, collect_fn, max_batches, device_of(gm), "statistics", False):
-        flat = flatten(inputs)
-        envs.append({n: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat, strict=True)})
-    if not envs:
+    flatten = input_flattener(inst.module)
+    batches = [flatten(inputs) for inputs in _batches(data, collect_fn, max_batches, device_of(inst.module),
+                                                        "statistics", False)]
+    if not batches:
         raise CalibrationError(_NO_BATCH)
-    nodes = list(gm.graph.nodes)
-    by_linear = {c.linear: c for c in found}
-    stop = max((i for i, n in enumerate(nodes) if n.name in by_linear), default=-1)
-    dead: dict[int, list[Node]] = {}
-    for n, i in {n: i for i, node in enumerate(nodes) for n in node.all_input_nodes}.items():
-        dead.setdefault(i, []).append(n)
-    runner = Interpreter(gm)
     with torch.no_grad():
-        for index, node in enumerate(tqdm(nodes[: stop + 1], desc="compensating", unit="node", disable=not progress,
-                                          leave=False)):
-            if node.op != "placeholder":
-                c = by_linear.get(node.name)
-                update = fitter.fit(c, c.matrix(gm), stats.pop(c.group.name)) if c else None
-                refitted = _refitted(gm, c, update) if update else None
-                for env in envs:
-                    if refitted is None:
-                        env[node] = _run(runner, env, node)
-                    else:
-                        env[node] = torch.nn.functional.linear(env[node.args[c.input_arg]], *refitted)
-            for gone in dead.get(index, []):
-                for env in envs:
-                    del env[gone]
-
-
-def _run(runner: Interpreter, env: dict[Node, Any], node: Node) -> Any:
-    runner.env = env
-    return runner.run_node(node)
+        _LockstepInterpreter(inst.module, fitter, {c.linear: c for c in found}, stats, progress).walk(batches)
 
 
 def _refitted(gm: GraphModule, c: Consumer,

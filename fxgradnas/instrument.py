@@ -188,7 +188,7 @@ def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: Exampl
     With an empty plan its output equals the model's exactly.
     """
     analysis = ensure_analysis(model, example_inputs)
-    plan.validate(analysis, analysis.captured.model)
+    plan.validate(analysis)
     groups = [analysis.group(name) for name in plan.keep]
     inst = instrument(analysis, groups)
     for group in groups:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,18 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .capture import fingerprint
 from .errors import PlanError
 
 if TYPE_CHECKING:
     from .analysis import Analysis
 
 FORMAT = "fxgradnas.plan/1"
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's parameter and buffer names and shapes."""
-    items = [f"{n}:{tuple(t.shape)}" for n, t in model.state_dict(keep_vars=True).items()]
-    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -54,9 +48,11 @@ class Plan:
         return cls(keep=data["keep"], fingerprint=data.get("fingerprint"))
 
     def validate(self, analysis: Analysis, model: torch.nn.Module | None = None) -> None:
-        """Raise PlanError naming the first problem: another model, an unknown or frozen group,
-        an out-of-range or duplicate index, or a group left with no unit."""
-        if model is not None and self.fingerprint is not None and self.fingerprint != fingerprint(model):
+        """Raise PlanError naming the first problem: another model (``model``'s fingerprint, default the
+        analysed model's as captured), an unknown or frozen group, an out-of-range or duplicate index, or a
+        group left with no unit."""
+        expected = fingerprint(model) if model is not None else analysis.captured.fingerprint
+        if self.fingerprint is not None and self.fingerprint != expected:
             raise PlanError(
                 "this plan was made for a different model (parameter names or shapes differ); "
                 "re-run the search on this model"

@@ -12,12 +12,14 @@ from torch.fx import GraphModule
 
 from . import search as searching
 from .analysis import Analysis, ensure_analysis
-from .calibrate import Scores, calibrate, default_collect
+from .batches import default_collect
+from .calibrate import calibrate
 from .capture import ExampleInputs
 from .compensate import LayerReport, timed_compensation
-from .plan import Plan, fingerprint
+from .plan import Plan
+from .report import prune_summary, prune_table
 from .rewrite import apply_plan
-from .scorers import l1_scores, random_scores
+from .scores import Scores, l1_scores, random_scores
 from .search import RATIOS, SearchResult
 
 SCORERS = ("gradnas", "l1", "random")
@@ -45,13 +47,9 @@ class PruneResult:
         return self.search.history
 
     def table(self, tablefmt: str = "simple") -> str:
-        from .report import prune_table
-
         return prune_table(self, tablefmt=tablefmt)
 
     def summary(self) -> str:
-        from .report import prune_summary
-
         return prune_summary(self)
 
     def __str__(self) -> str:
@@ -89,7 +87,7 @@ def prune(
     constraint: dict,
     scorer: str = "gradnas",
     mode: str = "batch",
-    search: str = "binary",
+    searcher: str = "binary",
     kinds: tuple[str, ...] = ("heads", "channels"),
     divisor: int = 32,
     ratios: tuple[float, ...] = RATIOS,
@@ -105,7 +103,7 @@ def prune(
     """Prune ``model`` to meet ``constraint`` (e.g. ``{"params": 0.6}``) with the gradnas algorithm.
 
     The composition of :func:`fxgradnas.analyze`, :func:`score` (``scorer``: "gradnas", "l1",
-    "random"), :func:`fxgradnas.search` (``search``: "binary" or "greedy") and
+    "random"), :func:`fxgradnas.search` (``searcher``: "binary" or "greedy") and
     :func:`fxgradnas.apply_plan`. The user's model is not modified. ``compensate="ls"`` (or
     ``"scale"``) then re-fits the Linear layers that consume pruned units on the calibration data,
     layer after layer (:func:`fxgradnas.compensate.compensate`, its defaults);
@@ -123,10 +121,10 @@ def prune(
                    mode=mode, progress=progress, groups=searched, **calibrate_options)
     seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
-    found = searching.search(analysis, scores, constraint, searcher=search, kinds=kinds, divisor=divisor,
+    found = searching.search(analysis, scores, constraint, searcher=searcher, kinds=kinds, divisor=divisor,
                              ratios=ratios, gqa=gqa)
     seconds["search"] = time.perf_counter() - start
-    found.plan.fingerprint = fingerprint(analysis.captured.model)
+    found.plan.fingerprint = analysis.captured.fingerprint
     start = time.perf_counter()
     pruned = apply_plan(analysis, found.plan, check=check)
     seconds["rewrite"] = time.perf_counter() - start

@@ -1,4 +1,7 @@
-"""Tables for people: what the analysis found, what a plan keeps."""
+"""Tables for people: what the analysis found, what a plan keeps.
+
+A leaf of the package: it reads the objects it is given and imports nothing of fxgradnas at run time.
+"""
 
 from __future__ import annotations
 
@@ -36,12 +39,12 @@ def analysis_table(analysis: Analysis, tablefmt: str = "simple") -> str:
             g.unit_width,
             f"{g.params_per_unit:,.0f}",
             _params(g),
-            "yes" if g.exact and g.exactness == "exact" else ("yes*" if g.exact else "no"),
+            "yes" if g.exact and g.exact_reason == "exact" else ("yes*" if g.exact else "no"),
             "prunable" if g.prunable else f"frozen: {g.reason}",
         ])
     headers = ["group", "kind", "units", "unit width", "params/unit", "parameters", "exact", "status"]
     table = tabulate(rows, headers=headers, tablefmt=tablefmt, maxcolwidths=[None] * 5 + [48, None, 56])
-    notes = sorted({g.exactness for g in analysis.groups if g.exactness not in ("exact", "")})
+    notes = sorted({g.exact_reason for g in analysis.groups if g.exact_reason not in ("exact", "")})
     footer = "".join(f"\n  {n}" for n in notes if n)
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in analysis.seconds.items())
     return f"{table}\n{len(analysis.prunable)} of {len(analysis.groups)} groups prunable ({timing}){footer}"
@@ -49,14 +52,11 @@ def analysis_table(analysis: Analysis, tablefmt: str = "simple") -> str:
 
 def prune_table(result: PruneResult, tablefmt: str = "simple") -> str:
     """One row per searched group: units kept, its own parameter saving, the score it gave up."""
-    from .cost import CostModel
-
-    model = CostModel(result.analysis)
     rows = []
     for name, choice in result.search.choices.items():
         g = result.analysis.group(name)
         total = float(result.scores[name].double().sum())
-        saved = -model.delta("params", name, {}, choice.kept)
+        saved = result.search.params_removed[name]
         rows.append([
             name, g.kind, f"{len(choice.units)}/{g.size}", _kept_shape(g, choice.kept), f"{saved:,}",
             f"{choice.degradation / total:.1%}" if total > 0 else "-",

@@ -6,6 +6,7 @@ import math
 import operator
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
@@ -13,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .analysis import Analysis, Group, Layout, ensure_analysis
 from .capture import ExampleInputs
-from .errors import PlanError, RewriteError
+from .errors import RewriteError
 from .instrument import copy_graph_module, masked
 from .plan import Plan
 from .selection import keep_grid, kept_per_unit_axis, tensor_selections
@@ -21,6 +22,24 @@ from .selection import keep_grid, kept_per_unit_axis, tensor_selections
 aten = torch.ops.aten
 SHAPE_LIST_ARG = {aten.view: 1, aten._unsafe_view: 1, aten.reshape: 1, aten.view_copy: 1, aten.expand: 1}
 NORMS = (aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+
+
+@dataclass
+class Selection:
+    """A validated plan, per group: its kept-unit grid and kept count along each unit axis."""
+
+    groups: list[Group]
+    grids: dict[str, torch.Tensor]
+    kept: dict[str, tuple[int, ...]]
+
+
+def select(analysis: Analysis, plan: Plan, model: torch.nn.Module | None = None) -> Selection:
+    """Validate ``plan`` against the analysis (and the fingerprint of ``model``, default the analysed
+    model's as captured) and lay out what it keeps; raises PlanError."""
+    plan.validate(analysis, model)
+    groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
+    grids = {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}
+    return Selection(groups, grids, {g.name: kept_per_unit_axis(g, grids[g.name]) for g in groups})
 
 
 def apply_plan(
@@ -39,28 +58,20 @@ def apply_plan(
     inputs when every pruned group is exact (relative max difference at most ``tolerance``).
     """
     analysis = ensure_analysis(model, example_inputs)
-    plan.validate(analysis, analysis.captured.model)
-    groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
-    grids = {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}
-    per_axis = {}
-    for g in groups:
-        try:
-            per_axis[g.name] = kept_per_unit_axis(g, grids[g.name])
-        except ValueError as exc:
-            raise PlanError(str(exc)) from exc
-    for g in groups:
+    selection = select(analysis, plan)
+    for g in selection.groups:
         if not g.exact:
-            warnings.warn(f"pruning group {g.name!r} is approximate ({g.exactness}): the pruned module "
+            warnings.warn(f"pruning group {g.name!r} is approximate ({g.exact_reason}): the pruned module "
                           "differs from the masked one", stacklevel=2)
     pruned = copy_graph_module(analysis.captured.module, share_tensors=False)
-    _slice_tensors(pruned, groups, grids)
-    _patch_shape_constants(pruned, groups, per_axis)
-    _correct_rms_norms(pruned, groups, per_axis)
+    slice_tensors(pruned, selection)
+    _patch_shape_constants(pruned, selection.groups, selection.kept)
+    _correct_rms_norms(pruned, selection.groups, selection.kept)
     pruned.graph.lint()
     pruned.recompile()
     for p in pruned.parameters():
         p.requires_grad_(True)
-    if check and all(g.exact for g in groups):
+    if check and all(g.exact for g in selection.groups):
         difference = relative_difference(masked(analysis, plan), pruned, analysis)
         if difference > tolerance:
             raise RewriteError(
@@ -70,14 +81,19 @@ def apply_plan(
     return pruned
 
 
-def relative_difference(reference: torch.nn.Module, other: torch.nn.Module, analysis: Analysis) -> float:
-    """Largest |a - b| over all output tensors, relative to the largest |a|."""
-    args, kwargs = analysis.captured.args, analysis.captured.kwargs
+def outputs_on_example(module: torch.nn.Module, analysis: Analysis) -> list[torch.Tensor]:
+    """The tensors ``module`` returns on the captured example inputs, flattened."""
     with torch.no_grad():
-        ref = [t for t in pytree.tree_leaves(reference(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-        out = [t for t in pytree.tree_leaves(other(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        out = module(*analysis.captured.args, **analysis.captured.kwargs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def output_difference(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """Largest |a - b| over all output tensors, relative to the largest |a|; inf for another structure."""
+    if len(reference) != len(outputs):
+        return math.inf
     worst = 0.0
-    for a, b in zip(ref, out, strict=True):
+    for a, b in zip(reference, outputs, strict=True):
         if a.shape != b.shape:
             return math.inf
         if a.is_floating_point():
@@ -86,6 +102,11 @@ def relative_difference(reference: torch.nn.Module, other: torch.nn.Module, anal
         elif not torch.equal(a, b):
             return math.inf
     return worst
+
+
+def relative_difference(reference: torch.nn.Module, other: torch.nn.Module, analysis: Analysis) -> float:
+    """:func:`output_difference` of two modules on the captured example inputs."""
+    return output_difference(outputs_on_example(reference, analysis), outputs_on_example(other, analysis))
 
 
 # --- tensors -----------------------------------------------------------------------------------
@@ -101,20 +122,21 @@ def tensor_owner(gm: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] 
     return None
 
 
-def _slice_tensors(gm: GraphModule, groups: list[Group], grids: dict[str, torch.Tensor]) -> None:
-    """Index-select every touched axis; tied names get the one new tensor."""
-    for names, axes in tensor_selections(groups, grids).items():
-        owners = [o for o in (tensor_owner(gm, n) for n in names) if o is not None]
+def slice_tensors(module: torch.nn.Module, selection: Selection) -> None:
+    """Index-select every parameter/buffer axis the selection touches, in ``module`` (the captured graph
+    module or the user's own model: the names are the same); tied names get the one new tensor."""
+    for names, axes in tensor_selections(selection.groups, selection.grids).items():
+        owners = [o for o in (tensor_owner(module, n) for n in names) if o is not None]
         if not owners:
-            raise RewriteError(f"cannot find {names[0]!r} in the captured module")
-        module, attr = owners[0]
-        old = getattr(module, attr)
+            raise RewriteError(f"cannot find {names[0]!r} in {type(module).__name__}")
+        owner, attr = owners[0]
+        old = getattr(owner, attr)
         new = old.detach()
         for axis, mask in axes.items():
-            new = new.index_select(axis, mask.nonzero().flatten())
-        value = torch.nn.Parameter(new, requires_grad=old.requires_grad) if attr in module._parameters else new
-        for module, attr in owners:
-            (module._parameters if attr in module._parameters else module._buffers)[attr] = value
+            new = new.index_select(axis, mask.nonzero().flatten().to(new.device))
+        value = torch.nn.Parameter(new, requires_grad=old.requires_grad) if attr in owner._parameters else new
+        for owner, attr in owners:
+            (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = value
 
 
 # --- shape constants ------------------------------------------------------------------------------

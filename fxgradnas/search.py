@@ -5,7 +5,7 @@ loses ``degradation = sum of the pruned units' scores``. The binary searcher (th
 algorithm) finds one threshold ``t``: every group keeps its smallest choice with degradation <= t.
 It searches the sorted distinct degradation values rather than a float interval, so the result does
 not depend on the scale of the loss, then grows groups greedily while the budget allows, so the
-budget is used. ``search="greedy"`` starts from the smallest choices and only grows.
+budget is used. ``searcher="greedy"`` starts from the smallest choices and only grows.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class SearchResult:
     costs: dict[str, int]
     base: dict[str, int]
     budget: tuple[str, int]
+    params_removed: dict[str, int] = field(default_factory=dict)  # per group, by its own choice alone
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -170,7 +171,7 @@ def search(
     the residual width too.
     """
     if searcher not in SEARCHERS:
-        raise ValueError(f"search must be one of {SEARCHERS}, not {searcher!r}")
+        raise ValueError(f"searcher must be one of {SEARCHERS}, not {searcher!r}")
     start = time.perf_counter()
     model = cost_model or CostModel(analysis)
     metric, budget = parse_constraint(constraint, model.base)
@@ -192,7 +193,8 @@ def search(
     history.append({"step": "grow", "groups grown": grown, **state.costs})
     choices = {g: options[g][i] for g, i in state.index.items()}
     plan = Plan({g: list(c.units) for g, c in choices.items() if len(c.units) < analysis.group(g).size})
-    return SearchResult(plan, choices, state.costs, model.base, (metric, budget), history,
+    removed = {g: -model.delta("params", g, {}, c.kept) for g, c in choices.items()}
+    return SearchResult(plan, choices, state.costs, model.base, (metric, budget), removed, history,
                         time.perf_counter() - start)
 
 

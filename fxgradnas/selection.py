@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .analysis import Group, Layout
+from .errors import PlanError
 
 
 def keep_grid(group: Group, keep: list[int] | None) -> torch.Tensor:
@@ -60,14 +61,14 @@ def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:
     """Kept count along each unit axis when the kept set is a product after re-indexing (every
-    kept KV head keeps the same number of queries); raises ValueError otherwise."""
+    kept KV head keeps the same number of queries); raises PlanError otherwise."""
     if grid.dim() == 1:
         return (int(grid.sum()),)
     rows = grid.reshape(grid.shape[0], -1)
     kept_rows = rows.any(dim=1)
     counts = rows[kept_rows].sum(dim=1)
     if counts.numel() and not bool((counts == counts[0]).all()):
-        raise ValueError(
+        raise PlanError(
             f"group {group.name!r} keeps {counts.tolist()} queries in its KV heads; a physically "
             f"pruned grouped-query attention needs the same count in every kept KV head"
         )

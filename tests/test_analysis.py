@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas.zoo import HF_ZOO, ZOO
+from tests.zoo import HF_ZOO, ZOO
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def test_hidden_group(case) -> None:
     (g,) = hidden
     assert g.size == expect.hidden
     assert g.prunable == expect.hidden_prunable, g.reason
-    assert g.exact == expect.hidden_exact, g.exactness
+    assert g.exact == expect.hidden_exact, g.exact_reason
     assert g.sites, "a hidden group is masked where the residual stream is written"
 
 

@@ -18,11 +18,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxgradnas import Analysis, analyze, instrument
-from fxgradnas.calibrate import Scores, calibrate, call_with
+from fxgradnas.batches import call_with
+from fxgradnas.calibrate import calibrate
 from fxgradnas.errors import CalibrationError
 from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
-from fxgradnas.scorers import l1_scores, random_scores
-from fxgradnas.zoo import HF_ZOO, ZOO
+from fxgradnas.scores import Scores, l1_scores, random_scores
+from tests.zoo import HF_ZOO, ZOO
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -323,12 +324,12 @@ def test_errors() -> None:
 def test_early_stop_and_max_batches() -> None:
     analysis = analyze(tiny_mlp(), tiny_batches(1)[0][0])
     same = tiny_batches(1) * 20
-    stopped = run(analysis, same, tolerance=1.0, patience=2)
+    stopped = run(analysis, same, converged_below=1.0, patience=2)
     assert stopped.batches < 20 and len(stopped.history) == stopped.batches
     assert run(analysis, same).batches == 20
     assert run(analysis, same, max_batches=None).batches == 20
     assert run(analysis, same, max_batches=5).batches == 5
-    assert run(analysis, same, tolerance=0.0, patience=2).batches == 20
+    assert run(analysis, same, converged_below=0.0, patience=2).batches == 20
     assert_scores_close(stopped, {k: v * stopped.batches / 20 for k, v in run(analysis, same).items()})
 
 

@@ -11,7 +11,7 @@ from torch.fx import Interpreter
 import fxgradnas
 from fxgradnas import Plan, apply_plan
 from fxgradnas.compensate import compensate, consumers, input_flattener
-from fxgradnas.zoo import ZOO
+from tests.zoo import ZOO
 
 
 def _batches(vocab: int = 64) -> list[torch.Tensor]:
@@ -170,7 +170,7 @@ def test_sequential_walk_takes_keyword_inputs_and_agrees_on_the_first_layer() ->
     """A Hugging Face decoder called with keyword inputs (ids and a padding mask): the node-by-node
     walk sees what the model's own forward sees, so the first consumer's fit is the same both ways."""
     pytest.importorskip("transformers")
-    from fxgradnas.zoo import HF_ZOO
+    from tests.zoo import HF_ZOO
 
     model, _ = HF_ZOO["hf_llama"]()
     gen = torch.Generator().manual_seed(1)
@@ -199,7 +199,7 @@ def test_reported_error_is_the_first_layers_real_error(name: str) -> None:
     fit is the mean squared output error of the folded weights, centred where there is a bias; GPT-2
     stores its Conv1D weights as (in, out)."""
     pytest.importorskip("transformers")
-    from fxgradnas.zoo import HF_ZOO
+    from tests.zoo import HF_ZOO
 
     model, inputs = HF_ZOO[name]()
     analysis = fxgradnas.analyze(model, inputs)

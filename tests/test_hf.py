@@ -11,16 +11,9 @@ from fxgradnas import Plan
 
 transformers = pytest.importorskip("transformers")
 
-from fxgradnas.hf import (  # noqa: E402
-    batched,
-    causal_lm_loss,
-    load_pruned,
-    perplexity,
-    save_pruned,
-    token_windows,
-    write_back,
-)
-from fxgradnas.zoo import HF_ZOO  # noqa: E402
+from fxgradnas.datasets import batched, causal_lm_loss, perplexity, token_windows  # noqa: E402
+from fxgradnas.hf import load_pruned, save_pruned, write_back  # noqa: E402
+from tests.zoo import HF_ZOO  # noqa: E402
 
 pytestmark = pytest.mark.hf
 

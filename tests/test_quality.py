@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas.tasks import VOCAB, sequences, task_loss
-from fxgradnas.zoo import llama
+from tests.tasks import VOCAB, sequences, task_loss
+from tests.zoo import llama
 
 LENGTH = 16
 BUDGET = 0.6

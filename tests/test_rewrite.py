@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import fxgradnas
 from fxgradnas import Plan, PlanError, apply_plan, masked
-from fxgradnas.plan import fingerprint
+from fxgradnas.capture import fingerprint
 from fxgradnas.rewrite import relative_difference
-from fxgradnas.zoo import HF_ZOO, ZOO
+from tests.zoo import HF_ZOO, ZOO
 
 CASES = [pytest.param(name, id=name) for name in ZOO] + [
     pytest.param(name, id=name, marks=pytest.mark.hf) for name in HF_ZOO

@@ -402,7 +402,7 @@ def test_residual_stream_with_rmsnorm_is_exact(square: Callable) -> None:
     a = analyze(Residual(RMSNorm(D, square=square)), tokens())
     (g,) = a.by_kind("hidden")
     assert g.prunable and g.size == D and g.exact
-    assert "RMSNorm" in g.exactness
+    assert "RMSNorm" in g.exact_reason
     assert ("norm.w", 0) in axes(g)
 
 

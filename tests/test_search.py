@@ -12,7 +12,7 @@ import fxgradnas
 from fxgradnas import ConstraintError, CostModel, Plan, apply_plan
 from fxgradnas.search import group_choices, parse_constraint, search
 from fxgradnas.selection import keep_grid, kept_per_unit_axis
-from fxgradnas.zoo import HF_ZOO, ZOO
+from tests.zoo import HF_ZOO, ZOO
 
 _ANALYSES: dict[str, fxgradnas.Analysis] = {}
 

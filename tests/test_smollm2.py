@@ -15,8 +15,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.hf]
 def test_prune_smollm2_on_real_text() -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from fxgradnas.data import shakespeare_text, stdlib_text
-    from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, perplexity, token_windows, write_back
+    from examples.smollm2 import load_smollm2
+    from fxgradnas.datasets import (
+        batched,
+        causal_lm_loss,
+        perplexity,
+        shakespeare_text,
+        stdlib_text,
+        token_windows,
+    )
+    from fxgradnas.hf import write_back
 
     model, tokenizer = load_smollm2()
     calibration = batched(token_windows(tokenizer, stdlib_text(), 64, 8), 4)
@@ -46,9 +54,17 @@ def test_compensation_on_smollm2_lowers_perplexity_and_writes_back() -> None:
     perplexity, and the written-back Hugging Face model carries the compensated weights."""
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
+    from examples.smollm2 import load_smollm2
     from fxgradnas.compensate import compensate
-    from fxgradnas.data import CALIBRATION_SKIP, shakespeare_text
-    from fxgradnas.hf import batched, causal_lm_loss, load_smollm2, perplexity, token_windows, write_back
+    from fxgradnas.datasets import (
+        CALIBRATION_SKIP,
+        batched,
+        causal_lm_loss,
+        perplexity,
+        shakespeare_text,
+        token_windows,
+    )
+    from fxgradnas.hf import write_back
 
     model, tokenizer = load_smollm2()
     calibration = batched(token_windows(tokenizer, shakespeare_text(skip=CALIBRATION_SKIP), 128, 16), 4)

