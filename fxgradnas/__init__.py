@@ -1,29 +1,71 @@
-"""fxgradnas: gradient-scored structured pruning of PyTorch models as a torch.fx graph pass."""
+"""fxgradnas: gradient-scored structured pruning of PyTorch models as a torch.fx graph pass.
 
-from .analysis import Analysis, Group, analyze
-from .calibrate import calibrate
-from .capture import Captured, capture
-from .cost import CostModel
-from .errors import (
-    AnalysisError,
-    CalibrationError,
-    CaptureError,
-    ConstraintError,
-    FxGradNasError,
-    PlanError,
-    RewriteError,
-)
-from .instrument import instrument, masked
-from .plan import Plan
-from .prune import PruneResult, prune, score
-from .rewrite import apply_plan
-from .scores import Scores, l1_scores, random_scores
-from .search import SearchResult, search
+The pipeline, one module per pass: :mod:`~fxgradnas.capture` (torch.export) -> :mod:`~fxgradnas.analysis`
+(prunable groups) -> :mod:`~fxgradnas.instrument` (mask nodes) -> :mod:`~fxgradnas.calibrate` (scores)
+-> :mod:`~fxgradnas.search` with :mod:`~fxgradnas.cost` (a plan meeting the constraint) ->
+:mod:`~fxgradnas.rewrite` (the smaller module) -> :mod:`~fxgradnas.compensate` (re-fit what consumed the
+pruned units) -> :mod:`~fxgradnas.report`; :func:`prune` composes them, :mod:`fxgradnas.hf` keeps Hugging
+Face models Hugging Face models. Names load on first use, so ``import fxgradnas`` does not import torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisError", "CalibrationError", "CaptureError", "Captured", "ConstraintError", "CostModel",
     "FxGradNasError", "Group", "Plan", "PlanError", "PruneResult", "RewriteError", "Scores", "SearchResult",
     "analyze", "apply_plan", "calibrate", "capture", "instrument", "l1_scores", "masked", "prune",
     "random_scores", "score", "search",
 ]
-__version__ = "0.1.0"
+_MODULE_OF = {
+    "Analysis": "analysis", "Group": "analysis", "analyze": "analysis", "calibrate": "calibrate",
+    "Captured": "capture", "capture": "capture", "CostModel": "cost", "instrument": "instrument",
+    "masked": "instrument", "Plan": "plan", "PruneResult": "prune", "prune": "prune", "score": "prune",
+    "apply_plan": "rewrite", "Scores": "scores", "l1_scores": "scores", "random_scores": "scores",
+    "SearchResult": "search", "search": "search",
+    **dict.fromkeys(["AnalysisError", "CalibrationError", "CaptureError", "ConstraintError", "FxGradNasError",
+                     "PlanError", "RewriteError"], "errors"),
+}
+
+if TYPE_CHECKING:
+    from .analysis import Analysis, Group, analyze
+    from .calibrate import calibrate
+    from .capture import Captured, capture
+    from .cost import CostModel
+    from .errors import (
+        AnalysisError,
+        CalibrationError,
+        CaptureError,
+        ConstraintError,
+        FxGradNasError,
+        PlanError,
+        RewriteError,
+    )
+    from .instrument import instrument, masked
+    from .plan import Plan
+    from .prune import PruneResult, prune, score
+    from .rewrite import apply_plan
+    from .scores import Scores, l1_scores, random_scores
+    from .search import SearchResult, search
+
+
+class _Package(types.ModuleType):
+    """The public names load their module on first use. They win over the submodules of the same name
+    (``fxgradnas.prune`` is the function; the module is ``sys.modules["fxgradnas.prune"]``)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        module = _MODULE_OF.get(name)
+        if module is not None:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        return super().__getattribute__(name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *__all__})
+
+
+sys.modules[__name__].__class__ = _Package

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from . import search as searching
 from .analysis import Analysis, ensure_analysis
 from .batches import default_collect
 from .calibrate import calibrate
@@ -20,7 +19,7 @@ from .plan import Plan
 from .report import prune_summary, prune_table
 from .rewrite import apply_plan
 from .scores import Scores, l1_scores, random_scores
-from .search import RATIOS, SearchResult
+from .search import RATIOS, SearchResult, search
 
 SCORERS = ("gradnas", "l1", "random")
 
@@ -121,7 +120,7 @@ def prune(
                    mode=mode, progress=progress, groups=searched, **calibrate_options)
     seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
-    found = searching.search(analysis, scores, constraint, searcher=searcher, kinds=kinds, divisor=divisor,
+    found = search(analysis, scores, constraint, searcher=searcher, kinds=kinds, divisor=divisor,
                              ratios=ratios, gqa=gqa)
     seconds["search"] = time.perf_counter() - start
     found.plan.fingerprint = analysis.captured.fingerprint
