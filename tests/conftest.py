@@ -21,3 +21,13 @@ if importlib.util.find_spec("torchvision") is not None:
 @pytest.fixture(autouse=True)
 def _seed_torch() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _hf_models_only_in_hf_tests(request: pytest.FixtureRequest):
+    """``tox -e core`` deselects ``hf`` tests: a test building a Hugging Face model must carry the marker."""
+    from tests import zoo
+
+    zoo.HF_ALLOWED = request.node.get_closest_marker("hf") is not None
+    yield
+    zoo.HF_ALLOWED = True

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxgradnas
-from tests.zoo import HF_ZOO, ZOO
+from tests.zoo import HF_ZOO, ZOO, analysis_of
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,9 @@ CASES = [pytest.param(name, id=name) for name in ZOO] + [
 ]
 
 
-def _analysis(name: str) -> fxgradnas.Analysis:
-    if name in HF_ZOO:
-        pytest.importorskip("transformers")
-        return fxgradnas.analyze(*HF_ZOO[name]())
-    return fxgradnas.analyze(*ZOO[name]())
-
-
 @pytest.fixture(scope="module", params=CASES)
 def case(request: pytest.FixtureRequest) -> tuple[str, fxgradnas.Analysis]:
-    return request.param, _analysis(request.param)
+    return request.param, analysis_of(request.param)
 
 
 def test_heads_groups(case) -> None:
@@ -110,7 +103,8 @@ def test_names_are_unique_and_stable(case) -> None:
     name, analysis = case
     names = [g.name for g in analysis.groups]
     assert len(set(names)) == len(names)
-    again = _analysis(name)
+    again = fxgradnas.analyze(*{**ZOO, **HF_ZOO}[name]())  # a fresh capture of a fresh model
+    assert again is not analysis
     assert [g.name for g in again.groups] == names
 
 
@@ -145,7 +139,7 @@ def test_coupling_graph_links_groups_to_parameters(case) -> None:
 def test_gpt2_fused_qkv_is_sliced_per_head() -> None:
     """c_attn's output axis is [q/k/v piece, head, head_dim]: a head owns one block in each piece."""
     pytest.importorskip("transformers")
-    analysis = _analysis("hf_gpt2")
+    analysis = analysis_of("hf_gpt2")
     g = analysis.group("transformer.h.0.attn")
     c_attn = next(t for t in g.params if t.name == "transformer.h.0.attn.c_attn.weight")
     assert c_attn.axis == 1  # Conv1D stores (in, out)
@@ -153,7 +147,7 @@ def test_gpt2_fused_qkv_is_sliced_per_head() -> None:
 
 
 def test_gqa_kv_projections_carry_only_the_kv_axis() -> None:
-    analysis = _analysis("llama")
+    analysis = analysis_of("llama")
     g = analysis.group("model.layers.0.self_attn")
     axes = {t.name.split(".")[-2]: t.layout.unit_axes for t in g.params}
     assert axes == {"q_proj": (0, 1), "k_proj": (0,), "v_proj": (0,), "o_proj": (0, 1)}
@@ -173,7 +167,7 @@ def test_user_model_is_not_mutated() -> None:
 
 
 def test_dynamic_batch_and_sequence() -> None:
-    analysis = _analysis("llama")
+    analysis = analysis_of("llama")
     assert len(analysis.captured.dynamic_dims) == 2
     module = analysis.captured.module
     ids = torch.randint(0, 64, (5, 11))

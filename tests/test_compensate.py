@@ -166,6 +166,7 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
             compensate(result.analysis, result.plan, result.model, [], sequential=sequential)
 
 
+@pytest.mark.hf
 def test_sequential_walk_takes_keyword_inputs_and_agrees_on_the_first_layer() -> None:
     """A Hugging Face decoder called with keyword inputs (ids and a padding mask): the node-by-node
     walk sees what the model's own forward sees, so the first consumer's fit is the same both ways."""
@@ -193,6 +194,7 @@ def test_sequential_walk_takes_keyword_inputs_and_agrees_on_the_first_layer() ->
     assert not torch.allclose(walked.get_parameter(found[1].weight), streamed.get_parameter(found[1].weight))
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])
 def test_reported_error_is_the_first_layers_real_error(name: str) -> None:
     """For the first consumer (same input in the dense and pruned model) the reported error after the

@@ -13,23 +13,11 @@ import fxgradnas
 from fxgradnas import Plan, PlanError, apply_plan, masked
 from fxgradnas.capture import fingerprint
 from fxgradnas.rewrite import relative_difference
-from tests.zoo import HF_ZOO, ZOO
+from tests.zoo import HF_ZOO, ZOO, analysis_of
 
 CASES = [pytest.param(name, id=name) for name in ZOO] + [
     pytest.param(name, id=name, marks=pytest.mark.hf) for name in HF_ZOO
 ]
-_ANALYSES: dict[str, fxgradnas.Analysis] = {}
-
-
-def analysis_of(name: str) -> fxgradnas.Analysis:
-    if name not in _ANALYSES:
-        if name in HF_ZOO:
-            pytest.importorskip("transformers")
-        factory = HF_ZOO.get(name) or ZOO[name]
-        _ANALYSES[name] = fxgradnas.analyze(*factory())
-    return _ANALYSES[name]
-
-
 @st.composite
 def plans(draw: st.DrawFn, analysis: fxgradnas.Analysis) -> Plan:
     """Random keep sets per prunable group (keeping 1 unit and keeping all included); grouped-query
@@ -132,9 +120,11 @@ def test_pruned_module_exports_again() -> None:
 
 
 def test_save_and_restore_without_pickle(tmp_path) -> None:
-    model, inputs = ZOO["llama"]()
-    plan = Plan({"model.layers.0.self_attn": [2, 3], "model.layers.1.mlp": [1, 2, 40]}, fingerprint(model))
-    pruned = apply_plan(model, plan, inputs)
+    analysis = analysis_of("llama")
+    inputs = analysis.captured.args[0]
+    plan = Plan({"model.layers.0.self_attn": [2, 3], "model.layers.1.mlp": [1, 2, 40]},
+                fingerprint(analysis.captured.model))
+    pruned = apply_plan(analysis, plan)
     with torch.no_grad():
         for p in pruned.parameters():
             p.add_(0.01)  # fine-tuned after pruning
@@ -148,11 +138,11 @@ def test_save_and_restore_without_pickle(tmp_path) -> None:
 
 
 def test_uneven_queries_per_kv_head_are_refused_but_masked_works() -> None:
-    model, inputs = ZOO["llama"]()
+    analysis = analysis_of("llama")
     plan = Plan({"model.layers.0.self_attn": [0, 1, 2]})  # KV head 0 keeps 2 queries, KV head 1 keeps 1
-    masked(model, plan, inputs)
+    masked(analysis, plan)
     with pytest.raises(PlanError, match="same count in every kept KV head"):
-        apply_plan(model, plan, inputs)
+        apply_plan(analysis, plan)
 
 
 @pytest.mark.parametrize(
@@ -166,17 +156,15 @@ def test_uneven_queries_per_kv_head_are_refused_but_masked_works() -> None:
     ],
 )
 def test_bad_plans_raise(keep: dict, message: str) -> None:
-    model, inputs = ZOO["llama"]()
     with pytest.raises(PlanError, match=message):
-        apply_plan(model, Plan(keep), inputs)
+        apply_plan(analysis_of("llama"), Plan(keep))
 
 
 def test_plan_for_another_model_is_refused() -> None:
-    model, inputs = ZOO["llama"]()
     other, _ = ZOO["llama"](intermediate=64)
     plan = Plan({"model.layers.0.mlp": [0]}, fingerprint(other))
     with pytest.raises(PlanError, match="different model"):
-        apply_plan(model, plan, inputs)
+        apply_plan(analysis_of("llama"), plan)
 
 
 def test_plan_json_round_trip_and_garbage() -> None:

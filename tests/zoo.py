@@ -8,6 +8,7 @@ Example sizes are odd (batch 3, sequence 7) so they never coincide with head cou
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxgradnas
 from fxgradnas.capture import ExampleInputs
 
-__all__ = ["HF_ZOO", "ZOO", "Example"]
+__all__ = ["HF_ZOO", "ZOO", "Example", "analysis_of"]
 Example = tuple[nn.Module, ExampleInputs]
 
 BATCH = 3
@@ -524,7 +526,12 @@ def multihead(embed: int = 32, heads: int = 4, seed: int = 0) -> Example:
 # --------------------------------------------------------------------------- Hugging Face
 
 
+HF_ALLOWED = True  # the test session allows these models only in tests marked ``hf`` (tests/conftest.py)
+
+
 def _transformers() -> Any:
+    if not HF_ALLOWED:
+        raise AssertionError("a test that builds a Hugging Face zoo model must be marked pytest.mark.hf")
     try:
         import transformers
     except ImportError as e:
@@ -616,3 +623,11 @@ HF_ZOO: dict[str, Callable[..., Example]] = {
     "hf_llama": hf_llama,
     "hf_qwen2": hf_qwen2,
 }
+
+
+@functools.cache
+def analysis_of(name: str, **options: Any) -> fxgradnas.Analysis:
+    """The analysis of zoo model ``name`` (``options`` go to its factory), made once per test session.
+    Shared: a test that changes the model or the analysis makes its own with :func:`fxgradnas.analyze`."""
+    factory = ZOO.get(name) or HF_ZOO[name]
+    return fxgradnas.analyze(*factory(**options))
