@@ -154,8 +154,11 @@ def _weight_offset(analysis: Analysis, tensor_name: str) -> float:
     """The constant the graph adds to a norm weight before multiplying (1.0 for ``x * (1 + w)``), else 0."""
     gm = analysis.captured.module
     node = next((n for n in gm.graph.find_nodes(op="get_attr") if n.target == tensor_name), None)
-    while node is not None and len(node.users) == 1:
-        user = next(iter(node.users))
+    while node is not None:
+        users = [u for u in node.users if isinstance(u.meta.get("val"), torch.Tensor)]  # not the shape asserts
+        if len(users) != 1:
+            break
+        user = users[0]
         if user.target in (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout):
             node = user
             continue
@@ -195,7 +198,9 @@ def _set_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> 
 def save_pruned(model: nn.Module, structure: dict, directory: str | Path) -> None:
     """``save_pretrained`` plus the structure :func:`load_pruned` needs (JSON, no pickled code)."""
     directory = Path(directory)
-    model.save_pretrained(directory)
+    # the model's own parameter names: transformers would otherwise rename some back to a legacy checkpoint
+    # format (GPT-NeoX's embed_out, ViT's vit.encoder.layer, per-expert keys) that only its loader maps
+    model.save_pretrained(directory, save_original_format=False)
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, default=list))
 
 

@@ -107,3 +107,29 @@ def test_windows_loss_and_perplexity() -> None:
     assert loss.dim() == 0 and 1 < ppl < 1e4
     with pytest.raises(ValueError, match="shorter than one window"):
         token_windows(CharTokenizer(), "abc", seq_len=8)
+
+
+@pytest.mark.parametrize("family", ["Gemma2", "Olmo2"])
+def test_hidden_width_write_back_with_graph_weights_is_exact(family: str) -> None:
+    """Pruning the residual width: the graph rewrite scales each RMSNorm's mean of squares, the write-back
+    scales the Hugging Face norm's multiplier (``1 + w`` in Gemma) and eps, also when the weights come
+    from the pruned module; post-sublayer norms (Gemma2, OLMo2) are exact too. ``write_back`` checks
+    itself against ``weights`` and raises otherwise."""
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.5, 0.2)  # away from the initial ones, so a wrong rescale shows
+    inputs = {"input_ids": torch.randint(0, 64, (3, 7))}
+    analysis = fxgradnas.analyze(model, inputs)
+    hidden = analysis.group("hidden")
+    assert hidden.prunable and hidden.exact
+    plan = Plan({"hidden": list(range(0, 32, 3))})
+    pruned = fxgradnas.apply_plan(analysis, plan)  # raises unless pruned == masked
+    write_back(model, analysis, plan, weights=pruned)  # raises unless the HF model == pruned
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model(**inputs)), _logits(pruned(**inputs)))

@@ -406,6 +406,41 @@ def test_residual_stream_with_rmsnorm_is_exact(square: Callable) -> None:
     assert ("norm.w", 0) in axes(g)
 
 
+class SandwichNorm(nn.Module):
+    """Post-sublayer RMSNorms (Gemma2, OLMo2): ``x + norm(fc2(relu(fc1(x))))`` and ``x + (1 + w) * norm(fc(x))``,
+    the norm reducing over the projection's output before the value joins the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(D, D), nn.Linear(D, 2)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(D, H), nn.Linear(H, D), nn.Linear(D, D)
+        self.post1, self.post2 = RMSNorm(D), RMSNorm(D)
+        with torch.no_grad():
+            self.post1.w.normal_()
+            self.post2.w.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        x = x + self.post1(self.fc2(torch.relu(self.fc1(x))))
+        y = self.fc3(x)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = x + (1.0 + self.post2.w) * y.to(torch.float32)
+        return self.head(x)
+
+
+def test_post_sublayer_norms_see_the_masked_value_and_stay_exact() -> None:
+    """The hidden mask goes where the value is produced (fc2, fc3), not where it joins the stream, so the
+    norm in between reduces over zeros at pruned channels and the rescale makes pruning exact."""
+    model = SandwichNorm().eval()
+    a = analyze(model, tokens())
+    (g,) = a.by_kind("hidden")
+    assert g.prunable and g.exact and "RMSNorm" in g.exact_reason
+    producers = {n.name for n in a.captured.module.graph.nodes if n.target is torch.ops.aten.linear.default}
+    assert {site.node for site in g.sites} <= producers
+    plan = fxgradnas.Plan({g.name: list(range(0, D, 3))})
+    fxgradnas.apply_plan(a, plan)  # the self-check raises unless pruned == masked
+
+
 class AddToInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -100,6 +100,37 @@ UNARY = ops(
 )
 
 
+# ops that map a zero entry to zero (with the other operand a scale or a weight): between the op that
+# produces a value and its residual write, masking before them equals masking after them
+ZERO_PRESERVING = {aten.mul, aten.div}  # by a scale or a weight
+PASS_THROUGH = {aten._to_copy, aten.to, aten.type_as, aten.clone, aten.alias, aten.dropout, aten.contiguous}
+
+
+def _write_site(p: Propagation, x: Node, axis: int) -> Node:
+    """Where a value written into the residual stream is masked: at the op that produced it from a weight
+    (o_proj, down_proj, the embedding) when only zero-preserving ops lie between, so that a norm after the
+    producer (Gemma2's and OLMo2's post-sublayer RMSNorm) sees the masked value; else at the value itself."""
+    origin, node = p.origin.get(x), x
+    if origin is None or not p.is_tensor(origin) or p.shape(origin) != p.shape(x):
+        return x
+    back = axis - len(p.shape(x))  # the axis counted from the end, as broadcasting aligns it
+    size = p.shape(x)[back]
+    while node is not origin:
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet in PASS_THROUGH:
+            node = node.args[0]
+            continue
+        if packet not in ZERO_PRESERVING:
+            return x
+        carrying = [a for a in p.tensor_inputs(node)
+                    if not p.is_weight(a) and len(p.shape(a)) >= -back and p.shape(a)[back] == size]
+        if len(carrying) != 1 or (packet is aten.div and carrying[0] is not node.args[0]):
+            return x  # the value must be the one operand along the axis, not the scale (rsqrt of a mean)
+        node = carrying[0]
+    same = p.spaces.find(p.of(origin)[axis]) == p.spaces.find(p.of(x)[axis])
+    return origin if same else x
+
+
 @register(*ELEMENTWISE)
 def elementwise(p: Propagation, node: Node) -> AxisSpaces:
     """Broadcasting: axes aligned from the right share a space unless one side has size 1."""
@@ -128,8 +159,9 @@ def elementwise(p: Propagation, node: Node) -> AxisSpaces:
                 p.stream.add(node)
                 for x in writers:
                     if x not in p.stream:
-                        axis = j - (len(out_shape) - len(p.of(x)))
-                        p.records.writes.append((x.name, axis, p.of(x)[axis]))
+                        site = _write_site(p, x, j - (len(out_shape) - len(p.of(x))))
+                        p.records.writes.append((site.name, site_axis := j - (len(out_shape) - len(p.of(site))),
+                                                 p.of(site)[site_axis]))
     if len(activations) == 1 and activations[0] in p.stream:
         p.stream.add(node)
     if inputs and all(p.is_weight(x) for x in inputs):
