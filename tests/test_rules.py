@@ -161,6 +161,20 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
+class NormedQK(Attention):
+    """OLMo2: q and k each pass an RMSNorm over all heads at once, before the per-head view."""
+
+    def __init__(self, heads: int = 3, head_dim: int = 5) -> None:
+        super().__init__(heads, head_dim)
+        self.q_norm, self.k_norm = RMSNorm(heads * head_dim), RMSNorm(heads * head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.split(self.q_norm(self.q(x))), self.split(self.k_norm(self.k(x))), self.split(self.v(x))
+        y = ((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)).softmax(-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
 class GQA(nn.Module):
     """Grouped-query attention through SDPA's enable_gqa: 4 query heads read 2 KV heads."""
 
@@ -549,3 +563,18 @@ def test_data_dependent_control_flow_raises_capture_error_with_a_hint() -> None:
     message = str(info.value)
     assert "Try" in message
     assert Path(__file__).name in message or "x.sum() > 0" in message
+
+
+def test_heads_under_a_norm_over_all_heads_are_approximate() -> None:
+    """Pruning a head changes the statistics of a q/k RMSNorm over all heads: prunable, marked approximate,
+    and the rewrite still builds (the self-check is skipped with a warning)."""
+    a = analyze(NormedQK(heads=4, head_dim=3), torch.randn(B, T, 12))
+    (g,) = a.by_kind("heads")
+    assert g.prunable and not g.exact and g.exact_reason.startswith("approximate")
+    plan = fxgradnas.Plan({g.name: [0, 2, 3]})
+    with pytest.warns(UserWarning, match="approximate"):
+        pruned = fxgradnas.apply_plan(a, plan)
+    x = torch.randn(B, T, 12)
+    reference = fxgradnas.masked(a, plan)(x)
+    assert pruned.get_parameter("q_norm.w").shape == (9,)
+    assert 0 < float((pruned(x) - reference).abs().max()) < float(reference.abs().max())

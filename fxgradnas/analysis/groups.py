@@ -275,6 +275,9 @@ def _judge_exact(g: Group) -> None:
             g.exact_reason = "approximate: " + ", ".join(sorted(kinds)) + " statistics change"
         return
     where = ", ".join(f"{kind} at {node}" for node, kind in g.reductions[:3])
+    if g.kind == "heads" and kinds <= {"mean of squares", "rms_norm"}:  # OLMo2's q/k norm over all heads
+        g.exact, g.exact_reason = False, f"approximate: an RMSNorm over all heads ({where}) sees only the kept ones"
+        return
     g.exact, g.exact_reason = False, f"reduced over ({where})"
     if g.prunable:
         g.prunable, g.reason = False, f"reduced over by {where}: pruning would change the result"
