@@ -10,6 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[hf,test,lint]'
+	$(BIN)/pip install --no-deps torchvision==0.28.0 pillow
 	touch $@
 
 demo: $(BIN)/.installed

@@ -1,21 +1,13 @@
 """Shared pytest setup: every test starts from the same global RNG state; torchvision imports on CPU torch."""
 
-import importlib.util
-
 import pytest
 import torch
 
-# torchvision's PyPI wheel is a CUDA build: beside CPU torch its compiled ops do not load, and its import
-# (also done by transformers when torchvision is installed) fails registering fakes for two ops that then
-# do not exist. Defining their schemas first lets it import; classification models use no custom op.
-_TORCHVISION_OPS = torch.library.Library("torchvision", "FRAGMENT")
-if importlib.util.find_spec("torchvision") is not None:
-    for _schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-        try:
-            _TORCHVISION_OPS.define(_schema)
-        except RuntimeError:  # a working torchvision build defines them itself
-            pass
+from tests.families import prepare_torchvision
+
+# transformers imports torchvision when it is installed; a torchvision wheel built for another torch
+# (CUDA wheel, CPU torch) fails on import unless two of its op schemas exist first.
+prepare_torchvision()
 
 
 @pytest.fixture(autouse=True)
