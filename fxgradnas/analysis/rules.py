@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from ..capture import mutated_argument
 from ..errors import RewriteError
 from .registry import Edit, aten_overloads, entry_for, fixed_size, int_arg, register, size_list, with_arg
 from .spaces import as_size
@@ -31,7 +32,10 @@ def apply_rule(p: Propagation, node: Node) -> None:
     if not _holds_tensor(out):
         return  # shape arithmetic, assertions, guards: nothing to label
     entry = entry_for(node.target)
-    if entry is None:
+    if mutated_argument(node.target) is not None:
+        p.axes[node] = unknown(p, node, f"{op_name(node)} at {node.name} writes in place into a tensor that other "
+                                        "nodes can see (a view, an input or a parameter)")
+    elif entry is None:
         p.axes[node] = unknown(p, node, f"no rule for {op_name(node)} at {node.name}")
     else:
         recorded = len(p.records.shape_ops)
@@ -99,7 +103,8 @@ def _out_shape(p: Propagation, node: Node) -> list:
 
 # --- elementwise ---------------------------------------------------------------------------------
 POINTWISE = [op for op in aten_overloads(torch.Tag.pointwise) if torch.Tag.inplace not in op.tags]
-"""Broadcasting elementwise ops, from torch's own ``pointwise`` tags (in-place forms have no rule)."""
+"""Broadcasting elementwise ops, from torch's own ``pointwise`` tags (in-place forms are left to
+:func:`fxgradnas.capture.functionalize`)."""
 UNTAGGED_POINTWISE = [
     aten.rsub.Tensor, aten.hardswish.default, aten.where.ScalarSelf, aten.where.ScalarOther,
     aten.where.Scalar, aten.masked_fill.Tensor, aten.__and__.Tensor, aten.__and__.Scalar,
