@@ -257,10 +257,9 @@ class _GroupBuilder:
             g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
         return g
 
-
     def unpatchable(self, constants: list[NodeAxis]) -> str:
-        """Why the rewrite could not shrink one of these size constants ('' when it can): each
-        op's patcher is dry-run with one unit fewer on every unit factor."""
+        """Why the rewrite could not shrink one of these size constants ('' when it can): the op has
+        no patcher, or its patcher fails when dry-run with one unit fewer on every unit factor."""
         for c in constants:
             old = [f.size for f in c.layout.factors]
             sizes = [f.size - 1 if f.unit_axis is not None and f.size > 1 else f.size for f in c.layout.factors]

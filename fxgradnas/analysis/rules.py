@@ -38,7 +38,6 @@ def apply_rule(p: Propagation, node: Node) -> None:
     elif entry is None:
         p.axes[node] = unknown(p, node, f"no rule for {op_name(node)} at {node.name}")
     else:
-        recorded = len(p.records.shape_ops)
         try:
             axes = entry.rule(p, node)
             _check_axes(out, axes)
@@ -46,11 +45,6 @@ def apply_rule(p: Propagation, node: Node) -> None:
             first = next((line for line in str(exc).splitlines() if line.strip()), "")
             reason = f"the rule for {op_name(node)} failed at {node.name}: {type(exc).__name__}: {first}"
             axes = unknown(p, node, reason)
-        else:
-            if entry.patch is None:
-                for _, spaces in p.records.shape_ops[recorded:]:
-                    for s in spaces:
-                        p.freeze(s, f"{op_name(node)} at {node.name} spells sizes that no patcher can change")
         p.axes[node] = axes
     if node not in p.origin:
         sources = [x for x in p.tensor_inputs(node) if not p.is_weight(x)]
