@@ -202,21 +202,26 @@ def _signature(op: torch._ops.OpOverload) -> list[tuple[str, bool]]:
     return [(str(a.type), a.kwarg_only) for a in op._schema.arguments]
 
 
-def _fresh(node: Any) -> bool:
-    """Whether a node's value is a tensor of its own: made by an op that returns no alias (not a view,
-    an input, a parameter or a buffer)."""
+def _owned(node: Any) -> bool:
+    """Whether only ``node`` and its own users can reach its value: a fresh tensor (made by an op that
+    returns no alias: not a view, an input, a parameter or a buffer), or a view of an owned tensor that
+    no other node reads (``flatten`` before an in-place dropout)."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
     if node.target is operator.getitem:
-        return _fresh(node.args[0])
-    return not _returns_alias(node.target)
+        producer = node.args[0]
+        return isinstance(producer, torch.fx.Node) and producer.op == "call_function" and not _returns_alias(producer.target)
+    if not _returns_alias(node.target):
+        return True
+    base = node.args[0] if node.args else None
+    return mutated_argument(node.target) is None and isinstance(base, torch.fx.Node) and len(base.users) == 1 and _owned(base)
 
 
 def functionalize(gm: torch.fx.GraphModule) -> int:
     """Replace in-place ops (``relu_``, ``add_``, ``hardswish_``, ``dropout_``, ...) by their
     out-of-place forms where nothing else can see the write, and let the nodes after one read its
     result instead of the tensor it wrote into; returns how many. That holds when the written tensor is
-    fresh (see :func:`_fresh`) and no view of it is taken before the write. Any other write stays, and
+    owned (see :func:`_owned`) and no view of it is taken before the write. Any other write stays, and
     the analysis freezes what it touches. The module computes the same values with plain data flow."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     replaced = 0
@@ -226,7 +231,7 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         if mutated_argument(node.target) != 0 or (functional := _out_of_place(node.target)) is None:
             continue
         written = node.args[0]
-        if not _fresh(written):
+        if not _owned(written):
             continue
         earlier = [u for u in written.users if u is not node and order[u] < order[node]]
         if any(u.op != "call_function" or _returns_alias(u.target) for u in earlier):

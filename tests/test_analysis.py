@@ -205,7 +205,8 @@ def test_capture_drops_slices_that_keep_the_whole_axis() -> None:
 
 class InPlace(torch.nn.Module):
     """In-place ops as torchvision writes them (ReLU(inplace=True), ``out += identity``, in-place
-    Hardswish and Dropout), and a tensor read again after it was written in place."""
+    Hardswish and Dropout, a Dropout after ``flatten``), and a tensor read again after it was written
+    in place."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -219,7 +220,7 @@ class InPlace(torch.nn.Module):
         h.relu_()  # the result is not used: ``h`` below must read the written value
         out = self.fc2(self.drop(self.act(h + before)))
         out += x
-        return self.fc3(torch.relu_(out))
+        return self.fc3(self.drop(torch.relu_(out).flatten(0, 1)))  # written through a view nothing else reads
 
 
 def test_capture_replaces_in_place_ops_by_their_out_of_place_forms() -> None:
