@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import operator
 import re
 import time
 import warnings
@@ -170,6 +171,88 @@ def drop_whole_slices(gm: torch.fx.GraphModule) -> int:
     return dropped
 
 
+def mutated_argument(target: Any) -> int | None:
+    """Index of the argument an op writes into (``relu_``, ``add_``, ``copy_``, ``out=``), else None."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return None
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            return i
+    return None
+
+
+def _returns_alias(target: Any) -> bool:
+    """Whether an op's result may share memory with an argument (a view, or an in-place op's self)."""
+    schema = getattr(target, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
+
+
+def _out_of_place(target: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.relu.default`` for ``aten.relu_.default``, ``aten.__and__.Tensor`` for ``__iand__``:
+    the same op and overload without the write, when torch has it with the same arguments."""
+    name = target.overloadpacket.__name__
+    if name.startswith("__i"):
+        name = "__" + name[3:]
+    elif name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]
+    else:
+        return None
+    packet = getattr(torch.ops.aten, name, None)
+    functional = getattr(packet, target._overloadname, None) if packet is not None else None
+    if functional is None or mutated_argument(functional) is not None:
+        return None
+    return functional if _signature(functional) == _signature(target) else None
+
+
+def _signature(op: torch._ops.OpOverload) -> list[tuple[str, bool]]:
+    """Argument types and keyword-only flags (names differ: ``dropout_(self)`` vs ``dropout(input)``)."""
+    return [(str(a.type), a.kwarg_only) for a in op._schema.arguments]
+
+
+def _owned(node: Any) -> bool:
+    """Whether only ``node`` and its own users can reach its value: a fresh tensor (made by an op that
+    returns no alias: not a view, an input, a parameter or a buffer), or a view of an owned tensor that
+    no other node reads (``flatten`` before an in-place dropout)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        producer = node.args[0]
+        return isinstance(producer, torch.fx.Node) and producer.op == "call_function" and not _returns_alias(producer.target)
+    if not _returns_alias(node.target):
+        return True
+    base = node.args[0] if node.args else None
+    return mutated_argument(node.target) is None and isinstance(base, torch.fx.Node) and len(base.users) == 1 and _owned(base)
+
+
+def functionalize(gm: torch.fx.GraphModule) -> int:
+    """Replace in-place ops (``relu_``, ``add_``, ``hardswish_``, ``dropout_``, ...) by their
+    out-of-place forms where nothing else can see the write, and let the nodes after one read its
+    result instead of the tensor it wrote into; returns how many. That holds when the written tensor is
+    owned (see :func:`_owned`) and no view of it is taken before the write. Any other write stays, and
+    the analysis freezes what it touches. The module computes the same values with plain data flow."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if mutated_argument(node.target) != 0 or (functional := _out_of_place(node.target)) is None:
+            continue
+        written = node.args[0]
+        if not _owned(written):
+            continue
+        earlier = [u for u in written.users if u is not node and order[u] < order[node]]
+        if any(u.op != "call_function" or _returns_alias(u.target) for u in earlier):
+            continue
+        node.target = functional
+        for user in [u for u in written.users if order[u] > order[node]]:
+            user.replace_input_with(written, node)
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: ExampleInputs,
@@ -180,7 +263,8 @@ def capture(
 
     ``dynamic_shapes="auto"`` makes the batch dim of every tensor input dynamic, and dim 1 of
     rank-2/3 inputs (sequence); pass ``None`` for a static export or a torch.export spec.
-    The model is exported in eval mode and its training flags are restored afterwards.
+    The model is exported in eval mode and its training flags are restored afterwards. In-place ops
+    become out-of-place where nothing else sees their write (:func:`functionalize`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -195,6 +279,7 @@ def capture(
             raise _capture_error(model, exc) from exc
         module = exported.module()
     drop_whole_slices(module)
+    functionalize(module)
     names: dict[int, list[str]] = {}
     for name, tensor in [
         *model.named_parameters(remove_duplicate=False),

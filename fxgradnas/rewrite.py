@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .analysis import Analysis, Group, Layout, ensure_analysis
+from .analysis.registry import apply_edits, entry_for
 from .capture import ExampleInputs
 from .errors import RewriteError
 from .instrument import copy_graph_module, masked
@@ -20,8 +20,6 @@ from .plan import Plan
 from .selection import keep_grid, kept_per_unit_axis, tensor_selections
 
 aten = torch.ops.aten
-SHAPE_LIST_ARG = {aten.view: 1, aten._unsafe_view: 1, aten.reshape: 1, aten.view_copy: 1, aten.expand: 1}
-NORMS = (aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
 
 
 @dataclass
@@ -151,54 +149,21 @@ def _new_factor_sizes(layouts: list[tuple[Layout, tuple[int, ...]]]) -> list[int
 
 
 def _patch_shape_constants(gm: GraphModule, groups: list[Group], per_axis: dict[str, tuple[int, ...]]) -> None:
+    """Write the new sizes into every size constant the groups touch, with each op's patcher."""
     touched: dict[tuple[str, int], list[tuple[Layout, tuple[int, ...]]]] = defaultdict(list)
     for g in groups:
         for c in g.shape_constants:
             touched[(c.node, c.axis)].append((c.layout, per_axis[g.name]))
     nodes = {n.name: n for n in gm.graph.nodes}
-    for (name, axis), layouts in touched.items():
+    for (name, index), layouts in touched.items():
         sizes = _new_factor_sizes(layouts)
-        old = [f.size for f in layouts[0][0].factors]
-        if sizes == old:
+        if sizes == [f.size for f in layouts[0][0].factors]:
             continue
-        _patch_axis(nodes[name], axis, sizes, old)
-
-
-def _patch_axis(node: Node, axis: int, sizes: list[int | None], old: list[int | None]) -> None:
-    packet = node.target.overloadpacket
-    ndim = len(node.meta["val"].shape) if isinstance(node.meta.get("val"), torch.Tensor) else None
-    if packet in SHAPE_LIST_ARG:
-        arg_index, position = SHAPE_LIST_ARG[packet], axis
-    elif packet is aten.unflatten:
-        dim = node.args[1] % (ndim - len(node.args[2]) + 1)
-        arg_index, position = 2, axis - dim
-    elif packet in NORMS:
-        arg_index, position = 1, axis - (ndim - len(node.args[1]))
-    elif packet is aten.split and axis == node.args[2] % len(node.args[0].meta["val"].shape):
-        node.args = (node.args[0], math.prod(sizes), *node.args[2:])
-        return
-    elif packet is aten.repeat and old[0] == sizes[0]:
-        return  # the tile count is unchanged; the tiled axis follows its input
-    else:
-        raise RewriteError(f"cannot patch the shape constant of {node.name} ({packet.__name__})")
-    shape = list(node.args[arg_index])
-    value = shape[position]
-    fixed = math.prod(s for s in sizes if s is not None)
-    if isinstance(value, int):
-        if value == -1:
-            return
-        if any(s is None for s in sizes):
-            raise RewriteError(f"{node.name}: a constant axis has a dynamic factor")
-        shape[position] = fixed
-    elif isinstance(value, Node) and value.target is operator.mul:
-        literal = [i for i, a in enumerate(value.args) if isinstance(a, int)]
-        if len(literal) != 1:
-            raise RewriteError(f"{node.name}: cannot find the constant in {value.name}")
-        value.args = tuple(fixed if i == literal[0] else a for i, a in enumerate(value.args))
-        return
-    else:
-        raise RewriteError(f"{node.name}: axis {axis} is spelled by {value!r}, which fxgradnas cannot patch")
-    node.args = tuple(shape if i == arg_index else a for i, a in enumerate(node.args))
+        node = nodes[name]
+        entry = entry_for(node.target)
+        if entry is None or entry.patch is None:
+            raise RewriteError(f"no patcher for the size constants of {node.name}")
+        apply_edits(entry.patch(node, index, sizes))
 
 
 # --- RMSNorm over a pruned residual width ---------------------------------------------------------

@@ -195,3 +195,80 @@ def test_capture_drops_slices_that_keep_the_whole_axis() -> None:
     slices = [n for n in captured.module.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
     assert len(slices) == 2 and all(n.args[2:] in ((0, 4), (2, 9223372036854775807)) for n in slices)
     torch.testing.assert_close(captured.module(x), model(x), rtol=0, atol=0)
+
+
+class InPlace(torch.nn.Module):
+    """In-place ops as torchvision writes them (ReLU(inplace=True), ``out += identity``, in-place
+    Hardswish and Dropout, a Dropout after ``flatten``), and a tensor read again after it was written
+    in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(6, 10), torch.nn.Linear(10, 6), torch.nn.Linear(6, 3)
+        self.act = torch.nn.Hardswish(inplace=True)
+        self.drop = torch.nn.Dropout(0.1, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        before = h * 2
+        h.relu_()  # the result is not used: ``h`` below must read the written value
+        out = self.fc2(self.drop(self.act(h + before)))
+        out += x
+        return self.fc3(self.drop(torch.relu_(out).flatten(0, 1)))  # written through a view nothing else reads
+
+
+def test_capture_replaces_in_place_ops_by_their_out_of_place_forms() -> None:
+    """functionalize: every in-place op on a fresh tensor becomes its out-of-place form and the nodes
+    after it read its result; the captured module computes what the model does."""
+    from fxgradnas.capture import capture
+
+    model = InPlace().eval()
+    x = torch.randn(3, 5, 6)
+    captured = capture(model, x)
+    targets = [n.target for n in captured.module.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if isinstance(t, torch._ops.OpOverload) and torch.Tag.inplace in t.tags]
+    assert {torch.ops.aten.relu.default, torch.ops.aten.hardswish.default, torch.ops.aten.dropout.default} <= set(targets)
+    torch.testing.assert_close(captured.module(x), model(x), rtol=0, atol=0)
+    x = torch.randn(4, 2, 6)  # other batch and sequence sizes
+    torch.testing.assert_close(captured.module(x), model(x), rtol=0, atol=0)
+
+
+def test_in_place_ops_keep_their_channels_prunable(random_plan) -> None:
+    """After functionalisation the hidden channels are one exact group, the in-place residual add is a
+    residual add, and a random plan prunes to the masked output."""
+    analysis = fxgradnas.analyze(InPlace(), torch.randn(3, 5, 6))
+    channels = [g for g in analysis.prunable if g.kind == "channels"]
+    assert [g.size for g in channels] == [10]
+    assert [g.size for g in analysis.by_kind("hidden")] == [6]
+    fxgradnas.apply_plan(analysis, random_plan(analysis))  # self-checked: pruned == masked
+
+
+class WriteThroughView(torch.nn.Module):
+    """``h`` is written through a view of it, or after a view of it was taken: the write is seen
+    through another node, so it must stay in place."""
+
+    def __init__(self, view_first: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 10), torch.nn.Linear(10, 6)
+        self.view_first = view_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.view_first:
+            t = h.transpose(1, 2)
+            h.relu_()
+            return self.fc2(t.transpose(1, 2))
+        h.view(*h.shape[:-1], 2, 5).relu_()
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("view_first", [False, True], ids=["write-into-view", "view-before-write"])
+def test_writes_other_nodes_can_see_stay_and_freeze_what_they_touch(view_first: bool) -> None:
+    model = WriteThroughView(view_first).eval()
+    x = torch.randn(3, 5, 6)
+    analysis = fxgradnas.analyze(model, x)
+    assert torch.ops.aten.relu_.default in {n.target for n in analysis.captured.module.graph.nodes}
+    torch.testing.assert_close(analysis.captured.module(x), model(x), rtol=0, atol=0)
+    assert not [g for g in analysis.prunable if any(t.name == "fc1.weight" and t.axis == 0 for t in g.params)]
+    reasons = {reason for _, reason in analysis.walk.records.frozen}
+    assert any("aten.relu_" in r and "writes in place" in r for r in reasons)

@@ -13,6 +13,7 @@ import fxgradnas
 from fxgradnas import Plan, PlanError, apply_plan, masked
 from fxgradnas.capture import fingerprint
 from fxgradnas.rewrite import relative_difference
+from tests import zoo
 from tests.zoo import HF_ZOO, ZOO, analysis_of
 
 CASES = [pytest.param(name, id=name) for name in ZOO] + [
@@ -135,6 +136,22 @@ def test_save_and_restore_without_pickle(tmp_path) -> None:
     restored = apply_plan(fresh, Plan.from_json((tmp_path / "plan.json").read_text()), inputs)
     restored.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
     torch.testing.assert_close(restored(inputs), pruned(inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep", [[0, 2], [2, 3], "random"], ids=["one-query-per-kv", "one-kv", "random"])
+def test_gqa_with_repeat_interleave_prunes_end_to_end(monkeypatch: pytest.MonkeyPatch, keep, random_plan) -> None:
+    """KV heads repeated by ``repeat_interleave``: the heads grid is [kv, queries per kv] and the
+    repeat count is a size constant that the rewrite patches; pruned == masked."""
+    monkeypatch.setattr(zoo, "repeat_kv", lambda x, n_rep: x.repeat_interleave(n_rep, dim=1))
+    analysis = fxgradnas.analyze(*zoo.llama())
+    heads = analysis.by_kind("heads")
+    assert [(g.unit_shape, g.prunable) for g in heads] == [((2, 2), True)] * 2
+    nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
+    assert all(any(nodes[c.node].target is torch.ops.aten.repeat_interleave.self_int for c in g.shape_constants)
+               for g in heads)
+    plan = random_plan(analysis) if keep == "random" else Plan({g.name: keep for g in heads})
+    pruned = apply_plan(analysis, plan, check=False)
+    assert relative_difference(masked(analysis, plan), pruned, analysis) <= 1e-5
 
 
 def test_uneven_queries_per_kv_head_are_refused_but_masked_works() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 import fxgradnas
 from fxgradnas import Analysis, Group
-from fxgradnas.analysis import RULES
+from fxgradnas.analysis import REGISTRY
 
 B, T, D, H = 3, 7, 5, 11  # batch, sequence, model width, hidden width: odd and all different
 aten = torch.ops.aten
@@ -251,7 +251,7 @@ def test_model_input_channels_are_frozen() -> None:
 )
 def test_op_without_a_rule_freezes_the_channels_it_touches(op: Any, f: Callable) -> None:
     """unknown: an op with no rule freezes every space it reads and writes, and says which op."""
-    assert op not in RULES and op.default not in RULES
+    assert op not in REGISTRY and op.default not in REGISTRY
     a = analyze(MLP(f), tokens())
     g = group_at(a, "fc1.weight", 0)
     assert not g.prunable
@@ -360,19 +360,30 @@ def test_conv_flatten_linear_keeps_channels_as_the_major_factor() -> None:
     assert w.axis == 1 and [f.unit_axis for f in w.layout.factors] == [0, None, None]
 
 
-def test_grouped_convolution_freezes_its_channels() -> None:
-    """conv with 1 < groups < channels: in and out channels are tied to their group; frozen."""
+def test_grouped_convolution_units_are_whole_conv_groups_and_channels_within_every_group() -> None:
+    """conv with 1 < groups < channels: channels are [conv group, channel within the group]. A conv
+    group couples its input and output channels (and ``groups`` spells how many); a channel within
+    the groups is that channel of every conv group. All three are exact prunable groups."""
     a = analyze(ConvNet(mid=6, groups=2), images())
-    for name, axis in [("conv1.weight", 0), ("conv2.weight", 0), ("conv2.weight", 1)]:
-        g = group_at(a, name, axis)
-        assert not g.prunable and "grouped" in g.reason
-    assert a.prunable == []
+    (whole,) = [g for g in a.groups if ("conv1.weight", 0) in axes(g) and ("conv2.weight", 0) in axes(g)]
+    assert whole.prunable and whole.exact and whole.size == 2
+    assert {("bn.weight", 0), ("conv2.bias", 0), ("head.weight", 1)} <= axes(whole)
+    assert [c.node for c in whole.shape_constants] == [n.name for n in a.captured.module.graph.nodes
+                                                       if n.target is aten.conv2d.default][1:]
+    inputs = group_at(a, "conv2.weight", 1)
+    assert inputs.prunable and inputs.exact and inputs.size == 3
+    (w,) = [t for t in inputs.params if t.name == "conv1.weight"]
+    assert [(f.size, f.unit_axis) for f in w.layout.factors] == [(2, None), (3, 0)]
+    (outputs,) = [g for g in a.groups if ("conv2.weight", 0) in axes(g) and g is not whole]
+    assert outputs.prunable and outputs.exact and outputs.size == 3
+    assert ("head.weight", 1) in axes(outputs) and ("conv1.weight", 0) not in axes(outputs)
 
 
 def test_grouped_convolution_keeps_weight_and_bias_out_channels_together() -> None:
     """conv: the out-channel axis of the weight and the bias are one space, grouped or not."""
     a = analyze(ConvNet(mid=6, groups=2), images())
-    assert group_at(a, "conv2.weight", 0) is group_at(a, "conv2.bias", 0)
+    weight = [g.name for g in a.groups if ("conv2.weight", 0) in axes(g)]
+    assert len(weight) == 2 and weight == [g.name for g in a.groups if ("conv2.bias", 0) in axes(g)]
 
 
 def test_depthwise_convolution_couples_input_and_output_channels() -> None:
@@ -382,6 +393,42 @@ def test_depthwise_convolution_couples_input_and_output_channels() -> None:
     assert g.prunable and g.size == 5
     assert {("bn.weight", 0), ("conv2.weight", 0), ("conv2.bias", 0), ("head.weight", 1)} <= axes(g)
     assert in_no_group(a, "conv2.weight", 1)  # the per-group input axis has size 1
+
+
+# --- rules that used to crash ---------------------------------------------------------------------
+class BinaryMinMax(nn.Module):
+    """T5's relative-position buckets: ``torch.min``/``torch.max`` of two tensors (elementwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(torch.min(h, torch.full_like(h, 0.5)) + torch.max(h, -h))
+
+
+class SymbolicRepeat(nn.Module):
+    """DeBERTa-v2's relative embeddings: a table repeated by the (dynamic) batch and sequence sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H, D)
+        self.table = nn.Parameter(torch.randn(1, 1, H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return self.fc2(torch.relu(self.fc1(x)) + self.table.repeat(b, t, 1))
+
+
+@pytest.mark.parametrize("model", [BinaryMinMax, SymbolicRepeat], ids=["min-max-other", "symbolic-repeat"])
+def test_patterns_that_crashed_the_analysis_are_understood(model: type[nn.Module], random_plan: Callable) -> None:
+    """elementwise ``min.other``/``max.other`` (not reductions); ``repeat`` by a SymInt count (a
+    data-sized tile): the hidden channels are one exact prunable group."""
+    a = analyze(model(), tokens())
+    g = group_at(a, "fc1.weight", 0)
+    assert g.prunable and g.exact and ("fc2.weight", 1) in axes(g)
+    fxgradnas.apply_plan(a, random_plan(a))  # self-checked: pruned == masked
 
 
 # --- residual streams ------------------------------------------------------------------------------

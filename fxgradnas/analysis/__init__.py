@@ -13,13 +13,13 @@ from ..capture import Captured, ExampleInputs, capture
 from ..report import analysis_table
 from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
 from .propagate import propagate
-from .rules import RULES
+from .registry import REGISTRY, OpEntry, register
 from .spaces import Size
 from .state import Propagation
 
 __all__ = [
-    "Analysis", "Factor", "Group", "Layout", "NodeAxis", "TensorAxis", "RULES", "analyze",
-    "analyze_captured", "ensure_analysis",
+    "Analysis", "Factor", "Group", "Layout", "NodeAxis", "OpEntry", "REGISTRY", "TensorAxis", "analyze",
+    "analyze_captured", "ensure_analysis", "register",
 ]
 
 

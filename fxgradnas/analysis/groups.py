@@ -15,8 +15,9 @@ from math import prod
 
 import torch
 
+from .registry import entry_for
 from .spaces import is_data_size
-from .state import Propagation
+from .state import Propagation, op_name
 
 KINDS = ("heads", "channels", "hidden")
 ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entries do not change
@@ -121,6 +122,7 @@ class _GroupBuilder:
         self.p = p
         self.s = p.spaces
         self.rec = p.records
+        self.nodes = {n.name: n for n in p.gm.graph.nodes}
 
     def leaves(self, space: int) -> list[int]:
         return self.s.leaves(space)
@@ -246,11 +248,32 @@ class _GroupBuilder:
         )
         g.unit_width = _unit_width(g)
         _judge_exact(g)
+        if g.prunable:
+            g.reason = self.unpatchable(constants)
+            g.prunable = not g.reason
         if g.prunable and not g.sites:
             g.prunable, g.reason = False, "no place to put its mask (no weight consumes it)"
         if kind == "heads" and len(unit_shape) > 2:
             g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
         return g
+
+    def unpatchable(self, constants: list[NodeAxis]) -> str:
+        """Why the rewrite could not shrink one of these size constants ('' when it can): the op has
+        no patcher, or its patcher fails when dry-run with one unit fewer on every unit factor."""
+        for c in constants:
+            old = [f.size for f in c.layout.factors]
+            sizes = [f.size - 1 if f.unit_axis is not None and f.size > 1 else f.size for f in c.layout.factors]
+            if sizes == old:
+                continue
+            node = self.nodes[c.node]
+            entry = entry_for(node.target)
+            if entry is None or entry.patch is None:
+                return f"no patcher for the size constants of {op_name(node)} at {node.name}"
+            try:
+                entry.patch(node, c.axis, sizes)
+            except Exception as exc:  # any failure to patch is a reason to freeze, never a crash
+                return f"cannot patch a size constant of {op_name(node)} at {node.name}: {exc}"
+        return ""
 
 
 def _unit_width(g: Group) -> int:

@@ -1,54 +1,51 @@
-"""The one registry of op rules: how each ATen op maps its inputs' axes to its outputs' axes.
+"""The op rules: how each ATen op maps its inputs' axes to its outputs' axes.
 
 A rule receives the walk state and the node, declares which axes share a space, records what the
-later passes need (frozen spaces, heads, reductions, weight contractions and productions, shape
+later passes need (frozen spaces, heads, reductions, weight contractions and productions, size
 constants) and returns the spaces of the node's output axes (a list per tensor output for ops that
-return several). An op without a rule freezes every space it touches: never guess.
+return several). Rules are registered in :mod:`fxgradnas.analysis.registry` together with the
+patcher of the size constants they record. An op without a rule freezes every space it touches, and
+so does an op whose rule fails: never guess.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.fx import Node
 
+from ..capture import mutated_argument
+from ..errors import RewriteError
+from .registry import Edit, aten_overloads, entry_for, fixed_size, int_arg, register, size_list, with_arg
+from .spaces import as_size
 from .state import AxisSpaces, Propagation, op_name
 
 aten = torch.ops.aten
-Rule = Callable[[Propagation, Node], Any]
-RULES: dict[Any, Rule] = {}
-
-
-def ops(*names: str) -> list[Any]:
-    """The ATen op packets of these names that this torch build has."""
-    return [getattr(aten, n) for n in names if hasattr(aten, n)]
-
-
-def register(*ops: Any) -> Callable[[Rule], Rule]:
-    def decorate(rule: Rule) -> Rule:
-        for op in ops:
-            RULES[op] = rule
-        return rule
-
-    return decorate
-
-
-def rule_for(node: Node) -> Rule | None:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return RULES.get(target) or RULES.get(target.overloadpacket)
-    return RULES.get(target)
 
 
 def apply_rule(p: Propagation, node: Node) -> None:
+    """Label the outputs of ``node`` with its rule; without a rule, or when the rule fails, freeze
+    every space the node touches with a reason naming the op and the node."""
     out = p.val(node)
     if not _holds_tensor(out):
         return  # shape arithmetic, assertions, guards: nothing to label
-    rule = rule_for(node) or unknown
-    p.axes[node] = rule(p, node)
+    entry = entry_for(node.target)
+    if mutated_argument(node.target) is not None:
+        p.axes[node] = unknown(p, node, f"{op_name(node)} at {node.name} writes in place into a tensor that other "
+                                        "nodes can see (a view, an input or a parameter)")
+    elif entry is None:
+        p.axes[node] = unknown(p, node, f"no rule for {op_name(node)} at {node.name}")
+    else:
+        try:
+            axes = entry.rule(p, node)
+            _check_axes(out, axes)
+        except Exception as exc:  # a rule that does not understand its node must not stop the analysis
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            reason = f"the rule for {op_name(node)} failed at {node.name}: {type(exc).__name__}: {first}"
+            axes = unknown(p, node, reason)
+        p.axes[node] = axes
     if node not in p.origin:
         sources = [x for x in p.tensor_inputs(node) if not p.is_weight(x)]
         p.origin[node] = p.origin.get(sources[0], sources[0]) if sources else node
@@ -60,13 +57,30 @@ def _holds_tensor(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
-def unknown(p: Propagation, node: Node) -> Any:
-    """No rule: freeze everything the op reads and writes."""
-    reason = f"no rule for {op_name(node)} at {node.name}"
+def _check_axes(value: Any, axes: Any) -> None:
+    """A rule returns one space per axis of each tensor output."""
+    if isinstance(value, torch.Tensor):
+        if not isinstance(axes, list) or len(axes) != value.dim():
+            raise ValueError(f"the rule gave {axes!r} for a tensor of rank {value.dim()}")
+        return
+    if not isinstance(axes, list) or len(axes) != len(value):
+        raise ValueError(f"the rule gave {axes!r} for {len(value)} outputs")
+    for v, a in zip(value, axes, strict=True):
+        if isinstance(v, torch.Tensor):
+            _check_axes(v, a)
+
+
+def unknown(p: Propagation, node: Node, reason: str) -> Any:
+    """Freeze everything the op reads and writes, for ``reason``."""
     for x in p.tensor_inputs(node):
-        for s in p.of(x):
+        for s in p.axes.get(x, []):
             p.freeze(s, reason)
     return _fresh_like(p, p.val(node), reason)
+
+
+def no_rule(p: Propagation, node: Node) -> Any:
+    """The fallback of a rule for a form of its op that it does not handle."""
+    return unknown(p, node, f"no rule for this form of {op_name(node)} at {node.name}")
 
 
 def _fresh_like(p: Propagation, value: Any, reason: str | None) -> Any:
@@ -82,22 +96,21 @@ def _out_shape(p: Propagation, node: Node) -> list:
 
 
 # --- elementwise ---------------------------------------------------------------------------------
-ELEMENTWISE = ops(
-    "add", "sub", "rsub", "mul", "div", "pow", "neg", "abs", "exp", "exp2", "log", "log1p", "log2",
-    "expm1", "sqrt", "rsqrt", "sin", "cos", "tan", "tanh", "sigmoid", "relu", "relu6", "gelu",
-    "silu", "mish", "hardtanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "selu", "celu",
-    "softplus", "erf", "clamp", "clamp_min", "clamp_max", "clip", "where", "masked_fill",
-    "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-    "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor",
-    "__and__", "__or__", "__xor__", "__invert__", "floor", "ceil", "round", "sign", "reciprocal",
-    "square", "fmod", "remainder", "floor_divide", "isnan", "isinf", "nan_to_num", "lerp",
-    "addcmul", "addcdiv", "atan", "trunc", "frac", "logit",
-)
-UNARY = ops(
-    "to", "_to_copy", "clone", "contiguous", "detach", "alias", "lift_fresh_copy", "dropout",
-    "alpha_dropout", "feature_dropout", "zeros_like", "ones_like", "empty_like", "full_like",
-    "rand_like", "randn_like", "type_as", "fill", "bernoulli", "native_dropout",
-)
+POINTWISE = [op for op in aten_overloads(torch.Tag.pointwise) if torch.Tag.inplace not in op.tags]
+"""Broadcasting elementwise ops, from torch's own ``pointwise`` tags (in-place forms are left to
+:func:`fxgradnas.capture.functionalize`)."""
+UNTAGGED_POINTWISE = [
+    aten.rsub.Tensor, aten.hardswish.default, aten.where.ScalarSelf, aten.where.ScalarOther,
+    aten.where.Scalar, aten.masked_fill.Tensor, aten.__and__.Tensor, aten.__and__.Scalar,
+    aten.__or__.Tensor, aten.__or__.Scalar, aten.floor_divide.default, aten.floor_divide.Scalar,
+]
+"""Elementwise ops whose ``pointwise`` tag torch does not set."""
+UNARY = [
+    aten.to, aten._to_copy, aten.contiguous, aten.detach, aten.alias, aten.lift_fresh_copy, aten.dropout,
+    aten.alpha_dropout, aten.feature_dropout, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like,
+    aten.rand_like, aten.randn_like, aten.type_as, aten.fill, aten.bernoulli, aten.native_dropout,
+]
+"""Ops whose output (each output) has the axes of their first argument."""
 
 
 # ops that map a zero entry to zero (with the other operand a scale or a weight): between the op that
@@ -131,10 +144,17 @@ def _write_site(p: Propagation, x: Node, axis: int) -> Node:
     return origin if same else x
 
 
-@register(*ELEMENTWISE)
-def elementwise(p: Propagation, node: Node) -> AxisSpaces:
+@register(*POINTWISE, *UNTAGGED_POINTWISE)
+def elementwise(p: Propagation, node: Node) -> Any:
     """Broadcasting: axes aligned from the right share a space unless one side has size 1."""
-    out_shape = _out_shape(p, node)
+    value = p.val(node)
+    if not isinstance(value, torch.Tensor):  # several outputs of one shape (frexp)
+        first = elementwise_axes(p, node, p.shape_of(value[0]))
+        return [list(first) for _ in value]
+    return elementwise_axes(p, node, p.shape_of(value))
+
+
+def elementwise_axes(p: Propagation, node: Node, out_shape: list) -> AxisSpaces:
     inputs = p.tensor_inputs(node)
     out: list[int | None] = [None] * len(out_shape)
     users: list[list[Node]] = [[] for _ in out_shape]
@@ -191,16 +211,31 @@ def getitem(p: Propagation, node: Node) -> AxisSpaces:
 
 
 # --- layout ----------------------------------------------------------------------------------------
-@register(aten.view, aten._unsafe_view, aten.reshape, aten.view_as, aten.reshape_as, aten.flatten,
-          aten.unflatten, aten.squeeze, aten.unsqueeze, aten.view_copy)
+@register(aten.view, aten.reshape, patch=size_list(1, "size"))
 def reshape(p: Propagation, node: Node) -> AxisSpaces:
-    """Row-major reshapes (squeeze/unsqueeze included): output axes regroup the input's leaves."""
+    """Row-major reshapes: output axes regroup the input's leaves; the size list spells them."""
+    out = regroup(p, node)
+    p.constants(out)
+    return out
+
+
+@register(aten.unflatten, patch=size_list(2, "sizes"))
+def unflatten(p: Propagation, node: Node) -> AxisSpaces:
+    """Like a reshape; the sizes list spells the axes that replace ``dim``."""
+    out = regroup(p, node)
+    sizes = node.args[2]
+    dim = node.args[1] % (len(out) - len(sizes) + 1)
+    p.constants(out[dim:dim + len(sizes)])
+    return out
+
+
+@register(aten.view_as, aten.reshape_as, aten.flatten, aten.squeeze, aten.unsqueeze)
+def regroup(p: Propagation, node: Node) -> AxisSpaces:
+    """Row-major reshapes without size constants (squeeze/unsqueeze included)."""
     src = node.args[0]
     out = p.regroup(p.of(src), _out_shape(p, node))
     if p.is_weight(src):
         p.weightlike.add(node)
-    if node.target.overloadpacket in (aten.view, aten._unsafe_view, aten.reshape, aten.view_copy, aten.unflatten):
-        p.records.shape_ops.append((node.name, out))
     return out
 
 
@@ -225,9 +260,17 @@ def permute(p: Propagation, node: Node) -> AxisSpaces:
     return [spaces[i] for i in order]
 
 
-@register(aten.expand, aten.expand_as, aten.broadcast_to)
+@register(aten.expand, patch=size_list(1, "size"))
 def expand(p: Propagation, node: Node) -> AxisSpaces:
-    """Axes of size 1 grown to n become new spaces (e.g. the queries-per-KV axis of GQA)."""
+    """Axes of size 1 grown to n become new spaces (e.g. the queries-per-KV axis of GQA); the size
+    list spells every output axis."""
+    out = broadcast(p, node)
+    p.constants(out)
+    return out
+
+
+@register(aten.expand_as, aten.broadcast_to)
+def broadcast(p: Propagation, node: Node) -> AxisSpaces:
     src = node.args[0]
     spaces, shape = p.of(src), p.shape(src)
     out_shape = _out_shape(p, node)
@@ -238,53 +281,83 @@ def expand(p: Propagation, node: Node) -> AxisSpaces:
         out.append(spaces[i] if i >= 0 and shape[i] == size else p.spaces.new(size))
     if p.is_weight(src):
         p.weightlike.add(node)
-    if node.target.overloadpacket is aten.expand:
-        p.records.shape_ops.append((node.name, out))
     return out
 
 
-@register(aten.repeat)
+@register(aten.repeat, patch=size_list(1, "repeats"))
 def repeat(p: Propagation, node: Node) -> AxisSpaces:
+    """Axis j becomes [tile j, input axis]; the repeats list spells the tiles. A count that is a
+    SymInt (a dynamic size) makes a data-sized tile."""
     src, repeats = node.args[0], list(node.args[1])
     spaces = p.of(src)
     offset = len(repeats) - len(spaces)
-    out = []
+    out, tiles = [], []
     for j, r in enumerate(repeats):
         inner = spaces[j - offset] if j >= offset else None
-        tile = p.spaces.new(r)
+        tile = p.spaces.new(as_size(r.meta["val"]) if isinstance(r, Node) else r)
+        tiles.append(tile)
         out.append(p.spaces.compose([tile] + ([inner] if inner is not None else [])))
-    p.records.shape_ops.append((node.name, out))
+    p.constants(tiles)
     return out
 
 
-@register(aten.repeat_interleave)
+def _patch_repeat_interleave(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
+    """Constant 0 is ``repeats``; constant 1, when given, ``output_size``."""
+    if index == 0:
+        return int_arg(1, "repeats")(node, index, sizes)
+    return [with_arg(node, None, "output_size", fixed_size(node, sizes))]
+
+
+@register(aten.repeat_interleave.self_int, patch=_patch_repeat_interleave)
 def repeat_interleave(p: Propagation, node: Node) -> AxisSpaces:
-    src, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    """``repeat_interleave(x, n, dim)``: axis ``dim`` becomes [axis, n] (grouped-query KV heads)."""
+    src, repeats = node.args[0], p.arg(1, "repeats")
+    dim = p.arg(2, "dim")
     if not isinstance(repeats, int) or dim is None:
-        return unknown(p, node)
+        return no_rule(p, node)
     spaces = list(p.of(src))
     dim %= len(spaces)
-    spaces[dim] = p.spaces.compose([spaces[dim], p.spaces.new(repeats)])
-    p.records.shape_ops.append((node.name, spaces))
+    rep = p.spaces.new(repeats)
+    spaces[dim] = p.spaces.compose([spaces[dim], rep])
+    p.constants([rep, spaces[dim]] if node.kwargs.get("output_size") is not None else [rep])
     return spaces
 
 
-@register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.unsafe_split)
+def _patch_split(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
+    """The split size: an int, or a list of equal sizes whose every entry is patched."""
+    value = node.args[1]
+    if not isinstance(value, (list, tuple)):
+        return int_arg(1, "split_size")(node, index, sizes)
+    if not all(isinstance(v, int) for v in value):
+        raise RewriteError(f"{node.name}: split sizes {value!r} are not all constants")
+    return [with_arg(node, 1, "split_sizes", [fixed_size(node, sizes)] * len(value))]
+
+
+@register(aten.split, aten.split_with_sizes, aten.unsafe_split, patch=_patch_split)
 def split(p: Propagation, node: Node) -> list[AxisSpaces]:
-    """Equal pieces: the axis becomes [pieces, piece] and every output's axis is the piece space."""
+    """Equal pieces: the axis becomes [pieces, piece] and every output's axis is the piece space,
+    which the split size spells."""
+    result, piece = _equal_pieces(p, node, p.arg(2, "dim", 0))
+    if piece is not None:
+        p.constants([piece])
+    return result
+
+
+@register(aten.chunk)
+def chunk(p: Propagation, node: Node) -> list[AxisSpaces]:
+    """Equal pieces; the piece count is given, so no size constant changes."""
+    return _equal_pieces(p, node, p.arg(2, "dim", 0))[0]
+
+
+def _equal_pieces(p: Propagation, node: Node, dim: int) -> tuple[list[AxisSpaces], int | None]:
+    """Each output's axis ``dim`` and, when the pieces are equal, the piece space (else the axis is
+    frozen)."""
     src = node.args[0]
     spaces = p.of(src)
-    packet = node.target.overloadpacket
-    dim_arg = 1 if packet is aten.unbind else 2
-    dim = (node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", 0)) % len(spaces)
-    outs = p.val(node)
-    sizes = [v.shape[dim] for v in outs] if packet is not aten.unbind else None
+    dim %= len(spaces)
+    sizes = [as_size(v.shape[dim]) for v in p.val(node)]
     whole = spaces[dim]
-    keep = [s for i, s in enumerate(spaces) if i != dim]
-    if packet is aten.unbind:
-        p.freeze(whole, f"unbound (one tensor per index) at {node.name}")
-        return [list(keep) for _ in outs]
+    piece = None
     if p.spaces.is_data(whole) or len(set(sizes)) != 1:
         reason = f"split into unequal pieces at {node.name}"
         p.freeze(whole, reason)
@@ -292,20 +365,22 @@ def split(p: Propagation, node: Node) -> list[AxisSpaces]:
         for s in piece_spaces:
             p.freeze(s, reason)
     else:
-        pieces, piece = p.spaces.new(len(outs)), p.spaces.new(sizes[0])
-        p.freeze(pieces, f"index of the pieces of split {node.name}")
-        p.same(whole, p.spaces.compose([pieces, piece]))
-        piece_spaces = [piece] * len(outs)
-    result = []
-    for s in piece_spaces:
-        d = list(spaces)
-        d[dim] = s
-        result.append(d)
-    if packet is aten.split:
-        p.records.shape_ops.append((node.name, result[0]))  # the split size spells the piece axis
+        count, piece = p.spaces.new(len(sizes)), p.spaces.new(sizes[0])
+        p.freeze(count, f"index of the pieces of split {node.name}")
+        p.same(whole, p.spaces.compose([count, piece]))
+        piece_spaces = [piece] * len(sizes)
     if p.is_weight(src):
         p.weightlike.add(node)
-    return result
+    return [[s if i == dim else t for i, t in enumerate(spaces)] for s in piece_spaces], piece
+
+
+@register(aten.unbind)
+def unbind(p: Propagation, node: Node) -> list[AxisSpaces]:
+    src = node.args[0]
+    spaces = p.of(src)
+    dim = p.arg(1, "dim", 0) % len(spaces)
+    p.freeze(spaces[dim], f"unbound (one tensor per index) at {node.name}")
+    return [[s for i, s in enumerate(spaces) if i != dim] for _ in p.val(node)]
 
 
 @register(aten.cat, aten.concat, aten.concatenate)
@@ -438,7 +513,7 @@ def matmul(p: Propagation, node: Node) -> AxisSpaces:
     a, b = node.args[0], node.args[1]
     out_shape = _out_shape(p, node)
     if p.val(a).dim() < 2 or p.val(b).dim() < 2:
-        return unknown(p, node)
+        return no_rule(p, node)
     out = p.fresh(out_shape)
     a_axis, b_axis, out_a, out_b = _matmul_maps(p.val(a).dim(), p.val(b).dim(), len(out_shape))
     out_a = {j: i for j, i in out_a.items() if p.shape(a)[i] != 1 or out_shape[j] == 1}
@@ -476,30 +551,43 @@ def linear(p: Propagation, node: Node) -> AxisSpaces:
     out = p.fresh(out_shape)
     n = len(out_shape)
     if p.val(w).dim() != 2:
-        return unknown(p, node)
+        return no_rule(p, node)
     _contract(p, node, x, w, out, -1, 1, {j: j for j in range(n - 1)}, {n - 1: 0})
     _broadcast_into(p, bias, out, out_shape)
     return out
 
 
-@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
-          aten.conv_transpose2d, aten.conv_transpose3d)
+def _patch_conv_groups(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
+    """A convolution's ``groups`` (argument 8 of ``convolution``, 6 of the others)."""
+    return int_arg(8 if node.target.overloadpacket is aten.convolution else 6, "groups")(node, index, sizes)
+
+
+CONV_TRANSPOSE = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, *CONV_TRANSPOSE, patch=_patch_conv_groups)
 def conv(p: Propagation, node: Node) -> AxisSpaces:
-    """Channels of input/weight/output/bias; spatial axes are new spaces; groups need care."""
+    """Channels of input, weight, output and bias; spatial axes are new spaces, never units.
+
+    With ``groups`` G the input channels are [G, per-group input] and the output channels [G,
+    per-group output]; the weight's axes are the output channels and the per-group input (transposed:
+    the input channels and the per-group output). Conv group g of the input feeds only conv group g
+    of the output, so the G space couples them and a unit of G is a whole conv group; a unit of a
+    per-group space is one channel of every conv group. ``groups`` spells G. A depthwise conv (one
+    channel per group) couples input channel c to output channel c.
+    """
     x, w = node.args[0], node.args[1]
     bias = p.arg(2, "bias")
     packet = node.target.overloadpacket
     if packet is aten.convolution:
         transposed, groups = node.args[6], node.args[8]
     else:
-        transposed = packet in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
-        groups = p.arg(6, "groups", 1)
-    if not p.is_weight(w):
-        return unknown(p, node)
+        transposed, groups = packet in CONV_TRANSPOSE, p.arg(6, "groups", 1)
+    if not p.is_weight(w) or not isinstance(groups, int):
+        return no_rule(p, node)
     out_shape = _out_shape(p, node)
     out = p.fresh(out_shape)
     dx, dw = p.of(x), p.of(w)
-    w_out, w_in = (1, 0) if transposed else (0, 1)
     spatial = f"spatial axis of {node.name}"
     for j in range(2, len(out)):
         p.freeze(out[j], spatial)
@@ -508,19 +596,16 @@ def conv(p: Propagation, node: Node) -> AxisSpaces:
     p.same(out[0], dx[0])
     cin, cout = p.shape(x)[1], out_shape[1]
     p.records.flops.append([*(dx if transposed else out), *dw[1:]])
-    if groups == 1:
-        p.same(dx[1], dw[w_in])
-        p.same(out[1], dw[w_out])
-        p.consumed(x, 1)
-        p.produced()
-    elif groups == cin == cout and p.shape(w)[w_in] == 1:
-        p.same(dx[1], out[1])
-        p.same(out[1], dw[w_out])
-    else:
-        p.same(out[1], dw[w_out])
-        reason = f"grouped convolution at {node.name}"
-        for s in (dx[1], out[1], dw[0], dw[1]):
-            p.freeze(s, reason)
+    conv_groups = p.spaces.new(groups)
+    per_in = p.spaces.new(cin // groups) if transposed else dw[1]
+    per_out = dw[1] if transposed else p.spaces.new(cout // groups)
+    p.same(dx[1], p.spaces.compose([conv_groups, per_in]))
+    p.same(out[1], p.spaces.compose([conv_groups, per_out]))
+    p.same(dw[0], dx[1] if transposed else out[1])
+    p.consumed(x, 1)
+    p.produced()
+    if groups > 1:
+        p.constants([conv_groups])
     _broadcast_into(p, bias, [out[1]], [cout])
     return out
 
@@ -624,8 +709,9 @@ def along_axis(p: Propagation, node: Node) -> Any:
     return list(spaces)
 
 
-@register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
-def layer_norm(p: Propagation, node: Node) -> Any:
+@register(aten.layer_norm, aten.rms_norm, patch=size_list(1, "normalized_shape"))
+def layer_norm(p: Propagation, node: Node) -> AxisSpaces:
+    """Normalises over the trailing axes that ``normalized_shape`` spells (a reduction over them)."""
     x, normalized = node.args[0], list(node.args[1])
     weight = p.arg(2, "weight")
     bias = p.arg(3, "bias") if node.target.overloadpacket is not aten.rms_norm else None
@@ -634,14 +720,11 @@ def layer_norm(p: Propagation, node: Node) -> Any:
     kind = "rms_norm" if node.target.overloadpacket is aten.rms_norm else "layer_norm"
     for s in tail:
         p.reduce(s, kind)
-    p.records.shape_ops.append((node.name, list(spaces)))  # normalized_shape spells the tail axes
+    p.constants(tail)  # normalized_shape spells the tail axes
     for param in (weight, bias):
         if p.is_tensor(param):
             for s, t in zip(tail, p.of(param), strict=True):
                 p.same(s, t)
-    if isinstance(p.val(node), (tuple, list)):
-        stats = [s if i < len(spaces) - len(normalized) else p.spaces.new(1) for i, s in enumerate(spaces)]
-        return [list(spaces), stats, list(stats)]
     return list(spaces)
 
 

@@ -3,7 +3,7 @@
 The walk (:mod:`fxgradnas.analysis.propagate`) applies the op rules of :mod:`fxgradnas.analysis.rules`,
 which read and declare facts through :class:`Propagation`; it collects *records* (what
 freezes a space, which spaces are attention heads, residual streams, reductions, where a space is
-contracted against a weight, what is written into a residual stream, which shape constants spell it). Records hold space ids
+contracted against a weight, what is written into a residual stream, which size constants spell it). Records hold space ids
 and are resolved to final leaf spaces only after the walk, since later unions refine earlier spaces.
 """
 
@@ -32,7 +32,7 @@ class Records:
     residual: list[tuple[int, str]] = field(default_factory=list)
     consumed: list[tuple[str, int, int]] = field(default_factory=list)  # input node, axis, space
     writes: list[tuple[str, int, int]] = field(default_factory=list)  # residual-add operand, axis, space
-    shape_ops: list[tuple[str, list[int]]] = field(default_factory=list)  # node, output spaces
+    shape_ops: list[tuple[str, list[int]]] = field(default_factory=list)  # node, spaces of its size constants
     internal: list[int] = field(default_factory=list)  # weight axes that are never units (kernels)
     flops: list[list[int]] = field(default_factory=list)  # multiply-adds: 2 x product of these axes
     tensors: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)  # get_attr
@@ -146,6 +146,11 @@ class Propagation:
     def consumed(self, x: Node, axis: int) -> None:
         spaces = self.of(x)
         self.records.consumed.append((x.name, axis % len(spaces), spaces[axis]))
+
+    def constants(self, spaces: list[int]) -> None:
+        """The current node's arguments spell the sizes of ``spaces``: one space per size constant,
+        in the order the op's patcher (:mod:`fxgradnas.analysis.registry`) indexes them."""
+        self.records.shape_ops.append((self.node.name, list(spaces)))
 
     def produced(self) -> None:
         """The current node writes a new activation from a weight (linear, conv, embedding)."""
