@@ -10,6 +10,7 @@ import networkx as nx
 import torch
 
 from ..capture import Captured, ExampleInputs, capture
+from ..errors import ArgumentTypeError, UnknownGroupError
 from ..report import analysis_table
 from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
 from .propagate import propagate
@@ -36,7 +37,7 @@ class Analysis:
         for g in self.groups:
             if g.name == name:
                 return g
-        raise KeyError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+        raise UnknownGroupError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
 
     @property
     def prunable(self) -> list[Group]:
@@ -99,8 +100,10 @@ def ensure_analysis(model: torch.nn.Module | Analysis, example_inputs: ExampleIn
     """The analysis passed in, or a fresh one of ``model`` on ``example_inputs``."""
     if isinstance(model, Analysis):
         return model
+    if not isinstance(model, torch.nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
     if example_inputs is None:
-        raise TypeError("example_inputs are needed to capture the model (or pass an Analysis)")
+        raise ArgumentTypeError("example_inputs are needed to capture the model (or pass an Analysis)")
     return analyze(model, example_inputs)
 
 
