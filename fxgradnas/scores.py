@@ -10,17 +10,19 @@ from .selection import fold_to_units
 
 
 class Scores(dict):
-    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made."""
+    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made;
+    ``truncated``: calibration stopped at ``max_batches`` with batches left unread."""
 
     def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
-                 seconds: float = 0.0, history: list[float] | None = None) -> None:
+                 seconds: float = 0.0, history: list[float] | None = None, truncated: bool = False) -> None:
         super().__init__(scores)
         self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
         self.history = history or []
+        self.truncated = truncated
 
     def scaled(self, factor: float) -> Scores:
         return Scores({k: v * factor for k, v in self.items()}, scorer=self.scorer, mode=self.mode,
-                      batches=self.batches, seconds=self.seconds, history=self.history)
+                      batches=self.batches, seconds=self.seconds, history=self.history, truncated=self.truncated)
 
 
 def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.Tensor:
