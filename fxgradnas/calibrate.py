@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import Analysis, Group, ensure_analysis
+from .analysis import Analysis, Group, check_groups, ensure_analysis
 from .batches import (
     Reader,
     batch_size_of,
@@ -25,7 +25,7 @@ from .batches import (
 )
 from .capture import check_example_inputs
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError
-from .instrument import GradientRecorder, check_groups, device_of, instrumented
+from .instrument import GradientRecorder, device_of, instrumented
 from .scores import Scores
 
 MODES = ("batch", "sample")
@@ -114,6 +114,9 @@ def calibrate(
         first, data = peek(data)
         example_inputs = to_device(collect(first), device_of(model))
     analysis = ensure_analysis(model, example_inputs)
+    if any(t.is_meta for t in [*analysis.captured.module.parameters(), *analysis.captured.module.buffers()]):
+        raise ArgumentError(f"{type(analysis.captured.model).__name__} has tensors on the meta device (no values): "
+                            "calibration needs its weights; load them first (to_empty() and load_state_dict())")
     check_groups(analysis, groups)
     chosen = list(groups) if groups is not None else analysis.prunable
     if not chosen:

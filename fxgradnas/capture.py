@@ -17,10 +17,11 @@ import sympy
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .batches import call_with
-from .errors import ArgumentTypeError, CaptureError, DataError
+from .errors import ArgumentError, ArgumentTypeError, CaptureError, DataError
 
 ExampleInputs = torch.Tensor | tuple | list | dict
 aten = torch.ops.aten
@@ -109,9 +110,9 @@ def _check_leaf(name: str, value: Any, example: Any, captured: Any, where: str) 
     if value.dtype != example.dtype:
         raise DataError(f"{where}: {name} has dtype {value.dtype}, example_inputs {example.dtype}; {_FIX}")
     shape = captured.shape if isinstance(captured, torch.Tensor) else example.shape
-    fixed = [i for i, size in enumerate(shape) if isinstance(size, int)]
-    if value.dim() != len(shape) or any(value.shape[i] != shape[i] for i in fixed):
-        wanted = ", ".join(str(size) if isinstance(size, int) else "any" for size in shape)
+    fixed = [i for i, size in enumerate(shape) if not is_symbolic(size)]
+    if value.dim() != len(shape) or any(value.shape[i] != int(shape[i]) for i in fixed):
+        wanted = ", ".join("any" if is_symbolic(size) else str(int(size)) for size in shape)
         raise DataError(f"{where}: {name} has shape {tuple(value.shape)}; the graph captured from example_inputs "
                         f"takes ({wanted}); {_FIX}")
 
@@ -136,12 +137,19 @@ def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict[str, Any]]:
     )
 
 
-def check_example_inputs(example_inputs: Any) -> None:
-    """Raise ArgumentTypeError unless ``example_inputs`` can be split into args/kwargs holding a tensor."""
+def check_example_inputs(example_inputs: Any, model: nn.Module | None = None) -> None:
+    """Raise ArgumentTypeError unless ``example_inputs`` can be split into args/kwargs holding a tensor, and
+    ArgumentError when they are all on one device and ``model``'s tensors all on another."""
     args, kwargs = split_inputs(example_inputs)
-    if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves((args, kwargs))):
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors:
         raise ArgumentTypeError(f"example_inputs hold no tensor ({type(example_inputs).__name__}); pass the "
                                 "model's inputs: a tensor, a tuple of positional args or a dict of keyword args")
+    inputs = {t.device for t in tensors}
+    held = {t.device for t in [*model.parameters(), *model.buffers()]} if model is not None else set()
+    if len(inputs) == 1 and len(held) == 1 and inputs != held:
+        raise ArgumentError(f"example_inputs are on {inputs.pop()} but {type(model).__name__} is on {held.pop()}; "
+                            "move them there (.to(device))")
 
 
 def _auto_dims(tensor: torch.Tensor) -> dict[int, Any] | None:
@@ -231,7 +239,7 @@ def _user_frame(message: str) -> str:
 
 def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
     message = str(exc)
-    first = next((line for line in message.splitlines() if line.strip()), type(exc).__name__)
+    first = next((line for line in message.splitlines() if line.strip()), type(exc).__name__).rstrip(".")
     where = _user_frame(message)
     if "data-dependent" in message or "GuardOnDataDependent" in type(exc).__name__:
         hint = (
@@ -319,13 +327,18 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic
     return module
 
 
+def is_symbolic(size: int | torch.SymInt) -> bool:
+    """Whether a captured size varies (export also writes sizes it fixed as SymInts of a constant)."""
+    return isinstance(size, torch.SymInt) and not is_concrete_int(size)
+
+
 def _symbolic_dims(module: torch.fx.GraphModule) -> list[str]:
     return [
         f"{ph.name}[{axis}]"
         for ph in module.graph.find_nodes(op="placeholder")
         if isinstance(ph.meta.get("val"), torch.Tensor)
         for axis, size in enumerate(ph.meta["val"].shape)
-        if isinstance(size, torch.SymInt)
+        if is_symbolic(size)
     ]
 
 
@@ -342,7 +355,7 @@ def _symbol_values(module: torch.fx.GraphModule, args: tuple, kwargs: dict[str, 
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
             for size, actual in zip(val.shape, value.shape, strict=False):
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                if is_symbolic(size) and isinstance(size.node.expr, sympy.Symbol):
                     values[size.node.expr] = int(actual)
     return values
 
@@ -364,7 +377,7 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    check_example_inputs(example_inputs)
+    check_example_inputs(example_inputs, model)
     args, kwargs = split_inputs(example_inputs)
     start = time.perf_counter()
     training = model.training
@@ -426,5 +439,5 @@ def _static(module: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any], n
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             static += [f"{_input_name(path)} dim {axis}" for axis, size in enumerate(val.shape)
-                       if not isinstance(size, torch.SymInt)]
+                       if not is_symbolic(size)]
     return [name for name in names if name in static]

@@ -40,7 +40,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
-from .analysis import Analysis, Group
+from .analysis import Analysis, Group, check_analysis
 from .batches import (
     Reader,
     batch_size_of,
@@ -378,6 +378,7 @@ def compensate(
     into ``pruned`` (the module :func:`fxgradnas.apply_plan` made for ``plan``, changed in place);
     returns one report per layer. ``data`` is read once per call (at most ``max_batches``), in eval mode,
     on read-only views of the model's tensors."""
+    check_analysis(analysis, "compensate")
     check_compensation_options(method=method, damping=damping, max_batches=max_batches, collect_fn=collect_fn)
     check_plan(plan)
     check_data(data)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from .analysis import Analysis
+from .analysis import Analysis, check_analysis
 from .analysis.spaces import Size
 
 Var = tuple[str, int]  # (group name, unit axis)
@@ -38,6 +38,7 @@ class CostModel:
     are kept whole."""
 
     def __init__(self, analysis: Analysis) -> None:
+        check_analysis(analysis, "CostModel")
         self.analysis = analysis
         self.full = {g.name: tuple(g.unit_shape) for g in analysis.prunable}
         self.owner = {leaf: (g.name, i) for g in analysis.prunable for i, leaf in enumerate(g.leaves)}

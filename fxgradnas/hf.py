@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .analysis import Analysis, Group
+from .analysis import Analysis, Group, check_analysis
 from .capture import cache_off, eval_mode
 from .errors import RewriteError
 from .instrument import masked_view
-from .plan import Plan
+from .plan import Plan, check_plan
 from .rewrite import (
     default_tolerance,
     output_difference,
@@ -47,6 +47,8 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     or else with the masked reference, on the captured example inputs (relative max difference at most
     ``tolerance``, default :func:`fxgradnas.rewrite.default_tolerance` of the model's dtype); a mismatch
     raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
+    check_analysis(analysis, "write_back")
+    check_plan(plan)
     selection = select(analysis, plan, model)
     checked = check and all(g.exact for g in selection.groups)
     reference = masked_view(analysis, plan) if weights is None else weights

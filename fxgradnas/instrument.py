@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .analysis import Analysis, Group, NodeAxis, ensure_analysis
+from .analysis import Analysis, Group, NodeAxis, check_analysis, check_groups, ensure_analysis
 from .capture import ExampleInputs
-from .errors import ArgumentError, ArgumentTypeError
 from .plan import Plan, check_plan
 from .selection import fold_to_units, keep_grid
 
@@ -164,22 +163,10 @@ def instrument(analysis: Analysis, groups: list[Group] | None = None, *, share_w
     The copy has its own parameters and buffers; with ``share_weights=True`` it holds the model's own
     (no memory, but training the copy trains the model). It starts in the model's mode when captured.
     """
+    check_analysis(analysis, "instrument")
     inst = instrumented(analysis, groups, "share" if share_weights else "copy")
     inst.module.train(analysis.captured.training)
     return inst
-
-
-def check_groups(analysis: Analysis, groups: list[Group] | None) -> None:
-    """Raise ArgumentError unless ``groups`` is None or a list of groups of ``analysis``."""
-    if groups is None:
-        return
-    if isinstance(groups, (str, Group)) or not isinstance(groups, (list, tuple)):
-        raise ArgumentTypeError(f"groups must be a list of groups (analysis.prunable), not {type(groups).__name__}")
-    known = {id(g) for g in analysis.groups}
-    unknown = [g for g in groups if id(g) not in known]
-    if unknown:
-        shown = unknown[0].name if isinstance(unknown[0], Group) else repr(unknown[0])
-        raise ArgumentError(f"groups must be groups of this analysis (e.g. analysis.prunable), not {shown}")
 
 
 def instrumented(analysis: Analysis, groups: list[Group] | None, tensors: Literal["copy", "share", "view"]

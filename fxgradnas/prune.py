@@ -81,9 +81,6 @@ def score(
         if data is None or loss_fn is None:
             raise ArgumentTypeError("scorer='gradnas' needs calibration data and a loss_fn (or use scorer='l1')")
         return calibrate(analysis, data, loss_fn, **calibrate_options)
-    if not isinstance(analysis, Analysis):
-        raise ArgumentTypeError(f"score takes an Analysis (fxgradnas.analyze(model, inputs)), not "
-                                f"{type(analysis).__name__}")
     if scorer == "l1":
         return l1_scores(analysis)
     return random_scores(analysis, seed=seed)

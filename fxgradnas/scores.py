@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .analysis import Analysis, Group, Layout
+from .analysis import Analysis, Group, Layout, check_analysis, check_groups
+from .errors import ArgumentTypeError
 from .selection import fold_to_units
 
 
@@ -35,6 +36,8 @@ def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.T
 
 def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
     """Unit score = the L1 norm of every weight slice the unit owns (the magnitude ranking)."""
+    check_analysis(analysis, "l1_scores")
+    check_groups(analysis, groups)
     model = analysis.captured.model
     scores = {}
     for g in groups if groups is not None else analysis.prunable:
@@ -49,6 +52,10 @@ def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
 
 def random_scores(analysis: Analysis, groups: list[Group] | None = None, seed: int = 0) -> Scores:
     """Unit scores drawn uniformly at random from ``seed``: the baseline any ranking must beat."""
+    check_analysis(analysis, "random_scores")
+    check_groups(analysis, groups)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentTypeError(f"seed must be an int, not {seed!r}")
     generator = torch.Generator().manual_seed(seed)
     chosen = groups if groups is not None else analysis.prunable
     return Scores({g.name: torch.rand(g.size, generator=generator) for g in chosen}, scorer=f"random({seed})")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .analysis import Analysis, Group
+from .analysis import Analysis, Group, check_analysis
 from .analysis.groups import KINDS
 from .cost import METRICS, CostModel
 from .errors import ArgumentError, ArgumentTypeError, ConstraintError
@@ -229,9 +229,7 @@ def search(
     """
     check_constraint(constraint)
     kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa)
-    if not isinstance(analysis, Analysis):
-        raise ArgumentTypeError(f"search takes an Analysis (fxgradnas.analyze(model, inputs)), not "
-                                f"{type(analysis).__name__}")
+    check_analysis(analysis, "search")
     _check_scores(analysis, scores)
     start = time.perf_counter()
     model = cost_model or CostModel(analysis)

@@ -10,7 +10,7 @@ import networkx as nx
 import torch
 
 from ..capture import Captured, ExampleInputs, capture
-from ..errors import ArgumentTypeError, UnknownGroupError
+from ..errors import ArgumentError, ArgumentTypeError, UnknownGroupError
 from ..report import analysis_table
 from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
 from .propagate import propagate
@@ -20,7 +20,7 @@ from .state import Propagation
 
 __all__ = [
     "Analysis", "Factor", "Group", "Layout", "NodeAxis", "TensorAxis", "RULES", "analyze",
-    "analyze_captured", "ensure_analysis",
+    "analyze_captured", "check_analysis", "check_groups", "ensure_analysis",
 ]
 
 
@@ -94,6 +94,26 @@ def analyze_captured(captured: Captured) -> Analysis:
         walk=walk,
         seconds={"capture": captured.seconds, "analysis": time.perf_counter() - start},
     )
+
+
+def check_analysis(analysis: Any, function: str) -> None:
+    """Raise ArgumentTypeError unless ``analysis`` is an :class:`Analysis` (``function`` takes one)."""
+    if not isinstance(analysis, Analysis):
+        raise ArgumentTypeError(f"{function} takes an Analysis (fxgradnas.analyze(model, example_inputs)), not "
+                                f"{type(analysis).__name__}")
+
+
+def check_groups(analysis: Analysis, groups: list[Group] | None) -> None:
+    """Raise ArgumentError unless ``groups`` is None or a list of groups of ``analysis``."""
+    if groups is None:
+        return
+    if isinstance(groups, (str, Group)) or not isinstance(groups, (list, tuple)):
+        raise ArgumentTypeError(f"groups must be a list of groups (analysis.prunable), not {type(groups).__name__}")
+    known = {id(g) for g in analysis.groups}
+    unknown = [g for g in groups if id(g) not in known]
+    if unknown:
+        shown = unknown[0].name if isinstance(unknown[0], Group) else repr(unknown[0])
+        raise ArgumentError(f"groups must be groups of this analysis (e.g. analysis.prunable), not {shown}")
 
 
 def ensure_analysis(model: torch.nn.Module | Analysis, example_inputs: ExampleInputs | None) -> Analysis:
