@@ -349,7 +349,7 @@ def _symbol_values(module: torch.fx.GraphModule, args: tuple, kwargs: dict[str, 
     for node in placeholders:
         env = getattr(getattr(node.meta.get("val"), "fake_mode", None), "shape_env", None)
         if env is not None:
-            values.update(getattr(env, "backed_var_to_val", None) or env.var_to_val)
+            values.update(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
             break
     for node, value in zip(placeholders, pytree.tree_leaves((args, kwargs)), strict=False):
         val = node.meta.get("val")
