@@ -6,8 +6,8 @@ Batches of 4 x 128 random token ids with a next-token cross-entropy loss. In one
 repetitions interleaved (the order rotates each repeat) so a noisy machine hurts every column alike:
 
 * ``plain``: forward + backward of the original model with its weights requiring grad, one batch;
-* ``floor``: forward + backward of the original model with frozen weights and the token embeddings
-  requiring grad: the activation gradients down to the embedding, no masks — what any gradient
+* ``floor``: forward + backward of the original model to the gradient of the token embeddings alone
+  (``torch.autograd.grad``, no weight gradient): the activation gradients down to the embedding, no masks — what any gradient
   with respect to the residual-width mask at the embedding has to compute;
 * ``calibrate``: ``calibrate(analysis, batches, loss)`` per batch, from the slope between a run on
   one batch and a run on ``--batches`` (the one-time instrumentation cost cancels), and from the
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxgradnas
-from fxgradnas.calibrate import calibrate, frozen_parameters
+from fxgradnas.calibrate import calibrate
 
 BATCH, TOKENS = 4, 128
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -92,7 +92,7 @@ def main() -> None:
     analysis = fxgradnas.analyze(model, batches[0])
     analysis_s = time.perf_counter() - start
     start = time.perf_counter()
-    instrumented = fxgradnas.instrument(analysis).module
+    instrumented = fxgradnas.instrument(analysis, share_weights=True).module
     instrument_s = time.perf_counter() - start
     captured = analysis.captured.module
 
@@ -102,10 +102,9 @@ def main() -> None:
         next_token_loss(model(**current), current).backward()
         model.zero_grad(set_to_none=True)
 
-    def floor() -> None:
-        with frozen_parameters(model):
-            embeds = model.get_input_embeddings()(current["input_ids"]).detach().requires_grad_()
-            next_token_loss(model(inputs_embeds=embeds, use_cache=False), current).backward()
+    def floor() -> None:  # the gradient of the input embeddings only: no parameter gradient is computed
+        embeds = model.get_input_embeddings()(current["input_ids"]).detach().requires_grad_()
+        torch.autograd.grad(next_token_loss(model(inputs_embeds=embeds, use_cache=False), current), embeds)
 
     def forward(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:

@@ -59,7 +59,7 @@ class Masked(torch.nn.Module):
 
     def __init__(self, analysis: fxgradnas.Analysis) -> None:
         super().__init__()
-        self.inst = instrument(analysis)
+        self.inst = instrument(analysis, share_weights=True)
         self.analysis = analysis
         self.graph = self.inst.module
 

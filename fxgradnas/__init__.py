@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = [
-    "Analysis", "AnalysisError", "CalibrationError", "CaptureError", "Captured", "ConstraintError", "CostModel",
-    "FxGradNasError", "Group", "Plan", "PlanError", "PruneResult", "RewriteError", "Scores", "SearchResult",
-    "analyze", "apply_plan", "calibrate", "capture", "instrument", "l1_scores", "masked", "prune",
-    "random_scores", "score", "search",
+    "Analysis", "AnalysisError", "ArgumentError", "ArgumentTypeError", "CalibrationError", "CaptureError", "Captured",
+    "ConstraintError", "CostModel", "DataError", "FxGradNasError", "Group", "Plan", "PlanError", "PruneResult",
+    "RewriteError", "Scores", "SearchResult", "UnknownGroupError", "analyze", "apply_plan", "calibrate", "capture",
+    "instrument", "l1_scores", "masked", "prune", "random_scores", "score", "search",
 ]
 _MODULE_OF = {
     "Analysis": "analysis", "Group": "analysis", "analyze": "analysis", "calibrate": "calibrate",
@@ -28,8 +28,9 @@ _MODULE_OF = {
     "masked": "instrument", "Plan": "plan", "PruneResult": "prune", "prune": "prune", "score": "prune",
     "apply_plan": "rewrite", "Scores": "scores", "l1_scores": "scores", "random_scores": "scores",
     "SearchResult": "search", "search": "search",
-    **dict.fromkeys(["AnalysisError", "CalibrationError", "CaptureError", "ConstraintError", "FxGradNasError",
-                     "PlanError", "RewriteError"], "errors"),
+    **dict.fromkeys(["AnalysisError", "ArgumentError", "ArgumentTypeError", "CalibrationError", "CaptureError",
+                     "ConstraintError", "DataError", "FxGradNasError", "PlanError", "RewriteError", "UnknownGroupError"],
+                    "errors"),
 }
 
 if TYPE_CHECKING:
@@ -39,12 +40,16 @@ if TYPE_CHECKING:
     from .cost import CostModel
     from .errors import (
         AnalysisError,
+        ArgumentError,
+        ArgumentTypeError,
         CalibrationError,
         CaptureError,
         ConstraintError,
+        DataError,
         FxGradNasError,
         PlanError,
         RewriteError,
+        UnknownGroupError,
     )
     from .instrument import instrument, masked
     from .plan import Plan

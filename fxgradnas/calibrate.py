@@ -6,33 +6,29 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import Analysis, Group, ensure_analysis
-from .batches import batch_size_of, call_with, default_collect, to_device
-from .errors import CalibrationError
-from .instrument import GradientRecorder, device_of, instrument
+from .analysis import Analysis, Group, check_groups, ensure_analysis
+from .batches import (
+    Reader,
+    batch_size_of,
+    check_callable,
+    check_data,
+    check_max_batches,
+    default_collect,
+    peek,
+    to_device,
+)
+from .capture import check_example_inputs
+from .errors import ArgumentError, ArgumentTypeError, CalibrationError
+from .instrument import GradientRecorder, device_of, instrumented
 from .scores import Scores
 
 MODES = ("batch", "sample")
-
-
-@contextmanager
-def frozen_parameters(module: torch.nn.Module):
-    """Parameters stop requiring grad (only mask gradients are needed); flags restored after."""
-    params = list({id(p): p for p in module.parameters()}.values())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def _relative_change(previous: dict[str, torch.Tensor] | None, current: dict[str, torch.Tensor]) -> float:
@@ -58,6 +54,24 @@ def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
     return [g for g in groups if g not in shared]
 
 
+def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, collect_fn: Any = None,
+                              autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5) -> None:
+    """Raise ArgumentError/ArgumentTypeError for a calibration option fxgradnas cannot use."""
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
+    check_max_batches(max_batches)
+    check_callable(collect_fn, "collect_fn", "batch")
+    if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
+        raise ArgumentTypeError(f"autocast_dtype must be a floating torch.dtype like torch.bfloat16 (or None), "
+                                f"not {autocast_dtype!r}")
+    if converged_below is not None and (isinstance(converged_below, bool) or not isinstance(converged_below, (int, float))
+                                        or not converged_below >= 0):
+        raise ArgumentError(f"converged_below must be a non-negative number (or None: no early stop), not "
+                            f"{converged_below!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ArgumentError(f"patience must be an int of at least 1, not {patience!r}")
+
+
 def calibrate(
     model: torch.nn.Module | Analysis,
     data: Iterable,
@@ -75,34 +89,46 @@ def calibrate(
 ) -> Scores:
     """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
 
-    ``data``: an iterable of batches; ``collect_fn(batch)`` gives the model inputs (default
-    :func:`default_collect`); ``loss_fn(output, batch)`` returns a scalar. ``mode="batch"`` squares
-    each batch's gradient (the reference); ``"sample"`` squares each sample's (an empirical
-    Fisher), at the same backward cost. Runs where the model is (batches are moved there); only
-    mask gradients are computed (parameters are frozen for the duration, flags restored after).
-    With ``converged_below``, stops early once the mean relative change of the averaged scores stays
-    below it for ``patience`` batches. Under ``torch.distributed`` the sums are all-reduced, so N
-    ranks on N shards give the scores of one process on all batches.
+    ``data``: an iterable of batches, read once (without ``example_inputs`` its first batch also
+    captures the model); ``collect_fn(batch)`` gives the model inputs (default :func:`default_collect`),
+    which must have the structure of the example inputs; ``loss_fn(output, batch)`` returns a scalar.
+    At most ``max_batches`` are used (a warning says when more were left). ``mode="batch"`` squares each
+    batch's gradient (the reference); ``"sample"`` squares each sample's (an empirical Fisher), at the
+    same backward cost. Runs where the model is (batches are moved there), always in eval mode (dropout
+    off, BatchNorm on its running statistics; a warning says so for a model in train mode), on read-only
+    views of the model's parameters: only mask gradients are computed, and the model's flags and
+    ``.grad`` are never touched. With ``converged_below``, stops early once the mean relative change of
+    the averaged scores stays below it for ``patience`` batches. Under ``torch.distributed`` the sums are
+    all-reduced, so N ranks on N shards give the scores of one process on all batches.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be at least 1 (or None for all batches), not {max_batches}")
+    if not isinstance(model, (torch.nn.Module, Analysis)):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
+    check_data(data)
+    check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
+    check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, autocast_dtype=autocast_dtype,
+                              converged_below=converged_below, patience=patience)
+    if example_inputs is not None:
+        check_example_inputs(example_inputs)
     collect = collect_fn or default_collect
-    iterator = iter(data)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise CalibrationError("calibration data is empty: pass an iterable with at least one batch") from None
     if not isinstance(model, Analysis) and example_inputs is None:
+        first, data = peek(data)
         example_inputs = to_device(collect(first), device_of(model))
     analysis = ensure_analysis(model, example_inputs)
-    chosen = groups if groups is not None else analysis.prunable
+    if any(t.is_meta for t in [*analysis.captured.module.parameters(), *analysis.captured.module.buffers()]):
+        raise ArgumentError(f"{type(analysis.captured.model).__name__} has tensors on the meta device (no values): "
+                            "calibration needs its weights; load them first (to_empty() and load_state_dict())")
+    check_groups(analysis, groups)
+    chosen = list(groups) if groups is not None else analysis.prunable
     if not chosen:
         raise CalibrationError("the model has no prunable group to score; see analyze(...).table()")
     if mode == "sample":
         chosen = _per_sample_groups(chosen, explicit=groups is not None)
-    inst = instrument(analysis, chosen)
+    inst = instrumented(analysis, chosen, "view")
+    training = [name or type(m).__name__ for name, m in analysis.captured.model.named_modules() if m.training]
+    if training:
+        warnings.warn(f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} in train mode: calibration runs "
+                      "the model in eval mode (dropout off, BatchNorm on its running statistics) and leaves its "
+                      "modes as they are", stacklevel=2)
     device = device_of(inst.module)
     recorder = GradientRecorder(per_sample=mode == "sample")
     inst.attach(recorder)
@@ -116,22 +142,17 @@ def calibrate(
     history: list[float] = []
     previous, calm, count = None, 0, 0
     start = time.perf_counter()
-    total = max_batches if max_batches is not None else None
-    bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
-
-    def batches():
-        yield first
-        yield from iterator
-
-    with frozen_parameters(inst.module), bar:
-        for index, batch in enumerate(batches()):
-            if max_batches is not None and index >= max_batches:
-                break
+    reader = Reader(data, max_batches, "calibration")
+    bar = tqdm(total=max_batches, desc="calibrating", unit="batch", disable=not progress, leave=False)
+    with bar:
+        for index, batch in enumerate(reader):
             batch = to_device(batch, device)
             inputs = collect(batch)
-            recorder.batch_size = batch_size_of(inputs)
             with autocast:
-                loss = loss_fn(call_with(inst.module, inputs), batch)  # the output is freed before backward
+                output = analysis.captured.call(inst.module, inputs, f"batch {index}")
+                recorder.batch_size = batch_size_of(inputs)
+                loss = loss_fn(output, batch)
+                del output  # freed before backward
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise CalibrationError(f"loss_fn must return a scalar tensor; batch {index} gave {type(loss).__name__}"
                                        f"{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
@@ -163,4 +184,4 @@ def calibrate(
         count = int(counter.item())
     scores = {k: v.detach().reshape(-1).cpu() for k, v in sums.items()}
     return Scores(scores, scorer="gradnas", mode=mode, batches=count, seconds=time.perf_counter() - start,
-                  history=history)
+                  history=history, truncated=reader.truncated)

@@ -40,15 +40,23 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
-from .analysis import Analysis, Group
-from .batches import batch_size_of, call_with, default_collect, to_device
-from .errors import CalibrationError
-from .instrument import MaskSite, device_of, instrument
-from .plan import Plan
+from .analysis import Analysis, Group, check_analysis
+from .batches import (
+    Reader,
+    batch_size_of,
+    call_with,
+    check_callable,
+    check_data,
+    check_max_batches,
+    default_collect,
+    to_device,
+)
+from .errors import ArgumentError, ArgumentTypeError
+from .instrument import MaskSite, device_of, instrumented
+from .plan import Plan, check_plan
 from .selection import keep_grid, spread
 
 METHODS = ("scale", "ls")
-_NO_BATCH = "compensation got no calibration batch: pass the data the model was calibrated on"
 aten = torch.ops.aten
 
 
@@ -153,13 +161,14 @@ def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
 
 
 
-def _batches(data: Iterable, collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
+def _batches(analysis: Analysis, data: Iterable, collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
              device: torch.device, desc: str, progress: bool) -> Iterator[Any]:
+    """The model inputs of each batch, checked against the example inputs, at most ``max_batches``."""
     collect = collect_fn or default_collect
-    for index, batch in enumerate(tqdm(data, desc=desc, unit="batch", disable=not progress, leave=False)):
-        if max_batches is not None and index >= max_batches:
-            break
+    reader = Reader(data, max_batches, "compensation")
+    for index, batch in enumerate(tqdm(reader, desc=desc, unit="batch", disable=not progress, leave=False)):
         inputs = to_device(collect(batch), device)
+        analysis.captured.check_inputs(inputs, f"batch {index}")
         batch_size_of(inputs)
         yield inputs
 
@@ -180,19 +189,15 @@ def _streaming_statistics(analysis: Analysis, found: list[Consumer], data: Itera
                           collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
                           progress: bool) -> dict[str, InputStatistics]:
     """One forward pass of the dense model accumulating each consumer's input statistics."""
-    inst = instrument(analysis, [c.group for c in found])
+    inst = instrumented(analysis, [c.group for c in found], "view")
     stats: dict[str, InputStatistics] = {}
     for sites in inst.sites.values():
         for site in sites:
             site.observer = _observe_into(stats)
     device = device_of(inst.module)
-    count = 0
     with torch.no_grad():
-        for inputs in _batches(data, collect_fn, max_batches, device, "statistics", progress):
+        for inputs in _batches(analysis, data, collect_fn, max_batches, device, "statistics", progress):
             call_with(inst.module, inputs)
-            count += 1
-    if not count:
-        raise CalibrationError(_NO_BATCH)
     return stats
 
 
@@ -231,8 +236,6 @@ class _Fitter:
     """Solves one consumer and remembers the result for folding into the pruned module."""
 
     def __init__(self, method: str, bias: bool, damping: float) -> None:
-        if method not in METHODS:
-            raise ValueError(f"compensate must be one of {METHODS}, not {method!r}")
         self.method, self.bias, self.damping = method, bias, damping
         self.reports: list[LayerReport] = []
         self.updates: dict[str, tuple[Consumer, torch.Tensor, torch.Tensor | None]] = {}
@@ -329,7 +332,7 @@ def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _
     """Walk the masked graph over all batches together, fitting each consumer when it is reached and
     running the rest of the walk with its new weights (see the module docstring)."""
     groups = [c.group for c in found]
-    inst = instrument(analysis, groups)
+    inst = instrumented(analysis, groups, "view")
     for g in groups:
         inst.masks[g.name].copy_(keep_grid(g, plan.kept(g.name)).float())
     stats: dict[str, InputStatistics] = {}
@@ -337,10 +340,8 @@ def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _
         for site in sites:
             site.observer = _observe_into(stats)
     flatten = input_flattener(inst.module)
-    batches = [flatten(inputs) for inputs in _batches(data, collect_fn, max_batches, device_of(inst.module),
-                                                        "statistics", False)]
-    if not batches:
-        raise CalibrationError(_NO_BATCH)
+    batches = [flatten(inputs) for inputs in _batches(analysis, data, collect_fn, max_batches,
+                                                        device_of(inst.module), "statistics", False)]
     with torch.no_grad():
         _LockstepInterpreter(inst.module, fitter, {c.linear: c for c in found}, stats, progress).walk(batches)
 
@@ -375,7 +376,15 @@ def compensate(
 ) -> list[LayerReport]:
     """Re-fit the Linear layers consuming ``plan``'s pruned units on ``data`` and fold the new weights
     into ``pruned`` (the module :func:`fxgradnas.apply_plan` made for ``plan``, changed in place);
-    returns one report per layer."""
+    returns one report per layer. ``data`` is read once per call (at most ``max_batches``), in eval mode,
+    on read-only views of the model's tensors."""
+    check_analysis(analysis, "compensate")
+    check_compensation_options(method=method, damping=damping, max_batches=max_batches, collect_fn=collect_fn)
+    check_plan(plan)
+    check_data(data)
+    if not isinstance(pruned, GraphModule):
+        raise ArgumentTypeError(f"pruned must be the GraphModule apply_plan made for the plan, not "
+                                f"{type(pruned).__name__}")
     fitter = _Fitter(method, bias, damping)
     found = consumers(analysis, plan)
     if sequential:
@@ -390,6 +399,17 @@ def compensate(
                 fitter.fit(c, c.matrix(gm), stats[c.group.name])
     fitter.fold(pruned)
     return fitter.reports
+
+
+def check_compensation_options(*, method: Any = "ls", damping: Any = 1.0, max_batches: Any = 128,
+                               collect_fn: Any = None) -> None:
+    """Raise ArgumentError/ArgumentTypeError for a compensation option fxgradnas cannot use."""
+    if method not in METHODS:
+        raise ArgumentError(f"compensate must be one of {METHODS} (or None in prune), not {method!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ArgumentError(f"damping must be a non-negative number, not {damping!r}")
+    check_max_batches(max_batches)
+    check_callable(collect_fn, "collect_fn", "batch")
 
 
 def timed_compensation(analysis: Analysis, plan: Plan, pruned: GraphModule, data: Iterable,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from .analysis import Analysis
+from .analysis import Analysis, check_analysis
 from .analysis.spaces import Size
 
 Var = tuple[str, int]  # (group name, unit axis)
@@ -38,10 +38,11 @@ class CostModel:
     are kept whole."""
 
     def __init__(self, analysis: Analysis) -> None:
+        check_analysis(analysis, "CostModel")
         self.analysis = analysis
         self.full = {g.name: tuple(g.unit_shape) for g in analysis.prunable}
         self.owner = {leaf: (g.name, i) for g in analysis.prunable for i, leaf in enumerate(g.leaves)}
-        self.hints = _symbol_values(analysis)
+        self.hints = analysis.captured.symbol_values
         counted = set()
         params = []
         for tensor, axes in analysis.parameter_leaves():
@@ -94,12 +95,3 @@ def _merge(terms: list[Term]) -> list[Term]:
         merged[t.variables] += t.coef
     return [Term(c, v) for v, c in merged.items()]
 
-
-def _symbol_values(analysis: Analysis) -> dict:
-    """Example-input values of the symbolic batch/sequence sizes (empty for a static capture)."""
-    for node in analysis.captured.module.graph.find_nodes(op="placeholder"):
-        mode = getattr(node.meta.get("val"), "fake_mode", None)
-        if mode is not None and mode.shape_env is not None:
-            env = mode.shape_env
-            return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
-    return {}

@@ -14,12 +14,19 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .analysis import Analysis, Group
+from .analysis import Analysis, Group, check_analysis
 from .capture import cache_off, eval_mode
 from .errors import RewriteError
-from .instrument import masked
-from .plan import Plan
-from .rewrite import output_difference, outputs_on_example, select, slice_tensors, tensor_owner
+from .instrument import masked_view
+from .plan import Plan, check_plan
+from .rewrite import (
+    default_tolerance,
+    output_difference,
+    outputs_on_example,
+    select,
+    slice_tensors,
+    tensor_owner,
+)
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
@@ -29,7 +36,7 @@ aten = torch.ops.aten
 
 
 def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphModule | None = None, *,
-               check: bool = True, tolerance: float = 1e-5) -> dict:
+               check: bool = True, tolerance: float | None = None) -> dict:
     """Prune ``model`` in place to the plan: sliced parameters plus the attribute patches each family
     needs (``num_key_value_groups``, GPT-2 ``split_size``, Linear/Conv1D/norm sizes, RMSNorm rescale
     over a pruned hidden width), so it stays a Hugging Face model (``generate``, ``save_pretrained``).
@@ -38,11 +45,13 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
 
     With ``check`` (and every pruned group exact) the written-back model is compared with ``weights``,
     or else with the masked reference, on the captured example inputs (relative max difference at most
-    ``tolerance``); a mismatch raises RewriteError. Returns the structure (parameter shapes, module
-    attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
+    ``tolerance``, default :func:`fxgradnas.rewrite.default_tolerance` of the model's dtype); a mismatch
+    raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
+    check_analysis(analysis, "write_back")
+    check_plan(plan)
     selection = select(analysis, plan, model)
     checked = check and all(g.exact for g in selection.groups)
-    reference = masked(analysis, plan) if weights is None else weights
+    reference = masked_view(analysis, plan) if weights is None else weights
     expected = outputs_on_example(reference, analysis) if checked else None  # before the model changes
     with torch.no_grad():
         slice_tensors(model, selection)
@@ -61,7 +70,7 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     if expected is not None:
         with eval_mode(model), cache_off(model, analysis.captured.kwargs):
             difference = output_difference(expected, outputs_on_example(model, analysis))
-        if difference > tolerance:
+        if difference > (tolerance if tolerance is not None else default_tolerance(model)):
             raise RewriteError(
                 f"the written-back {type(model).__name__} differs from the pruned module by {difference:.3g} "
                 "(relative max) on the example inputs; this is a bug in fxgradnas, please report it with the model"

@@ -13,14 +13,15 @@ import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .analysis import Analysis, Group, NodeAxis, ensure_analysis
+from .analysis import Analysis, Group, NodeAxis, check_analysis, check_groups, ensure_analysis
 from .capture import ExampleInputs
-from .plan import Plan
+from .plan import Plan, check_plan
 from .selection import fold_to_units, keep_grid
 
 SITE_PREFIX = "fxgradnas_mask"
@@ -122,12 +123,17 @@ class MaskSite(nn.Module):
         recorder.add(self.group, g if recorder.per_sample else g[0])
 
 
-def copy_graph_module(gm: GraphModule, share_tensors: bool) -> GraphModule:
-    """A copy of ``gm`` with its own graph; parameters and buffers are shared or copied."""
+def copy_graph_module(gm: GraphModule, tensors: Literal["copy", "share", "view"]) -> GraphModule:
+    """A copy of ``gm`` with its own graph. ``tensors``: "copy" copies parameters and buffers; "share"
+    keeps the very tensors of ``gm``; "view" gives it read-only aliases of them (the same memory, new
+    parameter objects that require no grad, so nothing done with the copy reaches ``gm``'s parameters'
+    flags or ``.grad``; buffers are shared). Tied tensors stay tied."""
     memo: dict[int, object] = {}
-    if share_tensors:
-        for t in [*gm.parameters(), *gm.buffers()]:
+    if tensors != "copy":
+        for t in gm.buffers():
             memo[id(t)] = t
+        for p in gm.parameters():
+            memo[id(p)] = p if tensors == "share" else nn.Parameter(p.detach(), requires_grad=False)
     with warnings.catch_warnings():  # torch's own pytree spec copy warns about its deprecated LeafSpec
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(gm, memo)
@@ -150,12 +156,25 @@ class Instrumented:
                 site.identity = identity
 
 
-def instrument(analysis: Analysis, groups: list[Group] | None = None) -> Instrumented:
-    """Insert an all-ones mask for each group (default: every prunable group) at its sites.
+def instrument(analysis: Analysis, groups: list[Group] | None = None, *, share_weights: bool = False) -> Instrumented:
+    """Insert an all-ones mask for each group (default: every prunable group) at its sites, in a copy of
+    the captured graph; with all masks at one its output equals the original's.
 
-    The copy shares the model's parameters; with all masks at one its output equals the original's.
+    The copy has its own parameters and buffers; with ``share_weights=True`` it holds the model's own
+    (no memory, but training the copy trains the model). It starts in the model's mode when captured.
     """
-    gm = copy_graph_module(analysis.captured.module, share_tensors=True)
+    check_analysis(analysis, "instrument")
+    inst = instrumented(analysis, groups, "share" if share_weights else "copy")
+    inst.module.train(analysis.captured.training)
+    return inst
+
+
+def instrumented(analysis: Analysis, groups: list[Group] | None, tensors: Literal["copy", "share", "view"]
+                 ) -> Instrumented:
+    """:func:`instrument` with ``tensors`` as :func:`copy_graph_module` takes them, in eval mode; "view" is
+    what calibration and compensation read the model with."""
+    check_groups(analysis, groups)
+    gm = copy_graph_module(analysis.captured.module, tensors)
     nodes = {n.name: n for n in gm.graph.nodes}
     result = Instrumented(gm)
     for index, group in enumerate(groups if groups is not None else analysis.prunable):
@@ -182,15 +201,32 @@ def device_of(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: ExampleInputs | None = None) -> GraphModule:
+def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: ExampleInputs | None = None, *,
+           share_weights: bool = False) -> GraphModule:
     """The reference for a plan: the captured graph with the plan's pruned units masked to zero.
 
-    With an empty plan its output equals the model's exactly.
+    With an empty plan its output equals the model's exactly. The module has its own copies of the
+    parameters and buffers; ``share_weights=True`` makes it hold the model's own instead (no memory, but
+    an optimizer step on it changes the model). Like the model it follows ``.train()``/``.eval()``
+    (dropout, BatchNorm) and starts in the mode the model was in when captured.
     """
+    check_plan(plan)
     analysis = ensure_analysis(model, example_inputs)
+    module = _masked(analysis, plan, "share" if share_weights else "copy")
+    module.train(analysis.captured.training)
+    return module
+
+
+def masked_view(analysis: Analysis, plan: Plan) -> GraphModule:
+    """:func:`masked` on read-only views of the model's tensors (no memory), in eval mode: a reference to
+    compare with, not to train."""
+    return _masked(analysis, plan, "view")
+
+
+def _masked(analysis: Analysis, plan: Plan, tensors: Literal["copy", "share", "view"]) -> GraphModule:
     plan.validate(analysis)
     groups = [analysis.group(name) for name in plan.keep]
-    inst = instrument(analysis, groups)
+    inst = instrumented(analysis, groups, tensors)
     for group in groups:
         inst.masks[group.name].copy_(keep_grid(group, plan.kept(group.name)).to(torch.float32))
     return inst.module

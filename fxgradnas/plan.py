@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .capture import fingerprint
-from .errors import PlanError
+from .errors import ArgumentTypeError, PlanError
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -30,27 +31,47 @@ class Plan:
     fingerprint: str | None = None
 
     def __post_init__(self) -> None:
+        """Check the schema: group names are strings, each mapped to distinct non-negative int indices."""
         if not isinstance(self.keep, Mapping):
             raise PlanError(f"a plan maps group names to kept unit indices, not {type(self.keep).__name__}")
-        self.keep = {str(k): [int(i) for i in v] for k, v in self.keep.items()}
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise PlanError(f"a plan's fingerprint is a string or None, not {self.fingerprint!r}")
+        keep = {}
+        for name, indices in self.keep.items():
+            if not isinstance(name, str):
+                raise PlanError(f"plan group names are strings, not {name!r}")
+            keep[name] = _indices(name, indices)
+        self.keep = keep
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "keep": self.keep}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str | bytes, analysis: Analysis | None = None) -> Plan:
+        """The plan :meth:`to_json` wrote; with ``analysis`` also checked against it (:meth:`validate`).
+        Anything else raises PlanError naming what is wrong."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ArgumentTypeError(f"Plan.from_json takes the JSON text, not {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"not a JSON plan: {exc}") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise PlanError(f"not an fxgradnas plan (expected format {FORMAT!r})")
-        return cls(keep=data["keep"], fingerprint=data.get("fingerprint"))
+        unknown = sorted(set(data) - {"format", "fingerprint", "keep"})
+        if unknown:
+            raise PlanError(f"plan has unknown field(s) {', '.join(map(repr, unknown))}; fields: format, fingerprint, keep")
+        if "keep" not in data:
+            raise PlanError("plan has no 'keep' field (group name -> kept unit indices)")
+        plan = cls(keep=data["keep"], fingerprint=data.get("fingerprint"))
+        if analysis is not None:
+            plan.validate(analysis)
+        return plan
 
     def validate(self, analysis: Analysis, model: torch.nn.Module | None = None) -> None:
         """Raise PlanError naming the first problem: another model (``model``'s fingerprint, default the
-        analysed model's as captured), an unknown or frozen group, an out-of-range or duplicate index, or a
-        group left with no unit."""
+        analysed model's as captured), an unknown or frozen group, an index that is not a distinct int in
+        range, or a group left with no unit."""
         expected = fingerprint(model) if model is not None else analysis.captured.fingerprint
         if self.fingerprint is not None and self.fingerprint != expected:
             raise PlanError(
@@ -58,7 +79,8 @@ class Plan:
                 "re-run the search on this model"
             )
         known = {g.name: g for g in analysis.groups}
-        for name, indices in self.keep.items():
+        for name, given in self.keep.items():
+            indices = _indices(name, given)  # keep may have been edited since the plan was made
             group = known.get(name)
             if group is None:
                 raise PlanError(f"plan names unknown group {name!r}; groups: {', '.join(known)}")
@@ -68,8 +90,6 @@ class Plan:
                 raise PlanError(f"group {name!r} is frozen ({group.reason}); it cannot be pruned")
             if not indices:
                 raise PlanError(f"plan keeps no unit of group {name!r}; keep at least one")
-            if len(set(indices)) != len(indices):
-                raise PlanError(f"plan repeats indices in group {name!r}: {sorted(indices)}")
             bad = [i for i in indices if not 0 <= i < group.size]
             if bad:
                 raise PlanError(f"indices {bad} out of range for group {name!r} of {group.size} units")
@@ -77,3 +97,30 @@ class Plan:
     def kept(self, name: str) -> list[int] | None:
         """Sorted kept indices of a group, or None when the plan keeps it whole."""
         return sorted(self.keep[name]) if name in self.keep else None
+
+
+def _indices(name: str, indices: Any) -> list[int]:
+    """``indices`` as a list of distinct non-negative ints; PlanError naming the group otherwise."""
+    if isinstance(indices, (str, bytes, Mapping)) or not hasattr(indices, "__iter__"):
+        raise PlanError(f"plan group {name!r} maps to {indices!r}; it takes a list of unit indices")
+    result = []
+    for i in indices:
+        try:
+            if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+                raise TypeError
+            value = operator.index(i)
+        except TypeError:
+            raise PlanError(f"plan group {name!r} has index {i!r}; unit indices are integers") from None
+        if value < 0:
+            raise PlanError(f"plan group {name!r} has negative index {value}; unit indices count from 0")
+        result.append(value)
+    if len(set(result)) != len(result):
+        raise PlanError(f"plan repeats indices in group {name!r}: {sorted(result)}")
+    return result
+
+
+def check_plan(plan: Any) -> None:
+    """Raise ArgumentTypeError unless ``plan`` is a :class:`Plan`."""
+    if not isinstance(plan, Plan):
+        raise ArgumentTypeError(f"plan must be a fxgradnas.Plan, not {type(plan).__name__}; make one with "
+                                "Plan({group: [kept indices]}) or Plan.from_json(text)")

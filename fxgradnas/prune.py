@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,17 +12,20 @@ import torch
 from torch.fx import GraphModule
 
 from .analysis import Analysis, ensure_analysis
-from .batches import default_collect
-from .calibrate import calibrate
-from .capture import ExampleInputs
-from .compensate import LayerReport, timed_compensation
+from .batches import check_callable, check_data, default_collect, is_one_shot, peek, to_device
+from .calibrate import calibrate, check_calibration_options
+from .capture import ExampleInputs, check_example_inputs
+from .compensate import LayerReport, check_compensation_options, timed_compensation
+from .errors import ArgumentError, ArgumentTypeError
+from .instrument import device_of
 from .plan import Plan
 from .report import prune_summary, prune_table
-from .rewrite import apply_plan
+from .rewrite import SelfCheck, apply_plan
 from .scores import Scores, l1_scores, random_scores
-from .search import RATIOS, SearchResult, search
+from .search import RATIOS, SearchResult, check_constraint, check_search_options, search
 
 SCORERS = ("gradnas", "l1", "random")
+CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience")
 
 
 @dataclass
@@ -45,6 +49,11 @@ class PruneResult:
     def history(self) -> list[dict]:
         return self.search.history
 
+    @property
+    def self_check(self) -> SelfCheck | None:
+        """How far the pruned module is from the masked reference (None when not checked)."""
+        return self.model.meta.get("self_check")
+
     def table(self, tablefmt: str = "simple") -> str:
         return prune_table(self, tablefmt=tablefmt)
 
@@ -66,15 +75,49 @@ def score(
 ) -> Scores:
     """Unit scores of every prunable group by ``scorer``: "gradnas" (calibration), "l1" or "random".
     ``calibrate_options`` go to :func:`fxgradnas.calibrate` and are ignored by the baselines."""
+    if scorer not in SCORERS:
+        raise ArgumentError(f"scorer must be one of {SCORERS}, not {scorer!r}")
     if scorer == "gradnas":
         if data is None or loss_fn is None:
-            raise TypeError("scorer='gradnas' needs calibration data and a loss_fn")
+            raise ArgumentTypeError("scorer='gradnas' needs calibration data and a loss_fn (or use scorer='l1')")
         return calibrate(analysis, data, loss_fn, **calibrate_options)
     if scorer == "l1":
         return l1_scores(analysis)
-    if scorer == "random":
-        return random_scores(analysis, seed=seed)
-    raise ValueError(f"scorer must be one of {SCORERS}, not {scorer!r}")
+    return random_scores(analysis, seed=seed)
+
+
+def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any, scorer: Any,
+                     mode: Any, searcher: Any, kinds: Any, divisor: Any, ratios: Any, gqa: Any, collect_fn: Any,
+                     max_batches: Any, seed: Any, compensate: Any, calibrate_options: dict[str, Any]) -> tuple[str, ...]:
+    """Every argument of :func:`prune`, before anything runs; returns ``kinds`` as a tuple."""
+    if not isinstance(model, (torch.nn.Module, Analysis)):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
+    check_constraint(constraint)
+    if scorer not in SCORERS:
+        raise ArgumentError(f"scorer must be one of {SCORERS}, not {scorer!r}")
+    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa)
+    unknown = sorted(set(calibrate_options) - set(CALIBRATE_OPTIONS))
+    if unknown:
+        raise ArgumentTypeError(f"prune got unknown option(s) {', '.join(unknown)}; the calibration options it passes "
+                                f"on are {', '.join(CALIBRATE_OPTIONS)}")
+    check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, **calibrate_options)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentTypeError(f"seed must be an int, not {seed!r}")
+    if example_inputs is not None:
+        check_example_inputs(example_inputs)
+    needs_data = [why for why, needed in (("scorer='gradnas'", scorer == "gradnas"),
+                                          (f"compensate={compensate!r}", compensate is not None),
+                                          ("example_inputs=None (the first batch captures the model)",
+                                           example_inputs is None and not isinstance(model, Analysis))) if needed]
+    if needs_data:
+        if data is None:
+            raise ArgumentTypeError(f"{' and '.join(needs_data)} need(s) calibration data; pass data")
+        check_data(data)
+    if scorer == "gradnas":
+        check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
+    if compensate is not None:
+        check_compensation_options(method=compensate)
+    return kinds
 
 
 def prune(
@@ -103,15 +146,25 @@ def prune(
 
     The composition of :func:`fxgradnas.analyze`, :func:`score` (``scorer``: "gradnas", "l1",
     "random"), :func:`fxgradnas.search` (``searcher``: "binary" or "greedy") and
-    :func:`fxgradnas.apply_plan`. The user's model is not modified. ``compensate="ls"`` (or
-    ``"scale"``) then re-fits the Linear layers that consume pruned units on the calibration data,
-    layer after layer (:func:`fxgradnas.compensate.compensate`, its defaults);
-    ``result.compensation`` reports each layer's error before/after.
+    :func:`fxgradnas.apply_plan`. Every argument is checked before the model is captured. The user's
+    model is not modified. ``data`` is read once: with ``example_inputs=None`` its first batch captures
+    the model and is scored like the others; at most ``max_batches`` are scored (a warning and
+    ``summary()`` say when batches were left). ``compensate="ls"`` (or ``"scale"``) then re-fits the Linear
+    layers that consume pruned units on the calibration data, layer after layer
+    (:func:`fxgradnas.compensate.compensate`, its defaults; a one-shot iterator is kept in a list for the
+    second pass); ``result.compensation`` reports each layer's error before/after.
     """
+    kinds = _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, scorer=scorer, mode=mode,
+                             searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
+                             collect_fn=collect_fn, max_batches=max_batches, seed=seed, compensate=compensate,
+                             calibrate_options=calibrate_options)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if example_inputs is None and data is not None and not isinstance(model, Analysis):
-        example_inputs = (collect_fn or default_collect)(next(iter(data)))
+    if compensate is not None and is_one_shot(data):  # read twice: by calibration and by compensation
+        data = list(itertools.islice(data, None if max_batches is None else max_batches + 1))
+    if example_inputs is None and not isinstance(model, Analysis):
+        first, data = peek(data)
+        example_inputs = to_device((collect_fn or default_collect)(first), device_of(model))
     analysis = ensure_analysis(model, example_inputs)
     seconds["analyze"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -121,7 +174,7 @@ def prune(
     seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
     found = search(analysis, scores, constraint, searcher=searcher, kinds=kinds, divisor=divisor,
-                             ratios=ratios, gqa=gqa)
+                   ratios=ratios, gqa=gqa)
     seconds["search"] = time.perf_counter() - start
     found.plan.fingerprint = analysis.captured.fingerprint
     start = time.perf_counter()
@@ -129,10 +182,7 @@ def prune(
     seconds["rewrite"] = time.perf_counter() - start
     reports = []
     if compensate is not None:
-        if data is None:
-            raise TypeError("compensate needs calibration data")
         reports, seconds["compensate"] = timed_compensation(
             analysis, found.plan, pruned, data, method=compensate, collect_fn=collect_fn, max_batches=max_batches,
             progress=progress)
     return PruneResult(pruned, found.plan, scores, found, analysis, seconds, reports)
-

@@ -85,7 +85,10 @@ def prune_summary(result: PruneResult) -> str:
         f"params      {s.base['params']:,} -> {s.costs['params']:,} ({s.achieved['params']:.1%})",
         f"flops       {s.base['flops']:,} -> {s.costs['flops']:,} ({s.achieved['flops']:.1%}, per example input)",
         f"scores      {result.scores.scorer}" + (f", mode {result.scores.mode}, {result.scores.batches} batches"
-                                                  if result.scores.mode else ""),
-        "time        " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()),
+                                                  if result.scores.mode else "")
+        + (" (max_batches reached: later batches were not read)" if result.scores.truncated else ""),
     ]
+    if result.self_check is not None:
+        lines.append(f"self-check  {result.self_check}")
+    lines.append("time        " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
     return "\n".join(lines)

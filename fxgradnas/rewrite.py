@@ -6,6 +6,7 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -13,10 +14,10 @@ from torch.utils import _pytree as pytree
 
 from .analysis import Analysis, Group, Layout, ensure_analysis
 from .analysis.registry import apply_edits, entry_for
-from .capture import ExampleInputs
-from .errors import RewriteError
-from .instrument import copy_graph_module, masked
-from .plan import Plan
+from .capture import ExampleInputs, eval_mode
+from .errors import ArgumentError, RewriteError
+from .instrument import copy_graph_module, masked_view
+from .plan import Plan, check_plan
 from .selection import keep_grid, kept_per_unit_axis, tensor_selections
 
 aten = torch.ops.aten
@@ -40,28 +41,62 @@ def select(analysis: Analysis, plan: Plan, model: torch.nn.Module | None = None)
     return Selection(groups, grids, {g.name: kept_per_unit_axis(g, grids[g.name]) for g in groups})
 
 
+@dataclass
+class SelfCheck:
+    """How far the pruned module's outputs are from the masked reference's (relative max difference): on
+    the example inputs, and on fresh random inputs of their shapes (None where the model did not run on
+    them); ``tolerance`` is what :func:`apply_plan` allowed."""
+
+    example: float
+    fresh: float | None
+    tolerance: float
+
+    def __str__(self) -> str:
+        fresh = f"{self.fresh:.2g} on fresh random inputs" if self.fresh is not None else "fresh inputs not run"
+        return f"pruned vs masked {self.example:.2g} on the example inputs, {fresh} (tolerance {self.tolerance:.2g})"
+
+
+def default_tolerance(module: torch.nn.Module) -> float:
+    """The self-check's relative tolerance for ``module``'s least precise floating parameter: 1e-5 in float32,
+    8 units in the last place beyond (0.0625 for bfloat16, 0.0078 for float16): the pruned module sums
+    fewer terms, in another order, than the masked one."""
+    eps = max((torch.finfo(p.dtype).eps for p in module.parameters() if p.is_floating_point()),
+              default=torch.finfo(torch.float32).eps)
+    return max(1e-5, 8 * eps)
+
+
 def apply_plan(
     model: torch.nn.Module | Analysis,
     plan: Plan,
     example_inputs: ExampleInputs | None = None,
     *,
     check: bool = True,
-    tolerance: float = 1e-5,
+    tolerance: float | None = None,
 ) -> GraphModule:
     """A physically smaller module that keeps only the plan's units.
 
     Weights, biases, norm parameters and buffers are sliced; shape constants in view/reshape/
     expand/unflatten/norm nodes are patched; batch and sequence stay dynamic. The user's model is not
-    modified. With ``check`` the pruned output is compared with the masked reference on the example
-    inputs when every pruned group is exact (relative max difference at most ``tolerance``).
+    modified. The module follows ``.train()``/``.eval()`` like the model (dropout, BatchNorm statistics),
+    so it can be fine-tuned, and starts in the mode the model was in when captured.
+
+    With ``check`` (when every pruned group is exact) the pruned outputs are compared with the masked
+    reference's in eval mode, on the example inputs and on fresh random inputs of their shapes; a relative
+    max difference above ``tolerance`` (default :func:`default_tolerance`, by dtype) raises RewriteError.
+    The figures are in ``module.meta["self_check"]`` (:class:`SelfCheck`).
     """
+    check_plan(plan)
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not tolerance >= 0):
+        raise ArgumentError(f"tolerance must be a non-negative number (or None for the dtype's default), "
+                            f"not {tolerance!r}")
     analysis = ensure_analysis(model, example_inputs)
     selection = select(analysis, plan)
     for g in selection.groups:
         if not g.exact:
             warnings.warn(f"pruning group {g.name!r} is approximate ({g.exact_reason}): the pruned module "
                           "differs from the masked one", stacklevel=2)
-    pruned = copy_graph_module(analysis.captured.module, share_tensors=False)
+    pruned = copy_graph_module(analysis.captured.module, "copy")
     slice_tensors(pruned, selection)
     _patch_shape_constants(pruned, selection.groups, selection.kept)
     _correct_rms_norms(pruned, selection.groups, selection.kept)
@@ -70,24 +105,71 @@ def apply_plan(
     for p in pruned.parameters():
         p.requires_grad_(True)
     if check and all(g.exact for g in selection.groups):
-        difference = relative_difference(masked(analysis, plan), pruned, analysis)
-        if difference > tolerance:
+        result = self_check(analysis, plan, pruned, tolerance if tolerance is not None else default_tolerance(pruned))
+        pruned.meta["self_check"] = result
+        worst = max(result.example, result.fresh or 0.0)
+        if worst > result.tolerance:
             raise RewriteError(
-                f"the pruned module differs from the masked one by {difference:.3g} (relative max) on the "
-                f"example inputs; this is a bug in fxgradnas, please report it with the model"
+                f"the pruned module differs from the masked one: {result}; this is a bug in fxgradnas, please "
+                "report it with the model"
             )
+    pruned.train(analysis.captured.training)
     return pruned
 
 
-def outputs_on_example(module: torch.nn.Module, analysis: Analysis) -> list[torch.Tensor]:
-    """The tensors ``module`` returns on the captured example inputs, flattened."""
-    with torch.no_grad():
-        out = module(*analysis.captured.args, **analysis.captured.kwargs)
+def self_check(analysis: Analysis, plan: Plan, pruned: GraphModule, tolerance: float) -> SelfCheck:
+    """:class:`SelfCheck` of ``pruned`` against the masked reference of ``plan``, in eval mode."""
+    reference = masked_view(analysis, plan)
+    example = relative_difference(reference, pruned, analysis)
+    args, kwargs = fresh_inputs(analysis.captured.args, analysis.captured.kwargs)
+    try:
+        expected = outputs_on(reference, args, kwargs)
+    except Exception as exc:  # the model may not accept random values (e.g. a data-dependent check)
+        warnings.warn(f"self-check on fresh random inputs skipped: the masked model fails on them "
+                      f"({type(exc).__name__}: {exc})", stacklevel=3)
+        return SelfCheck(example, None, tolerance)
+    return SelfCheck(example, output_difference(expected, outputs_on(pruned, args, kwargs)), tolerance)
+
+
+def fresh_inputs(args: tuple, kwargs: dict[str, Any], seed: int = 0) -> tuple[tuple, dict[str, Any]]:
+    """Random inputs of the shapes, dtypes and devices of ``args``/``kwargs``, drawn from ``seed`` (the global
+    RNG is not used): a float tensor is drawn around its mean with its spread; any other tensor (token ids,
+    masks) keeps each row's values in a random order, so valid ids and masks stay valid."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def shuffled(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            return t
+        order = torch.rand(t.shape, generator=generator).argsort(dim=-1).to(t.device)
+        return t.gather(-1, order)
+
+    def draw(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.numel() < 2:
+            return t
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            return shuffled(t)
+        values = t.detach().float()
+        noise = torch.randn(t.shape, generator=generator).to(t.device)
+        return (values.mean() + values.std() * noise).to(t.dtype)
+
+    return pytree.tree_map(draw, (args, kwargs))
+
+
+def outputs_on(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``module`` returns on ``args``/``kwargs`` in eval mode (its flags restored), flattened."""
+    with torch.no_grad(), eval_mode(module):
+        out = module(*args, **kwargs)
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def outputs_on_example(module: torch.nn.Module, analysis: Analysis) -> list[torch.Tensor]:
+    """The tensors ``module`` returns on the captured example inputs in eval mode, flattened."""
+    return outputs_on(module, analysis.captured.args, analysis.captured.kwargs)
+
+
 def output_difference(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    """Largest |a - b| over all output tensors, relative to the largest |a|; inf for another structure."""
+    """Largest |a - b| over all output tensors, relative to the largest finite |a|; entries equal in both
+    (infinities included) count as 0; inf for another structure or a NaN in only one of them."""
     if len(reference) != len(outputs):
         return math.inf
     worst = 0.0
@@ -95,8 +177,14 @@ def output_difference(reference: list[torch.Tensor], outputs: list[torch.Tensor]
         if a.shape != b.shape:
             return math.inf
         if a.is_floating_point():
-            scale = a.abs().max().clamp_min(1e-12)
-            worst = max(worst, float((a - b).abs().max() / scale))
+            a, b = a.double(), b.double()
+            same = (a == b) | (a.isnan() & b.isnan())
+            difference = torch.where(same, 0.0, (a - b).abs())
+            if a.numel() and bool(difference.isnan().any()):
+                return math.inf
+            finite = a[torch.isfinite(a)]
+            scale = finite.abs().max().clamp_min(1e-12) if finite.numel() else torch.tensor(1.0)
+            worst = max(worst, float(difference.max() / scale) if a.numel() else 0.0)
         elif not torch.equal(a, b):
             return math.inf
     return worst

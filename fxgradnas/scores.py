@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import torch
 
-from .analysis import Analysis, Group, Layout
+from .analysis import Analysis, Group, Layout, check_analysis, check_groups
+from .errors import ArgumentTypeError
 from .selection import fold_to_units
 
 
 class Scores(dict):
-    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made."""
+    """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made;
+    ``truncated``: calibration stopped at ``max_batches`` with batches left unread."""
 
     def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
-                 seconds: float = 0.0, history: list[float] | None = None) -> None:
+                 seconds: float = 0.0, history: list[float] | None = None, truncated: bool = False) -> None:
         super().__init__(scores)
         self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
         self.history = history or []
+        self.truncated = truncated
 
     def scaled(self, factor: float) -> Scores:
         return Scores({k: v * factor for k, v in self.items()}, scorer=self.scorer, mode=self.mode,
-                      batches=self.batches, seconds=self.seconds, history=self.history)
+                      batches=self.batches, seconds=self.seconds, history=self.history, truncated=self.truncated)
 
 
 def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.Tensor:
@@ -33,6 +36,8 @@ def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.T
 
 def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
     """Unit score = the L1 norm of every weight slice the unit owns (the magnitude ranking)."""
+    check_analysis(analysis, "l1_scores")
+    check_groups(analysis, groups)
     model = analysis.captured.model
     scores = {}
     for g in groups if groups is not None else analysis.prunable:
@@ -47,6 +52,10 @@ def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
 
 def random_scores(analysis: Analysis, groups: list[Group] | None = None, seed: int = 0) -> Scores:
     """Unit scores drawn uniformly at random from ``seed``: the baseline any ranking must beat."""
+    check_analysis(analysis, "random_scores")
+    check_groups(analysis, groups)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentTypeError(f"seed must be an int, not {seed!r}")
     generator = torch.Generator().manual_seed(seed)
     chosen = groups if groups is not None else analysis.prunable
     return Scores({g.name: torch.rand(g.size, generator=generator) for g in chosen}, scorer=f"random({seed})")

@@ -11,19 +11,24 @@ budget is used. ``searcher="greedy"`` starts from the smallest choices and only 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .analysis import Analysis, Group
+from .analysis import Analysis, Group, check_analysis
+from .analysis.groups import KINDS
 from .cost import METRICS, CostModel
-from .errors import ConstraintError
+from .errors import ArgumentError, ArgumentTypeError, ConstraintError
 from .plan import Plan
 
 RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 SEARCHERS = ("binary", "greedy")
+GQA = ("both", "kv", "queries")
 
 
 @dataclass(frozen=True)
@@ -51,23 +56,75 @@ class SearchResult:
         return {m: self.costs[m] / self.base[m] for m in METRICS}
 
 
-def parse_constraint(constraint: dict, base: dict[str, int]) -> tuple[str, int]:
-    """``{"params": 0.75}``, ``{"params": "75%"}``, ``{"flops": 1e9}`` -> (metric, absolute budget)."""
-    if not isinstance(constraint, dict) or len(constraint) != 1:
-        raise ConstraintError(f"constraint must be one of {{'params': ...}} or {{'flops': ...}}, not {constraint!r}")
+def check_constraint(constraint: Any) -> tuple[str, str, float | int]:
+    """``(metric, "ratio" | "count", value)`` of a constraint, or ConstraintError naming what is wrong.
+
+    One rule: a float in (0, 1] or a percentage string in (0 %, 100 %] is a ratio of the original model;
+    an int above 1 is a count; anything else (a float above 1, 0, 1 as an int, a negative, a bool) is an
+    error. Nothing is read from the model, so a malformed constraint fails before any capture."""
+    example = "{'params': 0.6}, {'flops': '70%'} or {'params': 100_000_000}"
+    if not isinstance(constraint, Mapping) or len(constraint) != 1:
+        raise ConstraintError(f"constraint must be a dict with one entry, like {example}; not {constraint!r}")
     (metric, value), = constraint.items()
     if metric not in METRICS:
         raise ConstraintError(f"constraint metric must be one of {METRICS}, not {metric!r}")
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9.]+)\s*%\s*", value)
-        if not match:
-            raise ConstraintError(f"constraint {value!r} is not a percentage like '75%'")
-        value = float(match.group(1)) / 100
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConstraintError(f"constraint value must be a positive ratio, percentage or count, not {value!r}")
-    if value <= 1:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*", value)
+        percent = float(match.group(1)) if match else math.nan
+        if not 0 < percent <= 100:
+            raise ConstraintError(f"constraint {metric}={value!r} is not a percentage in (0%, 100%] like '75%'")
+        return metric, "ratio", percent / 100
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConstraintError(f"constraint {metric}={value!r} must be a ratio in (0, 1], a percentage string or an "
+                              f"int count above 1, not {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        if value > 1:
+            return metric, "count", int(value)
+        hint = "write 1.0 or '100%' for the whole model" if value == 1 else "a count is an int above 1"
+        raise ConstraintError(f"constraint {metric}={value!r} is neither a ratio nor a count: {hint}")
+    value = float(value)
+    if math.isfinite(value) and 0 < value <= 1:
+        return metric, "ratio", value
+    hint = (f"for a count of {metric} write the int {int(value):_}" if math.isfinite(value) and value > 1
+            and value.is_integer() else "a ratio is in (0, 1], a count an int above 1")
+    raise ConstraintError(f"constraint {metric}={value!r} is neither a ratio nor a count: {hint}")
+
+
+def parse_constraint(constraint: Any, base: dict[str, int]) -> tuple[str, int]:
+    """``{"params": 0.75}``, ``{"params": "75%"}``, ``{"flops": 10**9}`` -> (metric, absolute budget); see
+    :func:`check_constraint`. A count above the model's own is an error."""
+    metric, kind, value = check_constraint(constraint)
+    if kind == "ratio":
         return metric, int(math.floor(value * base[metric]))
-    return metric, int(value)
+    if value > base[metric]:
+        per = " (per example input)" if metric == "flops" else ""
+        raise ConstraintError(f"constraint {metric}={value:,} is more than the model has: {base[metric]:,}{per}; "
+                              f"give a smaller count or a ratio like 0.75")
+    return metric, value
+
+
+def check_search_options(*, searcher: Any = "binary", kinds: Any = ("heads", "channels"), divisor: Any = 32,
+                         ratios: Any = RATIOS, gqa: Any = "both") -> tuple[str, ...]:
+    """Raise ArgumentError/ArgumentTypeError for a search option fxgradnas cannot use; returns ``kinds`` as
+    a tuple."""
+    if searcher not in SEARCHERS:
+        raise ArgumentError(f"searcher must be one of {SEARCHERS}, not {searcher!r}")
+    if isinstance(kinds, str) or not isinstance(kinds, Iterable):
+        raise ArgumentTypeError(f"kinds must be a tuple of group kinds like ('heads', 'channels'), not {kinds!r}")
+    kinds = tuple(kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ArgumentError(f"kinds must be a non-empty tuple of {KINDS}, not {kinds!r}")
+    if isinstance(divisor, bool) or not isinstance(divisor, numbers.Integral) or divisor < 1:
+        raise ArgumentError(f"divisor must be an int of at least 1 (channel counts are multiples of it), "
+                            f"not {divisor!r}")
+    if isinstance(ratios, (str, Mapping)) or not isinstance(ratios, Iterable):
+        raise ArgumentTypeError(f"ratios must be a tuple of floats in (0, 1], not {ratios!r}")
+    ratios = tuple(ratios)
+    if not ratios or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
+        raise ArgumentError(f"ratios must be a non-empty tuple of floats in (0, 1], not {ratios!r}")
+    if gqa not in GQA:
+        raise ArgumentError(f"gqa must be one of {GQA}, not {gqa!r}")
+    return kinds
 
 
 def _counts(width: int, ratios: tuple[float, ...], divisor: int) -> list[int]:
@@ -170,8 +227,10 @@ def search(
     ``kinds``: which group kinds are searched (the others stay whole); add ``"hidden"`` to prune
     the residual width too.
     """
-    if searcher not in SEARCHERS:
-        raise ValueError(f"searcher must be one of {SEARCHERS}, not {searcher!r}")
+    check_constraint(constraint)
+    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa)
+    check_analysis(analysis, "search")
+    _check_scores(analysis, scores)
     start = time.perf_counter()
     model = cost_model or CostModel(analysis)
     metric, budget = parse_constraint(constraint, model.base)
@@ -196,6 +255,26 @@ def search(
     removed = {g: -model.delta("params", g, {}, c.kept) for g, c in choices.items()}
     return SearchResult(plan, choices, state.costs, model.base, (metric, budget), removed, history,
                         time.perf_counter() - start)
+
+
+def _check_scores(analysis: Analysis, scores: Any) -> None:
+    """Raise ArgumentError unless ``scores`` maps prunable groups of ``analysis`` to finite unit scores of the
+    group's size."""
+    if not isinstance(scores, Mapping):
+        raise ArgumentTypeError(f"scores must map group names to unit scores (fxgradnas.calibrate(...)), not "
+                                f"{type(scores).__name__}")
+    prunable = {g.name: g for g in analysis.prunable}
+    for name, value in scores.items():
+        group = prunable.get(name)
+        if group is None:
+            raise ArgumentError(f"scores name {name!r}, which is not a prunable group of this analysis; "
+                                "were they computed for another model?")
+        if not isinstance(value, torch.Tensor) or value.numel() != group.size:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ArgumentError(f"scores of {name!r} must be a tensor of its {group.size} unit scores, not {shape}")
+        if not bool(torch.isfinite(value).all()):
+            raise ArgumentError(f"scores of {name!r} are not all finite; were they calibrated on a batch that "
+                                "gave NaN or infinity?")
 
 
 def _binary(model: CostModel, options: dict[str, list[Choice]], metric: str, budget: int,

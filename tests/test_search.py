@@ -83,7 +83,7 @@ def test_interactions_are_products() -> None:
 @pytest.mark.parametrize(
     ("constraint", "metric", "budget"),
     [({"params": 0.75}, "params", 750), ({"params": "75%"}, "params", 750), ({"flops": 600}, "flops", 600),
-     ({"flops": 1}, "flops", 1000)],
+     ({"flops": 1.0}, "flops", 1000), ({"params": "100%"}, "params", 1000), ({"params": 1000}, "params", 1000)],
 )
 def test_parse_constraint(constraint: dict, metric: str, budget: int) -> None:
     assert parse_constraint(constraint, {"params": 1000, "flops": 1000}) == (metric, budget)
@@ -92,7 +92,8 @@ def test_parse_constraint(constraint: dict, metric: str, budget: int) -> None:
 @pytest.mark.parametrize(
     "constraint",
     [{"params": 0}, {"params": -1}, {"memory": 0.5}, {"params": 0.5, "flops": 0.5}, {"params": "lots"},
-     {"params": float("nan")}, [0.5], {"params": True}],
+     {"params": float("nan")}, [0.5], {"params": True}, {"params": 1}, {"params": 1.5}, {"flops": 1e3},
+     {"params": "150%"}, {"params": "0%"}, {"params": 1001}],
 )
 def test_malformed_constraints_raise(constraint) -> None:
     with pytest.raises(ConstraintError):

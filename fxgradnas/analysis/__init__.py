@@ -10,6 +10,7 @@ import networkx as nx
 import torch
 
 from ..capture import Captured, ExampleInputs, capture
+from ..errors import ArgumentError, ArgumentTypeError, UnknownGroupError
 from ..report import analysis_table
 from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
 from .propagate import propagate
@@ -19,7 +20,7 @@ from .state import Propagation
 
 __all__ = [
     "Analysis", "Factor", "Group", "Layout", "NodeAxis", "OpEntry", "REGISTRY", "TensorAxis", "analyze",
-    "analyze_captured", "ensure_analysis", "register",
+    "analyze_captured", "check_analysis", "check_groups", "ensure_analysis", "register",
 ]
 
 
@@ -36,7 +37,7 @@ class Analysis:
         for g in self.groups:
             if g.name == name:
                 return g
-        raise KeyError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+        raise UnknownGroupError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
 
     @property
     def prunable(self) -> list[Group]:
@@ -95,12 +96,34 @@ def analyze_captured(captured: Captured) -> Analysis:
     )
 
 
+def check_analysis(analysis: Any, function: str) -> None:
+    """Raise ArgumentTypeError unless ``analysis`` is an :class:`Analysis` (``function`` takes one)."""
+    if not isinstance(analysis, Analysis):
+        raise ArgumentTypeError(f"{function} takes an Analysis (fxgradnas.analyze(model, example_inputs)), not "
+                                f"{type(analysis).__name__}")
+
+
+def check_groups(analysis: Analysis, groups: list[Group] | None) -> None:
+    """Raise ArgumentError unless ``groups`` is None or a list of groups of ``analysis``."""
+    if groups is None:
+        return
+    if isinstance(groups, (str, Group)) or not isinstance(groups, (list, tuple)):
+        raise ArgumentTypeError(f"groups must be a list of groups (analysis.prunable), not {type(groups).__name__}")
+    known = {id(g) for g in analysis.groups}
+    unknown = [g for g in groups if id(g) not in known]
+    if unknown:
+        shown = unknown[0].name if isinstance(unknown[0], Group) else repr(unknown[0])
+        raise ArgumentError(f"groups must be groups of this analysis (e.g. analysis.prunable), not {shown}")
+
+
 def ensure_analysis(model: torch.nn.Module | Analysis, example_inputs: ExampleInputs | None) -> Analysis:
     """The analysis passed in, or a fresh one of ``model`` on ``example_inputs``."""
     if isinstance(model, Analysis):
         return model
+    if not isinstance(model, torch.nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
     if example_inputs is None:
-        raise TypeError("example_inputs are needed to capture the model (or pass an Analysis)")
+        raise ArgumentTypeError("example_inputs are needed to capture the model (or pass an Analysis)")
     return analyze(model, example_inputs)
 
 
