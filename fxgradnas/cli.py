@@ -289,7 +289,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from .analysis.groups import KINDS
     from .batches import to_device
-    from .datasets import batched, causal_lm_loss
+    from .datasets import causal_lm_loss
 
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -308,16 +308,7 @@ def run_prune(args: argparse.Namespace) -> int:
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = causal_lm_loss
     if source.directory is not None:
         with steps("tokenize", "cutting token windows"):
-            if calibration_texts:
-                needed = args.batches * args.batch_size
-                ids = windows(tokenizer, "\n\n".join(calibration_texts.values()), args.seq_len, needed, "--calibration")
-                if len(ids) < needed:
-                    print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, "
-                          f"not {needed}", file=sys.stderr)
-                calibration = batched(ids, args.batch_size)
-            eval_sets = {name: batched(windows(tokenizer, text, args.seq_len, args.eval_batches * args.batch_size,
-                                               "--eval " + name), args.batch_size)
-                         for name, text in eval_texts.items()}
+            calibration, eval_sets = _token_batches(args, tokenizer, calibration_texts, eval_texts)
         example = calibration[0] if calibration else torch.zeros(1, args.seq_len, dtype=torch.long)
     elif args.data is not None:
         with steps("data", f"calling {args.data}"):
@@ -340,6 +331,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = fxgradnas.prune(
             analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
             kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate)
+    result.seconds["analyze"] = steps.seconds["analyze"]
     show("Plan", result.table())
     show("Summary", result.summary())
 
@@ -376,6 +368,24 @@ def run_prune(args: argparse.Namespace) -> int:
     _show_outcome(report)
     print(f"\nwrote {', '.join(files)} and {REPORT_FILE}.md/.json to {out}")
     return 0
+
+
+def _token_batches(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str],
+                   eval_texts: dict[str, str]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Calibration batches (the texts joined) and evaluation batches per text."""
+    from .datasets import batched
+
+    calibration = []
+    if calibration_texts:
+        needed = args.batches * args.batch_size
+        ids = windows(tokenizer, "\n\n".join(calibration_texts.values()), args.seq_len, needed, "--calibration")
+        if len(ids) < needed:
+            print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
+                  file=sys.stderr)
+        calibration = batched(ids, args.batch_size)
+    evaluation = {name: batched(windows(tokenizer, text, args.seq_len, args.eval_batches * args.batch_size,
+                                        "--eval " + name), args.batch_size) for name, text in eval_texts.items()}
+    return calibration, evaluation
 
 
 def _detailed(steps: dict[str, float], pruning: dict[str, float]) -> dict[str, float]:
