@@ -50,9 +50,12 @@ def test_help_answers_at_once_without_torch() -> None:
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.strip().splitlines()[-1] == "False"
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fxgradnas", "prune", "--help"], capture_output=True, check=True, cwd=ROOT)
-    assert time.perf_counter() - start < 1.0
+    seconds = {}
+    for name, argv in (("python", ["-c", "pass"]), ("help", ["-m", "fxgradnas", "prune", "--help"])):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *argv], capture_output=True, check=True, cwd=ROOT)
+        seconds[name] = time.perf_counter() - start
+    assert seconds["help"] < 1.0 or seconds["help"] - seconds["python"] < 0.5  # a loaded machine starts slowly
 
 
 def test_console_script_plot_extra_and_choices_match_the_library() -> None:
