@@ -69,6 +69,7 @@ def fraction(text: str) -> float | str:
 
 
 def positive(text: str) -> int:
+    """A count of at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -253,15 +254,18 @@ def evaluate(model: Any, sets: dict[str, list[torch.Tensor]], when: str) -> dict
 
 
 def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, tied ones once."""
     return sum(p.numel() for p in model.parameters())
 
 
 def checkpoint_bytes(directory: Path) -> int:
+    """Bytes of the safetensors files of a checkpoint directory."""
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
 # --- commands --------------------------------------------------------------------------------------
 def run_prune(args: argparse.Namespace) -> int:
+    """``fxgradnas prune``: see the parser's description."""
     source = Source.parse(args.model)
     out = output_directory(args.out, source)
     kinds = tuple(dict.fromkeys(args.kinds))
@@ -408,6 +412,7 @@ def _merged(source: Path, structure: dict) -> dict:
 
 
 def _draw(result: PruneResult, path: Path, title: str) -> bool:
+    """The picture, if matplotlib is there (else a note); whether it was drawn."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -449,6 +454,7 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
 
 
 def _write_report(report: dict, out: Path) -> None:
+    """``report.json`` and ``report.md``."""
     from .report import markdown_report
 
     (out / f"{REPORT_FILE}.json").write_text(json.dumps(report, indent=1))
@@ -456,6 +462,7 @@ def _write_report(report: dict, out: Path) -> None:
 
 
 def _show_outcome(report: dict) -> None:
+    """The before/after tables and the generations on stdout."""
     from tabulate import tabulate
 
     rows = [[name, f"{v['before']:,}", f"{v['after']:,}", f"{v['after'] / v['before']:.1%}"]
@@ -469,6 +476,7 @@ def _show_outcome(report: dict) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """``fxgradnas inspect``: the analysis table (a checkpoint is analysed on random token ids)."""
     source = Source.parse(args.model)
     import torch
 
@@ -485,6 +493,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """``fxgradnas eval``: perplexity of a checkpoint on each text."""
     source = Source.parse(args.model)
     if source.directory is None:
         raise UsageError("eval reads a checkpoint directory, not a MODULE:FACTORY")
@@ -507,11 +516,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # --- the parser ------------------------------------------------------------------------------------
 def _add_model(parser: argparse.ArgumentParser) -> None:
+    """The model argument every command takes."""
     parser.add_argument("model", metavar="MODEL", help="a Hugging Face causal LM checkpoint directory, or MODULE:FACTORY: a function "
                                       "returning (model, example_inputs)")
 
 
 def _add_windows(parser: argparse.ArgumentParser) -> None:
+    """Window, device and dtype options of the commands that read text."""
     parser.add_argument("--batch-size", type=positive, metavar="N", default=8, help="windows per batch (default 8)")
     parser.add_argument("--seq-len", type=positive, metavar="N", default=128, help="tokens per window (default 128)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default cuda when present)")
@@ -519,6 +530,7 @@ def _add_windows(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
+    """The command line; builds without importing torch."""
     corpora = "; ".join(f"{name}: {what}" for name, what in CORPORA.items())
     parser = Parser(prog="fxgradnas", description=DESCRIPTION,
                     epilog="fxgradnas COMMAND --help for each command's options")
