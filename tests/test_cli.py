@@ -136,6 +136,14 @@ def test_prune_a_factory_model_and_reload_it(tmp_path: Path, capsys: pytest.Capt
     assert sum(p.numel() for p in pruned.parameters()) == report["sizes"]["params"]["after"]
 
 
+def test_flops_percentage_with_weight_magnitude_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, _ = run(["prune", "tests.zoo:mlp", "--flops", "70%", "--scorer", "l1", "--divisor", "1", "--out",
+                      str(tmp_path)], capsys)
+    assert code == 0
+    flops = json.loads((tmp_path / "report.json").read_text())["sizes"]["flops per example input"]
+    assert flops["after"] <= 0.7 * flops["before"]
+
+
 def test_fxgradnas_errors_exit_with_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run(["prune", "tests.zoo:mlp", "--params", "0.01", "--scorer", "l1", "--out", str(tmp_path)],
                        capsys)
