@@ -88,10 +88,30 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r} for {what}: {exc}") from exc
+    except Exception as exc:  # the module itself fails while it is imported
+        raise UsageError(f"importing {module_name!r} for {what} failed: {type(exc).__name__}: {exc}") from exc
     function = getattr(module, attr, None)
     if not callable(function):
         raise UsageError(f"{module_name!r} has no function {attr!r}")
     return function
+
+
+def table_format(name: str) -> str:
+    """A tabulate table format name (checked before the model is loaded)."""
+    from tabulate import tabulate_formats
+
+    if name not in tabulate_formats:
+        raise argparse.ArgumentTypeError(f"unknown table format {name!r}; one of {', '.join(tabulate_formats)}")
+    return name
+
+
+def call_factory(spec: str, what: str) -> Any:
+    """Call the ``MODULE:FUNCTION`` of ``spec``; its failure is the caller's mistake, reported in one line."""
+    function = load_callable(spec, what)
+    try:
+        return function()
+    except Exception as exc:
+        raise UsageError(f"{spec} failed when called as {what}: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -115,7 +135,7 @@ class Source:
         raise UsageError(f"no such checkpoint directory: {spec}")
 
     def factory_model(self) -> tuple[torch.nn.Module, Any]:
-        made = load_callable(self.spec, "the model factory")()
+        made = call_factory(self.spec, "the model factory")
         if not (isinstance(made, tuple) and len(made) == 2):
             raise UsageError(f"{self.spec} must return (model, example_inputs), not {type(made).__name__}")
         return made
@@ -316,7 +336,7 @@ def run_prune(args: argparse.Namespace) -> int:
         example = calibration[0] if calibration else torch.zeros(1, args.seq_len, dtype=torch.long)
     elif args.data is not None:
         with steps("data", f"calling {args.data}"):
-            made = load_callable(args.data, "--data")()
+            made = call_factory(args.data, "--data")
         if not (isinstance(made, tuple) and len(made) == 2 and callable(made[1])):
             raise UsageError(f"--data {args.data} must return (batches, loss_fn)")
         calibration, loss_fn = list(made[0]), made[1]
@@ -571,7 +591,8 @@ def build_parser() -> Parser:
                              description="Capture and analyse a model; print one row per group.")
     _add_model(inspect)
     inspect.add_argument("--seq-len", type=positive, metavar="N", default=16, help="tokens of the example input (default 16)")
-    inspect.add_argument("--tablefmt", default="simple", help="tabulate table format (default simple)")
+    inspect.add_argument("--tablefmt", default="simple", type=table_format,
+                         help="tabulate table format (default simple)")
     inspect.set_defaults(run=run_inspect)
 
     evaluate_ = sub.add_parser("eval", help="perplexity of a checkpoint (pruned or not) on text",

@@ -3,8 +3,10 @@ model (state_dict, flags, hooks, .grad) and the global RNG are as they were."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ from torch import nn
 
 import fxgradnas
 from fxgradnas import Plan
-from fxgradnas.__main__ import main
+from fxgradnas.cli import main
 from fxgradnas.compensate import compensate
 from fxgradnas.errors import (
     ArgumentError,
@@ -346,15 +348,14 @@ def test_plan_json_schema_is_checked(analysis: fxgradnas.Analysis) -> None:
 @pytest.mark.parametrize("target", ["tests.zoo:NanoGPT", "tests.zoo:ZOO", "tests.zoo:nothing", "tests.zoo",
                                     "fxgradnas:prune", "os:getcwd", "no_such_module:f"])
 def test_cli_reports_a_target_that_is_not_a_factory_in_one_line(target: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", target])
-    assert isinstance(exit_info.value.code, str) and exit_info.value.code.startswith("error: ")
+    with pytest.raises(SystemExit, match="^fxgradnas: error: [^\n]+$"):
+        _cli(["inspect", target])
 
 
 def test_cli_prints_no_traceback() -> None:
     done = subprocess.run([sys.executable, "-m", "fxgradnas", "inspect", "tests.zoo:NanoGPT"], capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("fxgradnas: error: ") and "Traceback" not in done.stderr
 
 
 def test_bfloat16_self_check_runs_on_fresh_inputs_with_a_dtype_tolerance() -> None:
@@ -582,11 +583,21 @@ CASES = [
     Case("concurrency", "two-rewrites", lambda e: _in_threads(lambda: fxgradnas.apply_plan(e.analysis, Plan({"fc": [0]}))),
          None),
     # CLI
-    *[Case("cli", f"target-{target}", lambda e, t=target: main(["inspect", t]), SystemExit, "^error: ")
+    *[Case("cli", f"target-{target}", lambda e, t=target: _cli(["inspect", t]), SystemExit, "^fxgradnas: error: [^\n]+$")
       for target in ("tests.zoo:Llama", "tests.zoo:HF_ZOO", "tests.zoo:missing", "tests", ":llama", "tests.zoo:",
                      "math:pi", "json:dumps")],
-    Case("cli", "bad-tablefmt", lambda e: main(["inspect", "tests.zoo:mlp", "--tablefmt", "nope"]), SystemExit, ""),
+    Case("cli", "bad-tablefmt", lambda e: _cli(["inspect", "tests.zoo:mlp", "--tablefmt", "nope"]), SystemExit,
+         "^fxgradnas: error: "),
 ]
+
+
+def _cli(argv: list[str]) -> None:
+    """Run the command line; a non-zero exit raises SystemExit carrying what it printed on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code:
+        raise SystemExit(err.getvalue().strip())
 
 
 def _interrupt(*args: Any) -> None:
