@@ -167,6 +167,8 @@ def first_failure(report: bc.Report, limit: int = 110) -> str:
     for name, detail in report.failures():
         if name == "torch_pruning":
             continue
+        if re.match(r"^[0-9.e+-]+( |$)", detail):
+            detail = f"relative difference {detail}"
         text = f"{name}: {detail}"
         return text if len(text) <= limit else text[: limit - 3] + "..."
     return ""
@@ -205,14 +207,14 @@ def frozen_table(reports: list[bc.Report], tablefmt: str = "github") -> str:
 
 
 def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     parts = [f"torch {torch.__version__}"]
-    for module in ("transformers", "torchvision", "torch_pruning"):
+    for package in ("transformers", "torchvision", "torch-pruning"):
         try:
-            if module == "torchvision":
-                families.prepare_torchvision()
-            parts.append(f"{module} {__import__(module).__version__}")
-        except ImportError:
-            parts.append(f"{module} not installed")
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} not installed")
     return ", ".join(parts)
 
 
@@ -225,7 +227,8 @@ def section(reports: list[bc.Report], seconds: float, tp_note: str | None) -> st
         f"{seconds:.0f} s in all). Tiny random-init configs from tests/families.py: Hugging Face families with "
         "2 layers, hidden 64, 4 heads (2 KV heads where the family has GQA), MLP 96, vocab 128, on batch 3 x "
         "sequence 7; torchvision classifiers with `weights=None`, 10 classes, on 2 images of 64x64 (32x32 for "
-        "vgg11_bn, convnext_tiny, vit_b_16; 75x75 for inception_v3).",
+        "vgg11_bn, convnext_tiny, vit_b_16; 75x75 for inception_v3; 224x224 for maxvit_t, whose 7x7 windows "
+        "need it).",
         "",
         "Columns: groups found per kind (h heads, c channels, hid hidden) as prunable/total; `analyze` capture "
         "+ analysis ran; `heads found` every attention has a prunable heads group (– no attention); "

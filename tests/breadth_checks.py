@@ -202,7 +202,7 @@ def attention_ops(analysis: Any) -> int:
 
 def shorten(reason: str, limit: int = 70) -> str:
     """The first reason, without the node names that make each group's reason unique."""
-    reason = re.sub(r" (at|by) [A-Za-z_][A-Za-z0-9_.]*(?=$|[ ,:;)])", "", reason.split(";")[0].strip())
+    reason = re.sub(r" at [A-Za-z_][A-Za-z0-9_.]*(?=$|[ ,:;)])", "", reason.split(";")[0].strip())
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
@@ -307,11 +307,13 @@ def check_write_back(written: nn.Module, reference: nn.Module, error: str | None
 
 
 def greedy_reference(graph: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy continuation by full forwards of a graph module (no cache)."""
+    """Greedy continuation by full forwards of a graph module (no cache). The end-of-sequence token
+    is never chosen, as in ``generate`` with ``min_new_tokens == max_new_tokens``."""
     with torch.no_grad():
         for _ in range(steps):
-            logits = tensors(graph(input_ids=ids))[0]
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = tensors(graph(input_ids=ids))[0][:, -1].clone()
+            logits[:, families.EOS] = -math.inf
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids
 
 
