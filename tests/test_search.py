@@ -204,3 +204,23 @@ def test_prune_result_reports() -> None:
     # the pruned module is the masked reference, and has the parameters the search counted
     torch.testing.assert_close(result.model(inputs), fxgradnas.masked(result.analysis, result.plan)(inputs))
     assert sum(p.numel() for p in result.model.parameters()) == result.search.costs["params"]
+
+
+class _FlagFirst(torch.nn.Module):
+    """A model whose first input is not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, scale: float, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))) * scale
+
+
+def test_cost_model_when_the_first_input_is_not_a_tensor() -> None:
+    """The symbolic batch size is read from the first tensor input, wherever it is."""
+    analysis = fxgradnas.analyze(_FlagFirst(), (2.0, torch.randn(7, 5)))
+    model = CostModel(analysis)
+    assert model.base["params"] == 5 * 16 + 16 + 16 * 3 + 3
+    assert model.base["flops"] == 2 * 7 * (5 * 16 + 16 * 3)
+    assert model.evaluate({"fc1": (4,)})["flops"] == 2 * 7 * (5 * 4 + 4 * 3)

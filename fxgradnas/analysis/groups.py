@@ -253,6 +253,11 @@ class _GroupBuilder:
             g.prunable = not g.reason
         if g.prunable and not g.sites:
             g.prunable, g.reason = False, "no place to put its mask (no weight consumes it)"
+        dynamic = [site.node for site in g.sites if any(f.size is None for f in site.layout.factors)]
+        if g.prunable and dynamic:  # the unit is spread over a batch/sequence-sized factor (DeBERTa's relative
+            g.prunable = False      # position attention), which a mask of fixed shape cannot cover
+            g.reason = f"its mask site {dynamic[0]} mixes the unit with a batch- or sequence-sized axis"
+
         if kind == "heads" and len(unit_shape) > 2:
             g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
         return g
