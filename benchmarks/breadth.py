@@ -167,7 +167,7 @@ def first_failure(report: bc.Report, limit: int = 110) -> str:
     for name, detail in report.failures():
         if name == "torch_pruning":
             continue
-        if re.match(r"^[0-9.e+-]+( |$)", detail):
+        if re.match(r"^\d\.\de[+-]\d+( |$)", detail):
             detail = f"relative difference {detail}"
         text = f"{name}: {detail}"
         return text if len(text) <= limit else text[: limit - 3] + "..."
