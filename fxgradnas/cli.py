@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -84,6 +85,8 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"expected {what} as MODULE:FUNCTION (e.g. tests.zoo:llama), got {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``python -m`` does: modules of the current directory import
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -283,3 +283,17 @@ def test_prune_a_pruned_checkpoint_again(checkpoint: Path, pruned: tuple[Path, s
     assert sum(p.numel() for p in model.parameters()) == report["sizes"]["params"]["after"]
     with torch.no_grad():
         assert model(torch.tensor([[68, 69, 70]])).logits.shape == (1, 3, 257)
+
+
+def test_console_script_imports_factories_from_the_current_directory(tmp_path: Path) -> None:
+    """The installed ``fxgradnas`` script, unlike ``python -m``, does not put the current directory on
+    sys.path by itself; a MODULE:FACTORY of the current directory must import all the same."""
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n\ndef mlp():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),"
+        " torch.nn.Linear(8, 2)), torch.randn(3, 4)\n")
+    script = Path(sys.executable).with_name("fxgradnas")
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from fxgradnas.cli import main; sys.path.remove(''); sys.exit(main())"]
+    done = subprocess.run([*command, "inspect", "my_models:mlp"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "prunable" in done.stdout
