@@ -15,7 +15,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analysis import Analysis, Group, check_analysis
-from .capture import cache_off, eval_mode
+from .capture import cache_off
 from .errors import RewriteError
 from .instrument import masked_view
 from .plan import Plan, check_plan
@@ -68,7 +68,7 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     _set_attributes(model, attributes)
     model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in selection.kept.items()}}
     if expected is not None:
-        with eval_mode(model), cache_off(model, analysis.captured.kwargs):
+        with cache_off(model, analysis.captured.kwargs):  # outputs_on_example runs it in eval mode
             difference = output_difference(expected, outputs_on_example(model, analysis))
         if difference > (tolerance if tolerance is not None else default_tolerance(model)):
             raise RewriteError(
@@ -81,6 +81,7 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
 def _copy_parameters(source: nn.Module, model: nn.Module) -> None:
     """Give every parameter of ``model`` the value of the same-named parameter of ``source`` (new tensors:
     the ones ``model`` holds may be shared with the analysis' graph; tied names stay tied)."""
+    owners = _parameter_owners(model)
     for name, value in source.named_parameters():
         owner = tensor_owner(model, name)
         if owner is None:
@@ -89,16 +90,25 @@ def _copy_parameters(source: nn.Module, model: nn.Module) -> None:
         if target.shape != value.shape:
             raise RewriteError(f"{name!r}: the pruned module has shape {tuple(value.shape)}, the written-back "
                                f"model {tuple(target.shape)}; was the module made from another plan?")
-        _replace(model, target, value.detach().to(target.dtype))
+        _replace(owners, target, value.detach().to(target.dtype))
 
 
-def _replace(model: nn.Module, old: torch.Tensor, value: torch.Tensor) -> None:
-    """Put a new parameter holding ``value`` wherever ``model`` holds the parameter ``old``."""
-    new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) holding each parameter of ``model``, by the parameter's id."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for attr, param in module._parameters.items():
-            if param is old:
-                module._parameters[attr] = new
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, attr))
+    return owners
+
+
+def _replace(owners: dict[int, list[tuple[nn.Module, str]]], old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put a new parameter holding ``value`` wherever the parameter ``old`` is held (``owners``: see
+    :func:`_parameter_owners`)."""
+    new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+    for module, attr in owners.get(id(old), []):
+        module._parameters[attr] = new
 
 
 def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
@@ -133,6 +143,7 @@ def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group]
     masked one. The rewrite of the graph scales the mean of squares instead, or, for an ``aten.rms_norm``
     node, the weight itself: those weights are already scaled when they come ``from_graph``."""
     nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
+    owners = _parameter_owners(model)
     patches: dict[str, dict[str, Any]] = {}
     for g in groups:
         if g.kind != "hidden" or not g.exact:
@@ -149,7 +160,7 @@ def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group]
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and not (from_graph and kind == "rms_norm"):
                 offset = _weight_offset(analysis, tensor_name=f"{path}.weight")
-                _replace(model, weight, (weight + offset) / ratio**0.5 - offset)
+                _replace(owners, weight, (weight + offset) / ratio**0.5 - offset)
             patches[path] = {eps_attr: getattr(module, eps_attr) / ratio}
     return patches
 

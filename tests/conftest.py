@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fxgradnas
+from tests import zoo
 from tests.families import prepare_torchvision
 
 # transformers imports torchvision when it is installed; a torchvision wheel built for another torch
@@ -22,8 +23,6 @@ def _seed_torch() -> None:
 @pytest.fixture(autouse=True)
 def _hf_models_only_in_hf_tests(request: pytest.FixtureRequest):
     """``tox -e core`` deselects ``hf`` tests: a test building a Hugging Face model must carry the marker."""
-    from tests import zoo
-
     zoo.HF_ALLOWED = request.node.get_closest_marker("hf") is not None
     yield
     zoo.HF_ALLOWED = True
