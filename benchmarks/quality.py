@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--damping", type=float, default=None, help="ridge of the ls re-fit (default: the library's)")
     parser.add_argument("--heal-steps", type=int, nargs="+", default=[100, 200],
                         help="healing stages, evaluated after each (100 then 200 more: 300 in all)")

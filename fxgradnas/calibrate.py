@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 import warnings
@@ -15,7 +14,6 @@ from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group, check_groups, ensure_analysis
 from .batches import (
-    EMPTY,
     Reader,
     batch_size_of,
     check_callable,
@@ -26,11 +24,10 @@ from .batches import (
     to_device,
 )
 from .capture import check_example_inputs
-from .errors import ArgumentError, ArgumentTypeError, CalibrationError, DataError
+from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .plan import Plan, check_plan
 from .scores import Scores
-from .search import group_choices
 from .selection import keep_grid
 
 MODES = ("batch", "sample")
@@ -202,66 +199,3 @@ def calibrate(
     return Scores(scores, scorer="gradnas", mode=mode, batches=count, seconds=time.perf_counter() - start,
                   history=history, truncated=reader.truncated)
 
-
-def equalize_kinds(
-    analysis: Analysis,
-    scores: Scores,
-    data: Iterable,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
-    *,
-    fraction: float = 0.25,
-    divisor: int = 32,
-    collect_fn: Callable[[Any], Any] | None = None,
-    max_batches: int = 4,
-) -> Scores:
-    """``scores`` with each group kind (heads, channels, ...) on the scale of the loss it actually costs.
-
-    A unit's score predicts the loss its removal costs on the scale of its own kind only: removing a
-    head and removing an MLP channel are different perturbations. For each kind, every group of that
-    kind drops its lowest-scored ``fraction`` of units at once (masked, not rewritten); the measured
-    increase of the mean loss over the first ``max_batches`` batches of ``data`` (at least 1e-6 of the
-    loss), divided by the sum of the dropped units' scores, scales that kind's scores. The factors (relative to the kind with the most
-    units) are in ``kind_scales`` of the result. Forward passes only, in eval mode.
-    """
-    check_data(data)
-    check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
-    check_max_batches(max_batches)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ArgumentError(f"fraction must be in (0, 1), not {fraction!r}")
-    groups = [analysis.group(name) for name in scores]
-    kinds = sorted({g.kind for g in groups}, key=lambda k: -sum(g.size for g in groups if g.kind == k))
-    if len(kinds) < 2:
-        return _with_kind_scales(scores, dict.fromkeys(kinds, 1.0))
-    collect = collect_fn or default_collect
-    inst = instrumented(analysis, groups, "view")
-    device = device_of(inst.module)
-    batches = [to_device(b, device) for b in itertools.islice(data, max_batches)]
-    if not batches:
-        raise DataError(f"equalize_kinds got no batch: {EMPTY}")
-
-    def loss_with(keep: dict[str, torch.Tensor]) -> float:
-        for g in groups:
-            inst.masks[g.name].copy_(keep.get(g.name, torch.ones(g.unit_shape, dtype=torch.bool)).float())
-        with torch.no_grad():
-            losses = [float(loss_fn(analysis.captured.call(inst.module, collect(b), "equalize_kinds"), b))
-                      for b in batches]
-        return sum(losses) / len(losses)
-
-    dense = loss_with({})
-    measured: dict[str, float] = {}
-    for kind in kinds:
-        keep, predicted = {}, 0.0
-        for g in (g for g in groups if g.kind == kind):
-            choices = group_choices(g, scores[g.name], divisor=divisor)
-            choice = min(choices, key=lambda c: abs(len(c.units) - (1 - fraction) * g.size))
-            keep[g.name] = keep_grid(g, list(choice.units))
-            predicted += choice.degradation
-        cost = max(loss_with(keep) - dense, 1e-6 * abs(dense), 1e-12)
-        measured[kind] = cost / predicted if predicted > 0 else 1.0
-    return _with_kind_scales(scores, {k: measured[k] / measured[kinds[0]] for k in kinds}, analysis)
-
-
-def _with_kind_scales(scores: Scores, factors: dict[str, float], analysis: Analysis | None = None) -> Scores:
-    scaled = {name: value * factors[analysis.group(name).kind] if analysis is not None else value
-              for name, value in scores.items()}
-    return scores.replaced(scaled, kind_scales=factors)
