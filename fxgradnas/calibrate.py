@@ -23,7 +23,7 @@ from .batches import (
     peek,
     to_device,
 )
-from .capture import check_example_inputs
+from .capture import check_example_inputs, check_weights
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .scores import Scores
@@ -109,14 +109,12 @@ def calibrate(
                               converged_below=converged_below, patience=patience)
     if example_inputs is not None:
         check_example_inputs(example_inputs)
+    check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration")
     collect = collect_fn or default_collect
     if not isinstance(model, Analysis) and example_inputs is None:
         first, data = peek(data)
         example_inputs = to_device(collect(first), device_of(model))
     analysis = ensure_analysis(model, example_inputs)
-    if any(t.is_meta for t in [*analysis.captured.module.parameters(), *analysis.captured.module.buffers()]):
-        raise ArgumentError(f"{type(analysis.captured.model).__name__} has tensors on the meta device (no values): "
-                            "calibration needs its weights; load them first (to_empty() and load_state_dict())")
     check_groups(analysis, groups)
     chosen = list(groups) if groups is not None else analysis.prunable
     if not chosen:

@@ -153,6 +153,18 @@ def check_example_inputs(example_inputs: Any, model: nn.Module | None = None) ->
                             "move them there (.to(device))")
 
 
+def check_weights(model: nn.Module, needs: str) -> None:
+    """Raise ArgumentError when ``model`` holds parameters or buffers on the meta device (shapes without
+    values); ``needs`` names the step that reads the values ("calibration", "the rewrite", ...)."""
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ArgumentError(
+            f"{type(model).__name__} has tensors on the meta device (shapes without values): {needs} needs its "
+            "weights; load them first (from_pretrained, or to_empty(device=...) and load_state_dict()). Without "
+            "weights, analyze(), search() with scores from elsewhere or scorer='random', and "
+            "fxgradnas.hf.prune_checkpoint() (the plan applied to a checkpoint on disk) work"
+        )
+
+
 def _auto_dims(tensor: torch.Tensor) -> dict[int, Any] | None:
     """Dim 0 is the batch; dim 1 is the sequence for rank-2 and rank-3 inputs. Dim.AUTO lets
     export keep a dim static where the model requires it instead of failing."""

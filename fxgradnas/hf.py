@@ -7,6 +7,7 @@ Needs the ``hf`` extra (transformers, safetensors).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analysis import Analysis, Group, check_analysis
-from .capture import cache_off
+from .capture import cache_off, check_weights
 from .errors import RewriteError
 from .instrument import masked_view
 from .plan import Plan, check_plan
@@ -49,6 +50,8 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
     check_analysis(analysis, "write_back")
     check_plan(plan)
+    if check:
+        check_weights(model, "write_back's check (it runs the model; check=False writes the structure only)")
     selection = select(analysis, plan, model)
     checked = check and all(g.exact for g in selection.groups)
     reference = masked_view(analysis, plan) if weights is None else weights
@@ -57,9 +60,14 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
         slice_tensors(model, selection)
         if weights is not None:
             _copy_parameters(weights, model)
-        attributes = {**_attribute_patches(model, selection.groups, selection.kept),
-                      **_rescale_rms_norms(model, analysis, selection.groups, selection.kept,
-                                           from_graph=weights is not None)}
+        owners = _parameter_owners(model)
+        norms = {}
+        for rescale in _norm_rescales(model, analysis, selection.groups, selection.kept):
+            weight = getattr(model.get_submodule(rescale.path), "weight", None)
+            if isinstance(weight, torch.Tensor) and not (weights is not None and rescale.kind == "rms_norm"):
+                _replace(owners, weight, rescale.weight(weight))  # from the graph: already scaled there
+            norms[rescale.path] = {rescale.eps_attr: rescale.eps / rescale.ratio}
+        attributes = {**_attribute_patches(model, selection.groups, selection.kept), **norms}
     structure = {
         "plan": json.loads(plan.to_json()),
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
@@ -136,15 +144,30 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
     return patches
 
 
-def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group], kept: dict[str, tuple[int, ...]],
-                       from_graph: bool) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class _NormRescale:
+    """An RMSNorm over a pruned hidden width (see :func:`_norm_rescales`)."""
+
+    path: str
+    kind: str  # "mean of squares" or "rms_norm" (the graph's reduction)
+    eps_attr: str
+    eps: float
+    ratio: float  # kept / all hidden channels
+    offset: float
+
+    def weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The norm weight (sliced or not) that makes the model equal the masked one."""
+        return (weight + self.offset) / self.ratio**0.5 - self.offset
+
+
+def _norm_rescales(model: nn.Module, analysis: Analysis, groups: list[Group],
+                   kept: dict[str, tuple[int, ...]]) -> list[_NormRescale]:
     """With C' of C hidden channels kept, every RMSNorm over them gets its multiplier ``w + offset`` (the
     offset is 1 in Gemma's ``(1 + w)``) scaled by sqrt(C/C') and eps by C/C', so the model equals the
     masked one. The rewrite of the graph scales the mean of squares instead, or, for an ``aten.rms_norm``
-    node, the weight itself: those weights are already scaled when they come ``from_graph``."""
+    node, the weight itself (so weights taken from the graph are already scaled there)."""
     nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
-    owners = _parameter_owners(model)
-    patches: dict[str, dict[str, Any]] = {}
+    rescales: dict[str, _NormRescale] = {}
     for g in groups:
         if g.kind != "hidden" or not g.exact:
             continue
@@ -155,14 +178,11 @@ def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group]
             path = _innermost_module(nodes[name])
             module = model.get_submodule(path) if path is not None else None
             eps_attr = next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None), float)), None)
-            if module is None or eps_attr is None or path in patches:
+            if module is None or eps_attr is None or path in rescales:
                 continue
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and not (from_graph and kind == "rms_norm"):
-                offset = _weight_offset(analysis, tensor_name=f"{path}.weight")
-                _replace(owners, weight, (weight + offset) / ratio**0.5 - offset)
-            patches[path] = {eps_attr: getattr(module, eps_attr) / ratio}
-    return patches
+            offset = _weight_offset(analysis, tensor_name=f"{path}.weight")
+            rescales[path] = _NormRescale(path, kind, eps_attr, getattr(module, eps_attr), ratio, offset)
+    return list(rescales.values())
 
 
 def _innermost_module(node: torch.fx.Node) -> str | None:

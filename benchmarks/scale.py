@@ -1,0 +1,137 @@
+"""Billion-parameter models on a small machine: analysis without weights, streamed plan application.
+
+    python benchmarks/scale.py analysis [--models llama-3.1-8b llama-3.1-70b qwen2.5-72b]
+    python benchmarks/scale.py checkpoint [--dir runs/scale-1b] [--shard 500MB]
+
+``analysis``: each model is built from its real config on the meta device (no weights) and analysed
+in a fresh process; rows give capture and analysis time, peak RSS of that process, the groups, and a
+plan from random scores searched to 60 % of the parameters.
+
+``checkpoint``: a random-init Llama-3.2-1B-shaped model (1.24B parameters, bfloat16, tied embeddings) is
+saved sharded; a meta-device analysis and a random-score plan at 60 % params are applied to it shard by
+shard with :func:`fxgradnas.hf.prune_checkpoint`, in a fresh process whose peak RSS is reset just before
+the call; the row compares the peak's rise over the process before the call with one shard plus 10 % of
+the model's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import torch
+from tabulate import tabulate
+
+CONFIGS = {
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False)),
+    "llama-3.1-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                    num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                    max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                    tie_word_embeddings=False)),
+    "qwen2.5-72b": ("qwen2", dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
+                                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                  tie_word_embeddings=False)),
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
+}
+
+
+def config(name: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    family, values = CONFIGS[name]
+    return (LlamaConfig if family == "llama" else Qwen2Config)(**values)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (VmHWM; reset by :func:`reset_peak_rss`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def meta_analysis(name: str, ratio: float = 0.6):
+    """Build ``name`` on the meta device, analyse it and search a random-score plan; returns the row."""
+    from transformers import AutoModelForCausalLM
+
+    import fxgradnas
+    from fxgradnas.scores import random_scores
+
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config(name))
+    built = time.perf_counter() - start
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    analysis = fxgradnas.analyze(model, {"input_ids": ids})
+    start = time.perf_counter()
+    scores = random_scores(analysis)
+    found = fxgradnas.search(analysis, scores, {"params": ratio})
+    searched = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    return analysis, found, {
+        "model": name, "params (B)": round(params / 1e9, 2), "build s": round(built, 2),
+        "capture s": round(analysis.seconds["capture"], 1), "analysis s": round(analysis.seconds["analysis"], 1),
+        "search s": round(searched, 1), "groups": len(analysis.groups), "prunable": len(analysis.prunable),
+        "achieved params": round(found.achieved["params"], 4), "achieved flops": round(found.achieved["flops"], 4),
+    }
+
+
+def one_analysis(name: str) -> None:
+    start = time.perf_counter()
+    analysis, _, row = meta_analysis(name)
+    row["total s"] = round(time.perf_counter() - start, 1)
+    row["peak RSS GB"] = round(peak_rss_bytes() / 1e9, 2)
+    print(analysis.table().splitlines()[-2] if len(analysis.groups) > 20 else analysis.table(), file=sys.stderr)
+    print(json.dumps(row))
+
+
+def in_subprocess(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    sys.stderr.write(out.stderr[-3000:])
+    if out.returncode:
+        raise SystemExit(f"{args} failed with {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analysis")
+    a.add_argument("--models", nargs="+", default=["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-72b"])
+    one = sub.add_parser("one-analysis")
+    one.add_argument("model")
+    args = parser.parse_args()
+    if args.command == "one-analysis":
+        one_analysis(args.model)
+    elif args.command == "analysis":
+        rows = [in_subprocess("one-analysis", name) for name in args.models]
+        print(tabulate(rows, headers="keys", tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
