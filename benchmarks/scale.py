@@ -75,7 +75,7 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def meta_analysis(name: str, ratio: float = 0.6):
+def meta_analysis(name: str, ratio: float = 0.6, dynamic: bool = False):
     """Build ``name`` on the meta device, analyse it and search a random-score plan; returns the row."""
     from transformers import AutoModelForCausalLM
 
@@ -87,7 +87,7 @@ def meta_analysis(name: str, ratio: float = 0.6):
         model = AutoModelForCausalLM.from_config(config(name))
     built = time.perf_counter() - start
     ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
-    analysis = fxgradnas.analyze(model, {"input_ids": ids})
+    analysis = fxgradnas.analyze(model, {"input_ids": ids}, dynamic_shapes="auto" if dynamic else None)
     start = time.perf_counter()
     scores = random_scores(analysis)
     found = fxgradnas.search(analysis, scores, {"params": ratio})
@@ -101,9 +101,10 @@ def meta_analysis(name: str, ratio: float = 0.6):
     }
 
 
-def one_analysis(name: str) -> None:
+def one_analysis(name: str, dynamic: bool) -> None:
     start = time.perf_counter()
-    analysis, _, row = meta_analysis(name)
+    analysis, _, row = meta_analysis(name, dynamic=dynamic)
+    row["shapes"] = "dynamic" if dynamic else "static"
     row["total s"] = round(time.perf_counter() - start, 1)
     row["peak RSS GB"] = round(peak_rss_bytes() / 1e9, 2)
     print(analysis.table().splitlines()[-2] if len(analysis.groups) > 20 else analysis.table(), file=sys.stderr)
@@ -123,13 +124,15 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analysis")
     a.add_argument("--models", nargs="+", default=["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-72b"])
+    a.add_argument("--dynamic", action="store_true", help="dynamic batch and sequence (default: static)")
     one = sub.add_parser("one-analysis")
     one.add_argument("model")
+    one.add_argument("--dynamic", action="store_true")
     args = parser.parse_args()
     if args.command == "one-analysis":
-        one_analysis(args.model)
+        one_analysis(args.model, args.dynamic)
     elif args.command == "analysis":
-        rows = [in_subprocess("one-analysis", name) for name in args.models]
+        rows = [in_subprocess("one-analysis", name, *(["--dynamic"] if args.dynamic else [])) for name in args.models]
         print(tabulate(rows, headers="keys", tablefmt="github"))
 
 

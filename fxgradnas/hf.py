@@ -7,6 +7,8 @@ Needs the ``hf`` extra (transformers, safetensors).
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analysis import Analysis, Group, check_analysis
-from .capture import cache_off, check_weights
-from .errors import RewriteError
+from .capture import cache_off, check_weights, fingerprint
+from .errors import ArgumentError, RewriteError
 from .instrument import masked_view
 from .plan import Plan, check_plan
 from .rewrite import (
@@ -28,6 +30,7 @@ from .rewrite import (
     slice_tensors,
     tensor_owner,
 )
+from .selection import tensor_selections
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
@@ -276,3 +279,115 @@ def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
     if missing or unexpected:
         raise RewriteError(f"saved weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+# --- a plan applied to a checkpoint on disk, one tensor at a time -------------------------------------
+INDEX_FILE = "model.safetensors.index.json"
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_BLOCK_BYTES = 64 * 2**20  # rows read, sliced and written at a time
+
+
+def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target: str | Path,
+                     model_class: Any = None) -> dict:
+    """Apply ``plan`` to the safetensors checkpoint in directory ``source`` (sharded or not) and save the
+    pruned model to ``target`` as :func:`save_pruned` would save :func:`write_back`'s result (same
+    weights, shard files and index, the config, the structure :func:`load_pruned` re-applies; other files,
+    e.g. the tokenizer's, are copied). Tensors are read, sliced and written in blocks of rows, so memory
+    stays about one block plus the mapped pages of the tensor being read, whatever the model's size.
+
+    ``analysis`` may be of the model built on the meta device from the checkpoint's config (no weights
+    are needed, nor loaded): its parameter names and shapes must be the checkpoint's. The model class
+    to rebuild is the analysed model's (``model_class`` overrides it). Returns the structure."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    check_analysis(analysis, "prune_checkpoint")
+    check_plan(plan)
+    source, target = Path(source), Path(target)
+    if not (source / "config.json").is_file():
+        raise ArgumentError(f"source must be a Hugging Face checkpoint directory with a config.json; {source} has none")
+    if target.resolve() == source.resolve():
+        raise ArgumentError(f"target must be another directory than source ({source}): the source is read while "
+                            "the target is written")
+    shards = _shards(source)
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        cls = model_class or type(analysis.captured.model)
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    headers = {}
+    for shard in shards:
+        with safe_open(source / shard, framework="pt") as f:
+            headers[shard] = (f.metadata(), {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                                             for k in f.keys()})
+    for shard, (_, tensors) in headers.items():
+        for name, (_, shape) in tensors.items():
+            if expected.get(name, shape) != shape or name not in expected:
+                raise ArgumentError(
+                    f"{shard} holds {name!r} of shape {shape}, but {cls.__name__} built from {source}/config.json "
+                    f"has {f'shape {expected[name]}' if name in expected else 'no such tensor'}; was the checkpoint "
+                    "saved from another model, or already pruned?")
+    if fingerprint(model) != analysis.captured.fingerprint:
+        raise ArgumentError(f"the analysis is of another model than {cls.__name__} built from {source}/config.json "
+                            "(parameter names or shapes differ); analyse the model of this config")
+    selection = select(analysis, plan, model)
+    rescales = {f"{r.path}.weight": r for r in _norm_rescales(model, analysis, selection.groups, selection.kept)}
+    structure = write_back(model, analysis, plan, check=False)
+    keep = {name: axes for names, axes in tensor_selections(selection.groups, selection.grids).items() for name in names}
+    target.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for shard, (metadata, tensors) in headers.items():
+        total += _write_shard(source / shard, target / shard, metadata, tensors, keep, rescales)
+    if (source / INDEX_FILE).is_file():
+        index = json.loads((source / INDEX_FILE).read_text())
+        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        (target / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    for file in source.iterdir():
+        if file.is_file() and file.name not in {"config.json", INDEX_FILE, STRUCTURE_FILE, *shards}:
+            shutil.copy2(file, target / file.name)
+    model.config.save_pretrained(target)
+    (target / STRUCTURE_FILE).write_text(json.dumps(structure, default=list))
+    return structure
+
+
+def _shards(directory: Path) -> list[str]:
+    """The safetensors files of a checkpoint directory: those its index names, else the one weights file."""
+    if (directory / INDEX_FILE).is_file():
+        return sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ArgumentError(f"{directory} must hold one .safetensors file or an {INDEX_FILE}, not {len(files)} "
+                            "safetensors files")
+    return files
+
+
+def _write_shard(source: Path, target: Path, metadata: dict | None, tensors: dict[str, tuple[str, tuple]],
+                 keep: dict[str, dict[int, torch.Tensor]], rescales: dict[str, _NormRescale]) -> int:
+    """Write ``source``'s tensors, sliced, as the safetensors file ``target``, one block of rows at a time
+    (the header first: every output shape is known); returns the bytes of tensor data written."""
+    from safetensors import safe_open
+
+    shapes, offset, header = {}, 0, {"__metadata__": metadata or {"format": "pt"}}
+    for name, (dtype, shape) in tensors.items():
+        shapes[name] = [int(keep[name][a].sum()) if a in keep.get(name, {}) else n for a, n in enumerate(shape)]
+        size = math.prod(shapes[name]) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shapes[name], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(target, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for name, (dtype, shape) in tensors.items():
+            step = max(1, _BLOCK_BYTES // max(1, math.prod(shape[1:]) * _ITEMSIZE[dtype])) if shape else 1
+            for start in range(0, shape[0] if shape else 1, step):
+                with safe_open(source, framework="pt") as f:  # reopened per block: the pages read are let go
+                    block = f.get_slice(name)[start:start + step] if shape else f.get_tensor(name)
+                for axis, mask in keep.get(name, {}).items():
+                    chosen = mask[start:start + step] if axis == 0 else mask
+                    block = block.index_select(axis, chosen.nonzero().flatten())
+                if name in rescales:
+                    block = rescales[name].weight(block)
+                out.write(block.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset

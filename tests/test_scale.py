@@ -1,0 +1,130 @@
+"""Models without weights: analysis, cost and search of a model on the meta device, clear errors for the
+steps that need weights, and a plan applied to a sharded safetensors checkpoint tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fxgradnas
+from fxgradnas import Plan
+from fxgradnas.cost import CostModel
+from fxgradnas.errors import ArgumentError
+from fxgradnas.scores import l1_scores, random_scores
+
+transformers = pytest.importorskip("transformers")
+
+from fxgradnas.hf import load_pruned, prune_checkpoint, write_back  # noqa: E402
+
+pytestmark = pytest.mark.hf
+IDS = torch.tensor([[3, 7, 1, 9, 4, 2], [5, 8, 2, 6, 1, 3]])
+
+
+def _config(tied: bool = False) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tied)
+
+
+def _model(config, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(config).eval()
+
+
+def _meta_analysis(config) -> fxgradnas.Analysis:
+    return fxgradnas.analyze(_model(config, "meta"), {"input_ids": IDS.to("meta")})
+
+
+def _plan(analysis: fxgradnas.Analysis) -> Plan:
+    keep = {}
+    for g in analysis.prunable:
+        if g.kind == "heads":
+            keep[g.name] = [2, 3]  # the second KV head with both its queries
+        elif g.kind == "channels":
+            keep[g.name] = list(range(1, g.size, 3))
+        elif g.exact:  # the residual width: every RMSNorm is rescaled
+            keep[g.name] = list(range(0, g.size, 2))
+    return Plan(keep)
+
+
+def test_meta_analysis_cost_and_search_equal_the_real_model() -> None:
+    config = _config()
+    real = fxgradnas.analyze(_model(config), {"input_ids": IDS})
+    meta = _meta_analysis(config)
+    assert [(g.name, g.kind, g.size, g.prunable) for g in meta.groups] == \
+        [(g.name, g.kind, g.size, g.prunable) for g in real.groups]
+    assert meta.captured.fingerprint == real.captured.fingerprint
+    assert "model.layers.1.mlp" in meta.table()
+    assert CostModel(meta).base == CostModel(real).base
+    found_meta = fxgradnas.search(meta, random_scores(meta), {"params": 0.6})
+    found_real = fxgradnas.search(real, random_scores(real), {"params": 0.6})
+    assert found_meta.plan.keep == found_real.plan.keep
+    assert found_meta.achieved == found_real.achieved and found_meta.achieved["params"] <= 0.6
+
+
+def test_steps_that_need_weights_name_the_meta_device() -> None:
+    meta = _meta_analysis(_config())
+    model = meta.captured.model
+    plan = _plan(meta)
+    batches = [{"input_ids": IDS.to("meta")}]
+    calls = {
+        "calibrate": lambda: fxgradnas.calibrate(meta, batches, lambda out, batch: out.logits.sum()),
+        "l1": lambda: l1_scores(meta),
+        "apply_plan": lambda: fxgradnas.apply_plan(meta, plan),
+        "prune": lambda: fxgradnas.prune(model, batches[0], None, None, constraint={"params": 0.6}, scorer="random"),
+        "write_back": lambda: write_back(model, meta, plan),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ArgumentError, match="meta device") as error:
+            call()
+        assert "load them first" in str(error.value), name
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 128)  # write_back changed nothing
+    structure = write_back(model, meta, plan, check=False)  # the structure alone needs no weights
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (32, 43)
+    assert structure["shapes"]["model.layers.0.mlp.down_proj.weight"] == [32, 43]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_prune_checkpoint_streams_shards_and_loads_as_write_back(tied: bool, tmp_path) -> None:
+    config = _config(tied)
+    source, target = tmp_path / "source", tmp_path / "pruned"
+    _model(config).save_pretrained(source, max_shard_size="40KB")
+    (source / "tokenizer_config.json").write_text("{}")
+    shards = sorted(p.name for p in source.glob("*.safetensors"))
+    assert len(shards) > 3
+    meta = _meta_analysis(config)
+    plan = _plan(meta)
+    structure = prune_checkpoint(source, meta, plan, target)
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(source).eval()
+    expected = write_back(reference, fxgradnas.analyze(reference, {"input_ids": IDS}), plan)
+    assert structure == json.loads(json.dumps(expected, default=list))
+    assert sorted(p.name for p in target.glob("*.safetensors")) == shards
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    weights = sum(t.numel() * t.element_size() for n, t in reference.state_dict().items()
+                  if not (tied and n == "lm_head.weight"))
+    assert index["metadata"]["total_size"] == weights
+    assert (target / "tokenizer_config.json").is_file()
+    loaded = load_pruned(target)
+    assert loaded.config.fxgradnas == reference.config.fxgradnas
+    state = loaded.state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, reference(IDS).logits, rtol=0, atol=0)
+
+
+def test_prune_checkpoint_refuses_another_model(tmp_path) -> None:
+    source = tmp_path / "source"
+    _model(_config()).save_pretrained(source)
+    other = transformers.LlamaConfig(**{**_config().to_dict(), "intermediate_size": 96})
+    meta = _meta_analysis(other)
+    with pytest.raises(ArgumentError, match="shape"):
+        prune_checkpoint(source, meta, _plan(meta), tmp_path / "out")
+    meta = _meta_analysis(_config())
+    with pytest.raises(ArgumentError, match="another directory"):
+        prune_checkpoint(source, meta, _plan(meta), source)
+    assert not (tmp_path / "out").exists()
