@@ -111,6 +111,63 @@ def one_analysis(name: str, dynamic: bool) -> None:
     print(json.dumps(row))
 
 
+def make_checkpoint(directory: Path, shard: str) -> None:
+    """Save a random-init Llama-3.2-1B-shaped model in bfloat16, sharded (skipped when it exists)."""
+    if (directory / "model.safetensors.index.json").is_file():
+        return
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config("llama-3.2-1b"), dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size=shard)
+
+
+def one_checkpoint(directory: Path, target: Path) -> None:
+    """A meta-device analysis and random-score plan at 60 % params applied to ``directory`` by
+    :func:`fxgradnas.hf.prune_checkpoint`; the row holds the peak RSS rise during the call."""
+    from fxgradnas.hf import prune_checkpoint
+
+    analysis, found, _ = meta_analysis("llama-3.2-1b")
+    (directory.parent / "plan.json").write_text(found.plan.to_json())
+    shards = sorted(directory.glob("*.safetensors"))
+    model_bytes = sum(p.stat().st_size for p in shards)
+    largest = max(p.stat().st_size for p in shards)
+    before = rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    prune_checkpoint(directory, analysis, found.plan, target)
+    seconds = time.perf_counter() - start
+    rise = peak_rss_bytes() - before
+    budget = largest + 0.1 * model_bytes
+    pruned_bytes = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    print(json.dumps({
+        "model GB": round(model_bytes / 1e9, 3), "shards": len(shards), "largest shard GB": round(largest / 1e9, 3),
+        "pruned GB": round(pruned_bytes / 1e9, 3), "seconds": round(seconds, 1),
+        "RSS before GB": round(before / 1e9, 3), "peak rise GB": round(rise / 1e9, 3),
+        "target (shard + 10 %) GB": round(budget / 1e9, 3), "rise / target": round(rise / budget, 3),
+    }))
+
+
+def verify_checkpoint(directory: Path, target: Path) -> None:
+    """The streamed result loaded by load_pruned against write_back of the loaded model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    import fxgradnas
+    from fxgradnas import Plan
+    from fxgradnas.hf import load_pruned, write_back
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    plan = Plan.from_json((directory.parent / "plan.json").read_text())
+    analysis = fxgradnas.analyze(model, {"input_ids": torch.randint(0, 1000, (2, 16))}, dynamic_shapes=None)
+    write_back(model, analysis, plan)
+    expected = model.state_dict()
+    del analysis
+    loaded = load_pruned(target).to(torch.bfloat16).state_dict()
+    unequal = [n for n, t in expected.items() if not torch.equal(loaded[n], t)]
+    print(json.dumps({"tensors": len(expected), "unequal": len(unequal), "first unequal": unequal[:3],
+                      "peak RSS GB": round(peak_rss_bytes() / 1e9, 2)}))
+
+
 def in_subprocess(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     sys.stderr.write(out.stderr[-3000:])
@@ -128,12 +185,27 @@ def main() -> None:
     one = sub.add_parser("one-analysis")
     one.add_argument("model")
     one.add_argument("--dynamic", action="store_true")
+    c = sub.add_parser("checkpoint")
+    c.add_argument("--dir", type=Path, default=Path("runs/scale-1b"))
+    c.add_argument("--shard", default="500MB", help="max_shard_size of the saved checkpoint")
+    c.add_argument("--verify", action="store_true", help="also compare with write_back in memory (about 6 GB)")
+    for step in ("one-checkpoint", "verify-checkpoint"):
+        sub.add_parser(step).add_argument("dir", type=Path)
     args = parser.parse_args()
     if args.command == "one-analysis":
         one_analysis(args.model, args.dynamic)
     elif args.command == "analysis":
         rows = [in_subprocess("one-analysis", name, *(["--dynamic"] if args.dynamic else [])) for name in args.models]
         print(tabulate(rows, headers="keys", tablefmt="github"))
+    elif args.command == "checkpoint":
+        make_checkpoint(args.dir / "source", args.shard)
+        print(tabulate([in_subprocess("one-checkpoint", str(args.dir))], headers="keys", tablefmt="github"))
+        if args.verify:
+            print(tabulate([in_subprocess("verify-checkpoint", str(args.dir))], headers="keys", tablefmt="github"))
+    elif args.command == "one-checkpoint":
+        one_checkpoint(args.dir / "source", args.dir / "pruned")
+    elif args.command == "verify-checkpoint":
+        verify_checkpoint(args.dir / "source", args.dir / "pruned")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,21 @@ def test_prune_checkpoint_refuses_another_model(tmp_path) -> None:
     with pytest.raises(ArgumentError, match="another directory"):
         prune_checkpoint(source, meta, _plan(meta), source)
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_checkpoint_gpt2_conv1d(tmp_path) -> None:
+    """GPT-2: Conv1D weights stored (in, out), fused q/k/v, tied embeddings, LayerNorm over the width."""
+    from tests.zoo import HF_ZOO
+
+    model, inputs = HF_ZOO["hf_gpt2"]()
+    model.save_pretrained(tmp_path / "source", max_shard_size="30KB")
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    meta = fxgradnas.analyze(skeleton, {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+    plan = _plan(meta)
+    prune_checkpoint(tmp_path / "source", meta, plan, tmp_path / "pruned")
+    write_back(model, fxgradnas.analyze(model, inputs), plan)
+    loaded = load_pruned(tmp_path / "pruned")
+    state = loaded.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(state[name], value), name
