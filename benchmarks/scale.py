@@ -107,7 +107,8 @@ def one_analysis(name: str, dynamic: bool) -> None:
     row["shapes"] = "dynamic" if dynamic else "static"
     row["total s"] = round(time.perf_counter() - start, 1)
     row["peak RSS GB"] = round(peak_rss_bytes() / 1e9, 2)
-    print(analysis.table().splitlines()[-2] if len(analysis.groups) > 20 else analysis.table(), file=sys.stderr)
+    lines = analysis.table().splitlines()
+    print("\n".join([*lines[:12], "...", *lines[-2:]]), file=sys.stderr)
     print(json.dumps(row))
 
 
