@@ -27,6 +27,7 @@ from .capture import check_example_inputs, check_weights
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .scores import Scores
+from .shard import shard_blocks
 
 MODES = ("batch", "sample")
 
@@ -55,7 +56,8 @@ def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
 
 
 def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, collect_fn: Any = None,
-                              autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5) -> None:
+                              autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5,
+                              shard: Any = False) -> None:
     """Raise ArgumentError/ArgumentTypeError for a calibration option fxgradnas cannot use."""
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
@@ -70,6 +72,11 @@ def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, co
                             f"{converged_below!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ArgumentError(f"patience must be an int of at least 1, not {patience!r}")
+    if not isinstance(shard, bool):
+        raise ArgumentTypeError(f"shard must be True or False, not {shard!r}")
+    if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ArgumentError("shard=True shards the weights over torch.distributed ranks: call "
+                            "torch.distributed.init_process_group() in every rank first")
 
 
 def calibrate(
@@ -86,6 +93,7 @@ def calibrate(
     converged_below: float | None = None,
     patience: int = 5,
     progress: bool = True,
+    shard: bool = False,
 ) -> Scores:
     """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
 
@@ -99,14 +107,16 @@ def calibrate(
     views of the model's parameters: only mask gradients are computed, and the model's flags and
     ``.grad`` are never touched. With ``converged_below``, stops early once the mean relative change of
     the averaged scores stays below it for ``patience`` batches. Under ``torch.distributed`` the sums are
-    all-reduced, so N ranks on N shards give the scores of one process on all batches.
+    all-reduced, so N ranks on N shards give the scores of one process on all batches. With ``shard`` the
+    graph's blocks are also sharded over the ranks (FSDP2, :func:`fxgradnas.shard.shard_blocks`): each rank
+    keeps 1/N of every block's weights and gathers one block at a time.
     """
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
     check_data(data)
     check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
     check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, autocast_dtype=autocast_dtype,
-                              converged_below=converged_below, patience=patience)
+                              converged_below=converged_below, patience=patience, shard=shard)
     if example_inputs is not None:
         check_example_inputs(example_inputs)
     check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration")
@@ -122,6 +132,8 @@ def calibrate(
     if mode == "sample":
         chosen = _per_sample_groups(chosen, explicit=groups is not None)
     inst = instrumented(analysis, chosen, "view")
+    if shard:
+        inst.module = shard_blocks(inst.module)
     training = [name or type(m).__name__ for name, m in analysis.captured.model.named_modules() if m.training]
     if training:
         warnings.warn(f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} in train mode: calibration runs "

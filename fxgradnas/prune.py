@@ -26,7 +26,7 @@ from .scores import Scores, l1_scores, random_scores
 from .search import RATIOS, SearchResult, check_constraint, check_search_options, search
 
 SCORERS = ("gradnas", "l1", "random")
-CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience")
+CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard")
 
 
 @dataclass

@@ -146,3 +146,75 @@ def test_prune_checkpoint_gpt2_conv1d(tmp_path) -> None:
     state = loaded.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(state[name], value), name
+
+
+# --------------------------------------------------------------------------- weights sharded over ranks
+
+
+def _sharded_batches() -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 96, (2, 6), generator=generator)} for _ in range(4)]
+
+
+def _lm_loss(output, batch) -> torch.Tensor:
+    logits = output.logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from fxgradnas.shard import shard_blocks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model = _model(_config())
+        batches = _sharded_batches()
+        analysis = fxgradnas.analyze(model, batches[0])
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, progress=False)
+        assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+        sharded = shard_blocks(analysis.captured.module)
+        local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
+        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local}, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the gloo ranks did not finish in 180 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    model = _model(_config())
+    single = fxgradnas.calibrate(model, _sharded_batches(), _lm_loss, progress=False)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["batches"] == 4
+        assert result["scores"].keys() == single.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(result["scores"][name], value, rtol=1e-4, atol=1e-12)
+        # one submodule per decoder layer, each holding half of its parameters' rows on this rank
+        assert result["local"]["submod_1.model_layers_0_mlp_down_proj_weight"] == (32, 128)
+        assert result["local"]["submod_2.model_layers_1_self_attn_q_proj_weight"] == (32, 64)
+
+
+def test_shard_needs_an_initialised_process_group() -> None:
+    meta = _meta_analysis(_config())
+    with pytest.raises(ArgumentError, match="init_process_group"):
+        fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, shard=True)
