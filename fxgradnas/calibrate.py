@@ -7,6 +7,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
 
 def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, collect_fn: Any = None,
                               autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5,
-                              shard: Any = False) -> None:
+                              shard: Any = False, checkpoint: Any = None) -> None:
     """Raise ArgumentError/ArgumentTypeError for a calibration option fxgradnas cannot use."""
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
@@ -77,6 +78,13 @@ def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, co
     if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ArgumentError("shard=True shards the weights over torch.distributed ranks: call "
                             "torch.distributed.init_process_group() in every rank first")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, Path)):
+            raise ArgumentTypeError(f"checkpoint must be a directory (str or Path), not {type(checkpoint).__name__}")
+        if not shard:
+            raise ArgumentError("checkpoint is read shard by shard into the ranks: pass shard=True with it")
+        if not Path(checkpoint).is_dir():
+            raise ArgumentError(f"checkpoint must be a safetensors checkpoint directory; {checkpoint} is none")
 
 
 def calibrate(
@@ -94,6 +102,7 @@ def calibrate(
     patience: int = 5,
     progress: bool = True,
     shard: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> Scores:
     """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
 
@@ -109,17 +118,22 @@ def calibrate(
     the averaged scores stays below it for ``patience`` batches. Under ``torch.distributed`` the sums are
     all-reduced, so N ranks on N shards give the scores of one process on all batches. With ``shard`` the
     graph's blocks are also sharded over the ranks (FSDP2, :func:`fxgradnas.shard.shard_blocks`): each rank
-    keeps 1/N of every block's weights and gathers one block at a time.
+    keeps 1/N of every block's weights and gathers one block at a time. With ``checkpoint`` (a safetensors
+    checkpoint directory) the ranks read the weights from it one block at a time, each keeping its shard,
+    so the model may have its parameters on the meta device
+    (``accelerate.init_empty_weights(include_buffers=False)``, then ``tie_weights()``).
     """
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
     check_data(data)
     check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
     check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, autocast_dtype=autocast_dtype,
-                              converged_below=converged_below, patience=patience, shard=shard)
+                              converged_below=converged_below, patience=patience, shard=shard,
+                              checkpoint=checkpoint)
     if example_inputs is not None:
         check_example_inputs(example_inputs)
-    check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration")
+    check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration",
+                  parameters=checkpoint is None)
     collect = collect_fn or default_collect
     if not isinstance(model, Analysis) and example_inputs is None:
         first, data = peek(data)
@@ -133,7 +147,8 @@ def calibrate(
         chosen = _per_sample_groups(chosen, explicit=groups is not None)
     inst = instrumented(analysis, chosen, "view")
     if shard:
-        inst.module = shard_blocks(inst.module)
+        aliases = {n: [o for o in names if o != n] for names in analysis.captured.names.values() for n in names}
+        inst.module = shard_blocks(inst.module, checkpoint, aliases)
     training = [name or type(m).__name__ for name, m in analysis.captured.model.named_modules() if m.training]
     if training:
         warnings.warn(f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} in train mode: calibration runs "

@@ -153,10 +153,15 @@ def check_example_inputs(example_inputs: Any, model: nn.Module | None = None) ->
                             "move them there (.to(device))")
 
 
-def check_weights(model: nn.Module, needs: str) -> None:
-    """Raise ArgumentError when ``model`` holds parameters or buffers on the meta device (shapes without
-    values); ``needs`` names the step that reads the values ("calibration", "the rewrite", ...)."""
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+def check_weights(model: nn.Module, needs: str, parameters: bool = True) -> None:
+    """Raise ArgumentError when ``model`` holds parameters (``parameters``) or buffers on the meta device
+    (shapes without values); ``needs`` names the step that reads the values ("calibration", ...)."""
+    if not parameters and any(t.is_meta for t in model.buffers()):
+        raise ArgumentError(
+            f"{type(model).__name__} has buffers on the meta device: {needs} loads the parameters but cannot "
+            "compute buffers (rotary frequencies, ...); build the model with its parameters alone on meta "
+            "(accelerate.init_empty_weights(include_buffers=False))")
+    if parameters and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ArgumentError(
             f"{type(model).__name__} has tensors on the meta device (shapes without values): {needs} needs its "
             "weights; load them first (from_pretrained, or to_empty(device=...) and load_state_dict()). Without "

@@ -31,6 +31,7 @@ from .rewrite import (
     tensor_owner,
 )
 from .selection import tensor_selections
+from .shard import INDEX_FILE, checkpoint_files
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
@@ -282,7 +283,6 @@ def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
 
 
 # --- a plan applied to a checkpoint on disk, one tensor at a time -------------------------------------
-INDEX_FILE = "model.safetensors.index.json"
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _BLOCK_BYTES = 64 * 2**20  # rows read, sliced and written at a time
@@ -310,7 +310,7 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
     if target.resolve() == source.resolve():
         raise ArgumentError(f"target must be another directory than source ({source}): the source is read while "
                             "the target is written")
-    shards = _shards(source)
+    shards = checkpoint_files(source)
     config = AutoConfig.from_pretrained(source)
     with torch.device("meta"):
         cls = model_class or type(analysis.captured.model)
@@ -349,17 +349,6 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
     model.config.save_pretrained(target)
     (target / STRUCTURE_FILE).write_text(json.dumps(structure, default=list))
     return structure
-
-
-def _shards(directory: Path) -> list[str]:
-    """The safetensors files of a checkpoint directory: those its index names, else the one weights file."""
-    if (directory / INDEX_FILE).is_file():
-        return sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
-    files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ArgumentError(f"{directory} must hold one .safetensors file or an {INDEX_FILE}, not {len(files)} "
-                            "safetensors files")
-    return files
 
 
 def _write_shard(source: Path, target: Path, metadata: dict | None, tensors: dict[str, tuple[str, tuple]],

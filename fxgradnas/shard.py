@@ -13,12 +13,19 @@ in backward.
 from __future__ import annotations
 
 import copy
+import json
 import re
+from pathlib import Path
 
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
 
+from .errors import ArgumentError
+from .instrument import device_of
+
+INDEX_FILE = "model.safetensors.index.json"
+NAMES = "fxgradnas_parameter_names"  # split.meta[NAMES]: {parameter moved into a block: its name in gm}
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # the outermost numbered module: model.layers.3
 
 
@@ -34,7 +41,8 @@ def _block_of(node: Node) -> str | None:
 def split_blocks(gm: GraphModule) -> GraphModule:
     """``gm`` as a root graph calling one submodule per run of nodes of the same block, in graph order;
     each submodule holds the parameters only it reads (the others stay on the root). Computes what ``gm``
-    computes, with its inputs and outputs."""
+    computes, with its inputs and outputs; ``split.meta[NAMES]`` maps each moved parameter to its name in
+    ``gm``."""
     part: dict[Node, int] = {}
     key: object = object()
     current, previous = -1, ""
@@ -48,6 +56,19 @@ def split_blocks(gm: GraphModule) -> GraphModule:
         part[node] = current
         previous = block
     split = split_module(gm, gm, lambda node: part[node])
+    names = split.meta.setdefault(NAMES, {})
+    readers: dict[int, set[Node]] = {}  # parts reading each parameter, by the parameter's id
+    first: dict[int, Node] = {}
+    for node in list(split.graph.find_nodes(op="get_attr")):
+        if (owner := _parameter_owner(split, node)) is None:
+            continue
+        key = id(getattr(*owner))
+        readers.setdefault(key, set()).update(node.users)
+        if key in first:  # a tied parameter read under a second name: read it under the first (FSDP2 gathers that)
+            node.replace_all_uses_with(first[key])
+            split.graph.erase_node(node)
+        else:
+            first[key] = node
     for call in list(split.graph.find_nodes(op="call_module")):
         sub = split.get_submodule(call.target)
         if not isinstance(sub, GraphModule):
@@ -55,12 +76,13 @@ def split_blocks(gm: GraphModule) -> GraphModule:
         args = []
         for placeholder, arg in zip(sub.graph.find_nodes(op="placeholder"), call.args, strict=True):
             owner = _parameter_owner(split, arg)
-            if owner is None or len(arg.users) != 1:
+            if owner is None or len(readers[id(getattr(*owner))]) != 1:
                 args.append(arg)
                 continue
             module, attr = owner
             name = arg.target.replace(".", "_")
             sub.register_parameter(name, module._parameters.pop(attr))
+            names[f"{call.target}.{name}"] = arg.target
             with sub.graph.inserting_before(placeholder):
                 placeholder.replace_all_uses_with(sub.graph.get_attr(name))
             sub.graph.erase_node(placeholder)
@@ -83,17 +105,95 @@ def _parameter_owner(module: torch.nn.Module, arg: object) -> tuple[torch.nn.Mod
     return (owner, attr) if attr in owner._parameters else None
 
 
-def shard_blocks(gm: GraphModule) -> GraphModule:
+def shard_blocks(gm: GraphModule, checkpoint: str | Path | None = None,
+                 aliases: dict[str, list[str]] | None = None) -> GraphModule:
     """:func:`split_blocks` of ``gm`` with every block's parameters and the root's sharded over the ranks
-    of the initialised default process group (FSDP2 ``fully_shard`` on a one-dimensional device mesh)."""
+    of the initialised default process group (FSDP2 ``fully_shard`` on a one-dimensional device mesh).
+
+    With ``checkpoint`` (a safetensors checkpoint directory, sharded or not) ``gm`` may hold its parameters
+    on the meta device (its buffers must have values): each rank reads one part's parameters at a time from
+    the checkpoint and keeps its shard of them, so it never holds more than one part in full; ``aliases``
+    lists the other names of tied parameters (one of them is in the checkpoint)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    device = device_of(gm)
+    device = torch.device("cpu") if device.type == "meta" else device
+    if checkpoint is not None:
+        _off_meta(gm, device)
     split = split_blocks(gm)
-    device = next(iter(split.parameters()), torch.empty(0)).device
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for sub in split.children():
-        if next(sub.parameters(recurse=False), None) is not None:
-            fully_shard(sub, mesh=mesh)
-    fully_shard(split, mesh=mesh)
+    files = _tensor_files(Path(checkpoint)) if checkpoint is not None else None
+    names = {name: split.meta[NAMES].get(name, name) for name, _ in split.named_parameters(remove_duplicate=False)}
+    parts = [(prefix, sub) for prefix, sub in split.named_children() if next(sub.parameters(recurse=False), None)
+             is not None]
+    for prefix, sub in [*parts, ("", split)]:  # the root last: what no single block reads, tied parameters
+        if files is not None:  # this part's parameters in full, for as long as fully_shard copies its shard
+            _load(sub, prefix, names, files, aliases or {}, device)
+        fully_shard(sub, mesh=mesh)
     return split
+
+
+def _off_meta(gm: GraphModule, device: torch.device) -> None:
+    """Make the nodes that name the meta device (export of a model with parameters on meta writes it into
+    device checks and tensor factories) name ``device``."""
+    meta = torch.device("meta")
+
+    def retarget(value: object) -> object:
+        return device if isinstance(value, torch.device) and value == meta else value
+
+    for node in gm.graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, retarget)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, retarget)
+    gm.recompile()
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    """The file holding each tensor of a safetensors checkpoint directory."""
+    from safetensors import safe_open
+
+    located = {}
+    for file in checkpoint_files(directory):
+        with safe_open(directory / file, framework="pt") as f:
+            located.update(dict.fromkeys(f.keys(), directory / file))
+    return located
+
+
+def checkpoint_files(directory: Path) -> list[str]:
+    """The safetensors files of a checkpoint directory: those its index names, else the one weights file."""
+    if (directory / INDEX_FILE).is_file():
+        return sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ArgumentError(f"{directory} must hold one .safetensors file or an {INDEX_FILE}, not {len(files)} "
+                            "safetensors files")
+    return files
+
+
+def _load(module: torch.nn.Module, prefix: str, names: dict[str, str], files: dict[str, Path],
+          aliases: dict[str, list[str]], device: torch.device) -> None:
+    """Give ``module``'s own parameters that are on the meta device (not those of a sharded child; tied ones
+    once) their values from the checkpoint ``files``."""
+    from safetensors import safe_open
+
+    done: dict[int, torch.nn.Parameter] = {}
+    for holder in module.modules():
+        if holder is not module and hasattr(holder, "reshard"):  # already sharded by FSDP2
+            continue
+        for attr, param in list(holder._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in done:
+                path = next(n for n, p in module.named_parameters(remove_duplicate=False) if p is param)
+                original = names[f"{prefix}.{path}" if prefix else path]
+                stored = next((n for n in [original, *aliases.get(original, [])] if n in files), None)
+                if stored is None:
+                    raise ArgumentError(f"parameter {original!r} is not in the checkpoint (if it is tied to another, "
+                                        "tie them in the model: model.tie_weights())")
+                with safe_open(files[stored], framework="pt", device=str(device)) as f:
+                    value = f.get_tensor(stored)
+                if value.shape != param.shape:
+                    raise ArgumentError(f"{stored!r} has shape {tuple(value.shape)} in the checkpoint, the model "
+                                        f"{tuple(param.shape)}")
+                done[id(param)] = torch.nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+            holder._parameters[attr] = done[id(param)]

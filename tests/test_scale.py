@@ -10,6 +10,7 @@ import torch
 
 import fxgradnas
 from fxgradnas import Plan
+from fxgradnas.capture import check_weights
 from fxgradnas.cost import CostModel
 from fxgradnas.errors import ArgumentError
 from fxgradnas.scores import l1_scores, random_scores
@@ -62,6 +63,12 @@ def test_meta_analysis_cost_and_search_equal_the_real_model() -> None:
     found_real = fxgradnas.search(real, random_scores(real), {"params": 0.6})
     assert found_meta.plan.keep == found_real.plan.keep
     assert found_meta.achieved == found_real.achieved and found_meta.achieved["params"] <= 0.6
+    assert fxgradnas.search(meta, fxgradnas.score(meta, "random"), {"params": 0.6}).plan.keep == found_meta.plan.keep
+    # scores computed elsewhere: the later units of every group score higher, so the search keeps those
+    by_hand = fxgradnas.Scores({g.name: torch.arange(g.size, dtype=torch.float) for g in meta.prunable},
+                               scorer="external")
+    kept = fxgradnas.search(meta, by_hand, {"params": 0.6}).plan.keep["model.layers.0.mlp"]
+    assert kept == list(range(128 - len(kept), 128))
 
 
 def test_steps_that_need_weights_name_the_meta_device() -> None:
@@ -161,7 +168,7 @@ def _lm_loss(output, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
 
 
-def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str) -> None:
     from datetime import timedelta
     from pathlib import Path
 
@@ -181,7 +188,16 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
         sharded = shard_blocks(analysis.captured.module)
         local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
-        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local}, Path(out_dir) / f"{rank}.pt")
+        # no weights in memory: every rank reads its shard of each parameter from the checkpoint
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            empty = transformers.LlamaForCausalLM(_config(tied=True)).eval()
+        empty.tie_weights()  # init_empty_weights unties them
+        loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, example_inputs=batches[0], shard=True,
+                                     checkpoint=checkpoint, progress=False)
+        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded)},
+                   Path(out_dir) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -191,7 +207,9 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
 
     import torch.multiprocessing as mp
 
-    context = mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    _model(_config(tied=True)).save_pretrained(tmp_path / "tied", max_shard_size="40KB")
+    context = mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "tied")),
+                       nprocs=2, join=False)
     deadline = time.monotonic() + 180
     try:
         while not context.join(timeout=1):
@@ -201,10 +219,12 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    model = _model(_config())
-    single = fxgradnas.calibrate(model, _sharded_batches(), _lm_loss, progress=False)
+    single = fxgradnas.calibrate(_model(_config()), _sharded_batches(), _lm_loss, progress=False)
+    tied = fxgradnas.calibrate(_model(_config(tied=True)), _sharded_batches(), _lm_loss, progress=False)
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
+        for name, value in tied.items():
+            torch.testing.assert_close(result["loaded"][name], value, rtol=1e-4, atol=1e-12)
         assert result["batches"] == 4
         assert result["scores"].keys() == single.keys()
         for name, value in single.items():
@@ -214,7 +234,11 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
         assert result["local"]["submod_2.model_layers_1_self_attn_q_proj_weight"] == (32, 64)
 
 
-def test_shard_needs_an_initialised_process_group() -> None:
+def test_shard_needs_an_initialised_process_group(tmp_path) -> None:
     meta = _meta_analysis(_config())
     with pytest.raises(ArgumentError, match="init_process_group"):
         fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, shard=True)
+    with pytest.raises(ArgumentError, match="shard=True"):
+        fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, checkpoint=tmp_path)
+    with pytest.raises(ArgumentError, match="buffers on the meta device"):  # rotary frequencies
+        check_weights(meta.captured.model, "calibration from a checkpoint", parameters=False)
