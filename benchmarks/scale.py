@@ -169,6 +169,74 @@ def verify_checkpoint(directory: Path, target: Path) -> None:
                       "peak RSS GB": round(peak_rss_bytes() / 1e9, 2)}))
 
 
+def _calibration_batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 128256, (1, 32), generator=generator) for _ in range(2)]
+
+
+def _sharded_rank(rank: int, world: int, init_file: str, directory: str, out: str) -> None:
+    """One rank: the model with its parameters on meta, calibrated with its blocks read from the checkpoint
+    and sharded over the ranks."""
+    from datetime import timedelta
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    import fxgradnas
+    from fxgradnas.datasets import causal_lm_loss
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=600))
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config("llama-3.2-1b"), dtype=torch.bfloat16).eval()
+        model.tie_weights()
+        batches = _calibration_batches()
+        analysis = fxgradnas.analyze(model, batches[0], dynamic_shapes=None)
+        before = rss_bytes()
+        start = time.perf_counter()
+        scores = fxgradnas.calibrate(analysis, batches[rank::world], causal_lm_loss, shard=True, checkpoint=directory,
+                                     progress=False)
+        seconds = time.perf_counter() - start
+        torch.save({"scores": dict(scores), "seconds": seconds, "peak": peak_rss_bytes(), "before": before},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def sharded_calibration(directory: Path, single_process: bool = True) -> None:
+    """Two gloo ranks calibrating the 1.24B model from its checkpoint with sharded blocks, then one process
+    with the whole model in memory on the same batches; peak RSS of each and the largest score difference."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    import fxgradnas
+    from fxgradnas.datasets import causal_lm_loss
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_sharded_rank, args=(2, f"{out}/init", str(directory), out), nprocs=2)
+        ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(2)]
+    if not single_process:
+        print(json.dumps({"rank RSS before calibration GB": [round(r["before"] / 1e9, 2) for r in ranks],
+                          "rank peak RSS GB": [round(r["peak"] / 1e9, 2) for r in ranks]}))
+        return
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    batches = _calibration_batches()
+    start = time.perf_counter()
+    single = fxgradnas.calibrate(model, batches, causal_lm_loss, example_inputs=batches[0], progress=False)
+    seconds = time.perf_counter() - start
+    worst = max(float((ranks[0]["scores"][k] - v).abs().max() / v.abs().max()) for k, v in single.items())
+    print(json.dumps({
+        "ranks": 2, "rank RSS before calibration GB": [round(r["before"] / 1e9, 2) for r in ranks],
+        "rank peak RSS GB": [round(r["peak"] / 1e9, 2) for r in ranks],
+        "rank seconds": [round(r["seconds"], 1) for r in ranks],
+        "one process peak RSS GB": round(peak_rss_bytes() / 1e9, 2), "one process seconds": round(seconds, 1),
+        "max relative score difference": worst,
+    }))
+
+
 def in_subprocess(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     sys.stderr.write(out.stderr[-3000:])
@@ -190,8 +258,9 @@ def main() -> None:
     c.add_argument("--dir", type=Path, default=Path("runs/scale-1b"))
     c.add_argument("--shard", default="500MB", help="max_shard_size of the saved checkpoint")
     c.add_argument("--verify", action="store_true", help="also compare with write_back in memory (about 6 GB)")
-    for step in ("one-checkpoint", "verify-checkpoint"):
+    for step in ("one-checkpoint", "verify-checkpoint", "sharded-calibration"):
         sub.add_parser(step).add_argument("dir", type=Path)
+    sub.choices["sharded-calibration"].add_argument("--ranks-only", action="store_true")
     args = parser.parse_args()
     if args.command == "one-analysis":
         one_analysis(args.model, args.dynamic)
@@ -207,6 +276,8 @@ def main() -> None:
         one_checkpoint(args.dir / "source", args.dir / "pruned")
     elif args.command == "verify-checkpoint":
         verify_checkpoint(args.dir / "source", args.dir / "pruned")
+    elif args.command == "sharded-calibration":
+        sharded_calibration(args.dir / "source", single_process=not args.ranks_only)
 
 
 if __name__ == "__main__":
