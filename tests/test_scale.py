@@ -242,3 +242,19 @@ def test_shard_needs_an_initialised_process_group(tmp_path) -> None:
         fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, checkpoint=tmp_path)
     with pytest.raises(ArgumentError, match="buffers on the meta device"):  # rotary frequencies
         check_weights(meta.captured.model, "calibration from a checkpoint", parameters=False)
+
+
+def test_split_blocks_computes_the_same_with_each_layer_owning_its_parameters() -> None:
+    from fxgradnas.shard import split_blocks
+
+    model = _model(_config(tied=True))
+    analysis = fxgradnas.analyze(model, {"input_ids": IDS})
+    split = split_blocks(analysis.captured.module)
+    with torch.no_grad():
+        torch.testing.assert_close(split(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=0)
+    owned = [[n for n, _ in sub.named_parameters(recurse=False)] for sub in split.children()]
+    for layer in range(2):  # 4 attention and 3 MLP projections, 2 norms
+        assert sum(all(f"model_layers_{layer}_" in n for n in names) and len(names) == 9 for names in owned) == 1
+    on_root = dict(split.named_parameters(remove_duplicate=False))  # tied to lm_head: on the root
+    assert on_root["model.embed_tokens.weight"] is on_root["lm_head.weight"]
+    assert len(list(analysis.captured.module.parameters())) == len(list(split.parameters()))
