@@ -1,17 +1,23 @@
 """Billion-parameter models on a small machine: analysis without weights, streamed plan application.
 
-    python benchmarks/scale.py analysis [--models llama-3.1-8b llama-3.1-70b qwen2.5-72b]
-    python benchmarks/scale.py checkpoint [--dir runs/scale-1b] [--shard 500MB]
+    python benchmarks/scale.py analysis [--models llama-3.1-8b llama-3.1-70b qwen2.5-72b] [--dynamic]
+    python benchmarks/scale.py checkpoint [--dir runs/scale-1b] [--shard 500MB] [--verify]
+    python benchmarks/scale.py sharded-calibration runs/scale-1b [--ranks-only]
 
 ``analysis``: each model is built from its real config on the meta device (no weights) and analysed
-in a fresh process; rows give capture and analysis time, peak RSS of that process, the groups, and a
+in a fresh process (static shapes; ``--dynamic``: dynamic batch and sequence); rows give capture and analysis time, peak RSS of that process, the groups, and a
 plan from random scores searched to 60 % of the parameters.
 
 ``checkpoint``: a random-init Llama-3.2-1B-shaped model (1.24B parameters, bfloat16, tied embeddings) is
 saved sharded; a meta-device analysis and a random-score plan at 60 % params are applied to it shard by
 shard with :func:`fxgradnas.hf.prune_checkpoint`, in a fresh process whose peak RSS is reset just before
 the call; the row compares the peak's rise over the process before the call with one shard plus 10 % of
-the model's bytes.
+the model's bytes. ``--verify`` compares the result, loaded by ``load_pruned``, with ``write_back`` of the
+loaded model in memory.
+
+``sharded-calibration``: two gloo ranks whose model has its parameters on the meta device calibrate it
+with ``shard=True`` and the weights read from that checkpoint, against one process with the whole model
+loaded, on the same batches.
 """
 
 from __future__ import annotations
