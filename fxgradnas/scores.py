@@ -13,18 +13,26 @@ from .selection import fold_to_units
 
 class Scores(dict):
     """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made;
-    ``truncated``: calibration stopped at ``max_batches`` with batches left unread."""
+    ``truncated``: calibration stopped at ``max_batches`` with batches left unread; ``kind_scales``: the
+    factor each group kind's scores were multiplied by (:func:`fxgradnas.calibrate.equalize_kinds`)."""
 
     def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
-                 seconds: float = 0.0, history: list[float] | None = None, truncated: bool = False) -> None:
+                 seconds: float = 0.0, history: list[float] | None = None, truncated: bool = False,
+                 kind_scales: dict[str, float] | None = None) -> None:
         super().__init__(scores)
         self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
         self.history = history or []
         self.truncated = truncated
+        self.kind_scales = kind_scales or {}
+
+    def replaced(self, scores: dict[str, torch.Tensor], **changes: object) -> Scores:
+        """New values (and ``changes`` of the attributes), with the rest of how they were made."""
+        fields = {"scorer": self.scorer, "mode": self.mode, "batches": self.batches, "seconds": self.seconds,
+                  "history": self.history, "truncated": self.truncated, "kind_scales": self.kind_scales}
+        return Scores(scores, **{**fields, **changes})
 
     def scaled(self, factor: float) -> Scores:
-        return Scores({k: v * factor for k, v in self.items()}, scorer=self.scorer, mode=self.mode,
-                      batches=self.batches, seconds=self.seconds, history=self.history, truncated=self.truncated)
+        return self.replaced({k: v * factor for k, v in self.items()})
 
 
 def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.Tensor:

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxgradnas import Analysis, analyze, instrument
+from fxgradnas import Analysis, Plan, analyze, instrument, masked
 from fxgradnas.batches import call_with
-from fxgradnas.calibrate import calibrate
-from fxgradnas.errors import CalibrationError
+from fxgradnas.calibrate import calibrate, equalize_kinds
+from fxgradnas.errors import ArgumentError, CalibrationError
 from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
 from fxgradnas.scores import Scores, l1_scores, random_scores
+from fxgradnas.search import group_choices
+from fxgradnas.selection import keep_grid
 from tests.zoo import HF_ZOO, ZOO
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -175,6 +177,72 @@ def test_recorder_with_masks_not_all_ones_equals_autograd() -> None:
     got = recorder.take()
     for name, mask in plain.masks.items():
         torch.testing.assert_close(got[name], mask.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_scores_under_a_plan_are_the_masked_models_mask_gradients() -> None:
+    """calibrate(plan=...) masks the plan's pruned units and scores every unit of the chosen groups there,
+    a pruned unit by its gradient at zero; groups the plan names but that are not scored stay masked."""
+    model, inputs = ZOO["llama"]()
+    analysis = analyze(model, inputs)
+    attn, mlp = [g for g in analysis.prunable if g.kind in ("heads", "channels")][:2]
+    plan = Plan({attn.name: [0, 1], mlp.name: list(range(0, mlp.size, 3))})
+    reference = instrument(analysis, [attn, mlp])
+    for g in (attn, mlp):
+        reference.masks[g.name].copy_(keep_grid(g, plan.kept(g.name)).float()).requires_grad_(True)
+    for p in reference.module.parameters():
+        p.requires_grad_(False)
+    logits_loss(call_with(reference.module, inputs), inputs).backward()
+    got = run(analysis, [inputs], logits_loss, groups=[mlp], plan=plan)
+    assert list(got) == [mlp.name]
+    want = reference.masks[mlp.name].grad.reshape(-1) ** 2
+    pruned = torch.ones(mlp.size, dtype=torch.bool)
+    pruned[plan.kept(mlp.name)] = False
+    assert want[pruned].abs().max() > 0  # pruned units have a score: what restoring them would change
+    assert_scores_close(got, {mlp.name: want})
+    dense = run(analysis, [inputs], logits_loss, groups=[mlp])
+    assert not torch.allclose(dense[mlp.name], got[mlp.name])
+
+
+def test_equalized_kinds_scale_each_kind_by_its_measured_loss() -> None:
+    """Each kind's factor is the loss measured with its lowest-scored quarter masked in every group, over
+    the sum of those units' scores; factors are relative to the kind with the most units."""
+    model, inputs = ZOO["llama"]()
+    analysis = analyze(model, inputs)
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 64, (4, 9), generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        labels = {id(b): model(b).argmax(-1) for b in batches}  # self-labelled: pruning raises the loss
+
+    def loss_fn(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.flatten(0, 1), labels[id(batch)].flatten())
+
+    groups = [g for g in analysis.prunable if g.kind in ("heads", "channels")]
+    scores = run(analysis, batches, loss_fn, groups=groups)
+    got = equalize_kinds(analysis, scores, batches, loss_fn, fraction=0.25, divisor=4, max_batches=2)
+
+    def mean_loss(module: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float(loss_fn(module(b), b)) for b in batches[:2]) / 2
+
+    dense = mean_loss(model)
+    per_kind = {}
+    for kind in ("heads", "channels"):
+        keep, predicted = {}, 0.0
+        for g in (g for g in groups if g.kind == kind):
+            choices = group_choices(g, scores[g.name], divisor=4)
+            choice = min(choices, key=lambda c: abs(len(c.units) - 0.75 * g.size))
+            keep[g.name], predicted = list(choice.units), predicted + choice.degradation
+        per_kind[kind] = max(mean_loss(masked(analysis, Plan(keep))) - dense, 1e-6 * dense) / predicted
+    assert got.kind_scales["channels"] == 1.0
+    assert got.kind_scales["heads"] == pytest.approx(per_kind["heads"] / per_kind["channels"], rel=1e-4)
+    for g in groups:
+        torch.testing.assert_close(got[g.name], scores[g.name] * got.kind_scales[g.kind])
+    assert got.batches == scores.batches
+    one_kind = equalize_kinds(analysis, Scores({g.name: scores[g.name] for g in groups if g.kind == "channels"},
+                                               scorer="gradnas"), batches, loss_fn)
+    assert one_kind.kind_scales == {"channels": 1.0}
+    with pytest.raises(ArgumentError, match="fraction"):
+        equalize_kinds(analysis, scores, batches, loss_fn, fraction=1.0)
 
 
 # --------------------------------------------------------------------------- batch vs sample mode

@@ -224,3 +224,29 @@ def test_cost_model_when_the_first_input_is_not_a_tensor() -> None:
     assert model.base["params"] == 5 * 16 + 16 + 16 * 3 + 3
     assert model.base["flops"] == 2 * 7 * (5 * 16 + 16 * 3)
     assert model.evaluate({"fc1": (4,)})["flops"] == 2 * 7 * (5 * 4 + 4 * 3)
+
+
+def test_pruning_in_rounds_meets_the_budget_and_keeps_what_it_pruned() -> None:
+    """rounds=3: the last round's plan meets the budget, every round re-calibrates under the plan so far
+    (the scores of units pruned earlier are zero, so they go first), and a one-shot iterator is read once per round."""
+    model, _ = ZOO["llama"]()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (4, 9), generator=gen) for _ in range(3)]
+
+    def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
+
+    analysis = fxgradnas.analyze(model, batches[0])
+    once = fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, divisor=4, progress=False)
+    thrice = fxgradnas.prune(analysis, None, iter(batches), loss, constraint={"params": 0.6}, divisor=4,
+                             rounds=3, progress=False)
+    assert thrice.achieved["params"] <= 0.6 and thrice.search.budget == once.search.budget
+    assert thrice.scores.batches == 3
+    earlier = {name: set(torch.nonzero(s == 0).flatten().tolist()) for name, s in thrice.scores.items()}
+    assert any(earlier.values())  # units pruned in earlier rounds have zero scores in the last
+    assert thrice.plan.keep != once.plan.keep
+    torch.testing.assert_close(thrice.model(batches[1]), fxgradnas.masked(analysis, thrice.plan)(batches[1]))
+    with pytest.raises(fxgradnas.errors.ArgumentError, match="rounds"):
+        fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, rounds=0, progress=False)
+    with pytest.raises(fxgradnas.errors.ArgumentError, match="does not calibrate"):
+        fxgradnas.prune(analysis, None, None, None, constraint={"params": 0.6}, scorer="l1", rounds=2)
