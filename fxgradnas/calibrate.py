@@ -7,6 +7,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +24,13 @@ from .batches import (
     peek,
     to_device,
 )
-from .capture import check_example_inputs
+from .capture import check_example_inputs, check_weights
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .plan import Plan, check_plan
 from .scores import Scores
 from .selection import keep_grid
+from .shard import shard_blocks
 
 MODES = ("batch", "sample")
 
@@ -57,7 +59,8 @@ def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
 
 
 def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, collect_fn: Any = None,
-                              autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5) -> None:
+                              autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5,
+                              shard: Any = False, checkpoint: Any = None) -> None:
     """Raise ArgumentError/ArgumentTypeError for a calibration option fxgradnas cannot use."""
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
@@ -72,6 +75,18 @@ def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, co
                             f"{converged_below!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ArgumentError(f"patience must be an int of at least 1, not {patience!r}")
+    if not isinstance(shard, bool):
+        raise ArgumentTypeError(f"shard must be True or False, not {shard!r}")
+    if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ArgumentError("shard=True shards the weights over torch.distributed ranks: call "
+                            "torch.distributed.init_process_group() in every rank first")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, Path)):
+            raise ArgumentTypeError(f"checkpoint must be a directory (str or Path), not {type(checkpoint).__name__}")
+        if not shard:
+            raise ArgumentError("checkpoint is read shard by shard into the ranks: pass shard=True with it")
+        if not Path(checkpoint).is_dir():
+            raise ArgumentError(f"checkpoint must be a safetensors checkpoint directory; {checkpoint} is none")
 
 
 def calibrate(
@@ -89,6 +104,8 @@ def calibrate(
     converged_below: float | None = None,
     patience: int = 5,
     progress: bool = True,
+    shard: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> Scores:
     """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
 
@@ -102,24 +119,29 @@ def calibrate(
     views of the model's parameters: only mask gradients are computed, and the model's flags and
     ``.grad`` are never touched. With ``converged_below``, stops early once the mean relative change of
     the averaged scores stays below it for ``patience`` batches. Under ``torch.distributed`` the sums are
-    all-reduced, so N ranks on N shards give the scores of one process on all batches.
+    all-reduced, so N ranks on N shards give the scores of one process on all batches. With ``shard`` the
+    graph's blocks are also sharded over the ranks (FSDP2, :func:`fxgradnas.shard.shard_blocks`): each rank
+    keeps 1/N of every block's weights and gathers one block at a time. With ``checkpoint`` (a safetensors
+    checkpoint directory) the ranks read the weights from it one block at a time, each keeping its shard,
+    so the model may have its parameters on the meta device
+    (``accelerate.init_empty_weights(include_buffers=False)``, then ``tie_weights()``).
     """
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
     check_data(data)
     check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
     check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, autocast_dtype=autocast_dtype,
-                              converged_below=converged_below, patience=patience)
+                              converged_below=converged_below, patience=patience, shard=shard,
+                              checkpoint=checkpoint)
     if example_inputs is not None:
         check_example_inputs(example_inputs)
+    check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration",
+                  parameters=checkpoint is None)
     collect = collect_fn or default_collect
     if not isinstance(model, Analysis) and example_inputs is None:
         first, data = peek(data)
         example_inputs = to_device(collect(first), device_of(model))
     analysis = ensure_analysis(model, example_inputs)
-    if any(t.is_meta for t in [*analysis.captured.module.parameters(), *analysis.captured.module.buffers()]):
-        raise ArgumentError(f"{type(analysis.captured.model).__name__} has tensors on the meta device (no values): "
-                            "calibration needs its weights; load them first (to_empty() and load_state_dict())")
     check_groups(analysis, groups)
     chosen = list(groups) if groups is not None else analysis.prunable
     if not chosen:
@@ -131,6 +153,9 @@ def calibrate(
         plan.validate(analysis)
     masked = [analysis.group(name) for name in (plan.keep if plan is not None else {})]
     inst = instrumented(analysis, [*chosen, *(g for g in masked if g not in chosen)], "view")
+    if shard:
+        aliases = {n: [o for o in names if o != n] for names in analysis.captured.names.values() for n in names}
+        inst.module = shard_blocks(inst.module, checkpoint, aliases)
     training = [name or type(m).__name__ for name, m in analysis.captured.model.named_modules() if m.training]
     if training:
         warnings.warn(f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} in train mode: calibration runs "

@@ -153,6 +153,23 @@ def check_example_inputs(example_inputs: Any, model: nn.Module | None = None) ->
                             "move them there (.to(device))")
 
 
+def check_weights(model: nn.Module, needs: str, parameters: bool = True) -> None:
+    """Raise ArgumentError when ``model`` holds parameters (``parameters``) or buffers on the meta device
+    (shapes without values); ``needs`` names the step that reads the values ("calibration", ...)."""
+    if not parameters and any(t.is_meta for t in model.buffers()):
+        raise ArgumentError(
+            f"{type(model).__name__} has buffers on the meta device: {needs} loads the parameters but cannot "
+            "compute buffers (rotary frequencies, ...); build the model with its parameters alone on meta "
+            "(accelerate.init_empty_weights(include_buffers=False))")
+    if parameters and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ArgumentError(
+            f"{type(model).__name__} has tensors on the meta device (shapes without values): {needs} needs its "
+            "weights; load them first (from_pretrained, or to_empty(device=...) and load_state_dict()). Without "
+            "weights, analyze(), search() with scores from elsewhere or scorer='random', and "
+            "fxgradnas.hf.prune_checkpoint() (the plan applied to a checkpoint on disk) work"
+        )
+
+
 def _auto_dims(tensor: torch.Tensor) -> dict[int, Any] | None:
     """Dim 0 is the batch; dim 1 is the sequence for rank-2 and rank-3 inputs. Dim.AUTO lets
     export keep a dim static where the model requires it instead of failing."""

@@ -7,6 +7,9 @@ Needs the ``hf`` extra (transformers, safetensors).
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analysis import Analysis, Group, check_analysis
-from .capture import cache_off
-from .errors import RewriteError
+from .capture import cache_off, check_weights, fingerprint
+from .errors import ArgumentError, RewriteError
 from .instrument import masked_view
 from .plan import Plan, check_plan
 from .rewrite import (
@@ -27,6 +30,8 @@ from .rewrite import (
     slice_tensors,
     tensor_owner,
 )
+from .selection import tensor_selections
+from .shard import INDEX_FILE, checkpoint_files
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
@@ -49,6 +54,8 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
     check_analysis(analysis, "write_back")
     check_plan(plan)
+    if check:
+        check_weights(model, "write_back's check (it runs the model; check=False writes the structure only)")
     selection = select(analysis, plan, model)
     checked = check and all(g.exact for g in selection.groups)
     reference = masked_view(analysis, plan) if weights is None else weights
@@ -57,9 +64,14 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
         slice_tensors(model, selection)
         if weights is not None:
             _copy_parameters(weights, model)
-        attributes = {**_attribute_patches(model, selection.groups, selection.kept),
-                      **_rescale_rms_norms(model, analysis, selection.groups, selection.kept,
-                                           from_graph=weights is not None)}
+        owners = _parameter_owners(model)
+        norms = {}
+        for rescale in _norm_rescales(model, analysis, selection.groups, selection.kept):
+            weight = getattr(model.get_submodule(rescale.path), "weight", None)
+            if isinstance(weight, torch.Tensor) and not (weights is not None and rescale.kind == "rms_norm"):
+                _replace(owners, weight, rescale.weight(weight))  # from the graph: already scaled there
+            norms[rescale.path] = {rescale.eps_attr: rescale.eps / rescale.ratio}
+        attributes = {**_attribute_patches(model, selection.groups, selection.kept), **norms}
     structure = {
         "plan": json.loads(plan.to_json()),
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
@@ -136,15 +148,30 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
     return patches
 
 
-def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group], kept: dict[str, tuple[int, ...]],
-                       from_graph: bool) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class _NormRescale:
+    """An RMSNorm over a pruned hidden width (see :func:`_norm_rescales`)."""
+
+    path: str
+    kind: str  # "mean of squares" or "rms_norm" (the graph's reduction)
+    eps_attr: str
+    eps: float
+    ratio: float  # kept / all hidden channels
+    offset: float
+
+    def weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The norm weight (sliced or not) that makes the model equal the masked one."""
+        return (weight + self.offset) / self.ratio**0.5 - self.offset
+
+
+def _norm_rescales(model: nn.Module, analysis: Analysis, groups: list[Group],
+                   kept: dict[str, tuple[int, ...]]) -> list[_NormRescale]:
     """With C' of C hidden channels kept, every RMSNorm over them gets its multiplier ``w + offset`` (the
     offset is 1 in Gemma's ``(1 + w)``) scaled by sqrt(C/C') and eps by C/C', so the model equals the
     masked one. The rewrite of the graph scales the mean of squares instead, or, for an ``aten.rms_norm``
-    node, the weight itself: those weights are already scaled when they come ``from_graph``."""
+    node, the weight itself (so weights taken from the graph are already scaled there)."""
     nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
-    owners = _parameter_owners(model)
-    patches: dict[str, dict[str, Any]] = {}
+    rescales: dict[str, _NormRescale] = {}
     for g in groups:
         if g.kind != "hidden" or not g.exact:
             continue
@@ -155,14 +182,11 @@ def _rescale_rms_norms(model: nn.Module, analysis: Analysis, groups: list[Group]
             path = _innermost_module(nodes[name])
             module = model.get_submodule(path) if path is not None else None
             eps_attr = next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None), float)), None)
-            if module is None or eps_attr is None or path in patches:
+            if module is None or eps_attr is None or path in rescales:
                 continue
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and not (from_graph and kind == "rms_norm"):
-                offset = _weight_offset(analysis, tensor_name=f"{path}.weight")
-                _replace(owners, weight, (weight + offset) / ratio**0.5 - offset)
-            patches[path] = {eps_attr: getattr(module, eps_attr) / ratio}
-    return patches
+            offset = _weight_offset(analysis, tensor_name=f"{path}.weight")
+            rescales[path] = _NormRescale(path, kind, eps_attr, getattr(module, eps_attr), ratio, offset)
+    return list(rescales.values())
 
 
 def _innermost_module(node: torch.fx.Node) -> str | None:
@@ -256,3 +280,103 @@ def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
     if missing or unexpected:
         raise RewriteError(f"saved weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+# --- a plan applied to a checkpoint on disk, one tensor at a time -------------------------------------
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_BLOCK_BYTES = 64 * 2**20  # rows read, sliced and written at a time
+
+
+def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target: str | Path,
+                     model_class: Any = None) -> dict:
+    """Apply ``plan`` to the safetensors checkpoint in directory ``source`` (sharded or not) and save the
+    pruned model to ``target`` as :func:`save_pruned` would save :func:`write_back`'s result (same
+    weights, shard files and index, the config, the structure :func:`load_pruned` re-applies; other files,
+    e.g. the tokenizer's, are copied). Tensors are read, sliced and written in blocks of rows, so memory
+    stays about one block plus the mapped pages of the tensor being read, whatever the model's size.
+
+    ``analysis`` may be of the model built on the meta device from the checkpoint's config (no weights
+    are needed, nor loaded): its parameter names and shapes must be the checkpoint's. The model class
+    to rebuild is the analysed model's (``model_class`` overrides it). Returns the structure."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    check_analysis(analysis, "prune_checkpoint")
+    check_plan(plan)
+    source, target = Path(source), Path(target)
+    if not (source / "config.json").is_file():
+        raise ArgumentError(f"source must be a Hugging Face checkpoint directory with a config.json; {source} has none")
+    if target.resolve() == source.resolve():
+        raise ArgumentError(f"target must be another directory than source ({source}): the source is read while "
+                            "the target is written")
+    shards = checkpoint_files(source)
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        cls = model_class or type(analysis.captured.model)
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    headers = {}
+    for shard in shards:
+        with safe_open(source / shard, framework="pt") as f:
+            headers[shard] = (f.metadata(), {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                                             for k in f.keys()})
+    for shard, (_, tensors) in headers.items():
+        for name, (_, shape) in tensors.items():
+            if expected.get(name, shape) != shape or name not in expected:
+                raise ArgumentError(
+                    f"{shard} holds {name!r} of shape {shape}, but {cls.__name__} built from {source}/config.json "
+                    f"has {f'shape {expected[name]}' if name in expected else 'no such tensor'}; was the checkpoint "
+                    "saved from another model, or already pruned?")
+    if fingerprint(model) != analysis.captured.fingerprint:
+        raise ArgumentError(f"the analysis is of another model than {cls.__name__} built from {source}/config.json "
+                            "(parameter names or shapes differ); analyse the model of this config")
+    selection = select(analysis, plan, model)
+    rescales = {f"{r.path}.weight": r for r in _norm_rescales(model, analysis, selection.groups, selection.kept)}
+    structure = write_back(model, analysis, plan, check=False)
+    keep = {name: axes for names, axes in tensor_selections(selection.groups, selection.grids).items() for name in names}
+    target.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for shard, (metadata, tensors) in headers.items():
+        total += _write_shard(source / shard, target / shard, metadata, tensors, keep, rescales)
+    if (source / INDEX_FILE).is_file():
+        index = json.loads((source / INDEX_FILE).read_text())
+        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        (target / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    for file in source.iterdir():
+        if file.is_file() and file.name not in {"config.json", INDEX_FILE, STRUCTURE_FILE, *shards}:
+            shutil.copy2(file, target / file.name)
+    model.config.save_pretrained(target)
+    (target / STRUCTURE_FILE).write_text(json.dumps(structure, default=list))
+    return structure
+
+
+def _write_shard(source: Path, target: Path, metadata: dict | None, tensors: dict[str, tuple[str, tuple]],
+                 keep: dict[str, dict[int, torch.Tensor]], rescales: dict[str, _NormRescale]) -> int:
+    """Write ``source``'s tensors, sliced, as the safetensors file ``target``, one block of rows at a time
+    (the header first: every output shape is known); returns the bytes of tensor data written."""
+    from safetensors import safe_open
+
+    shapes, offset, header = {}, 0, {"__metadata__": metadata or {"format": "pt"}}
+    for name, (dtype, shape) in tensors.items():
+        shapes[name] = [int(keep[name][a].sum()) if a in keep.get(name, {}) else n for a, n in enumerate(shape)]
+        size = math.prod(shapes[name]) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shapes[name], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(target, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for name, (dtype, shape) in tensors.items():
+            step = max(1, _BLOCK_BYTES // max(1, math.prod(shape[1:]) * _ITEMSIZE[dtype])) if shape else 1
+            for start in range(0, shape[0] if shape else 1, step):
+                with safe_open(source, framework="pt") as f:  # reopened per block: the pages read are let go
+                    block = f.get_slice(name)[start:start + step] if shape else f.get_tensor(name)
+                for axis, mask in keep.get(name, {}).items():
+                    chosen = mask[start:start + step] if axis == 0 else mask
+                    block = block.index_select(axis, chosen.nonzero().flatten())
+                if name in rescales:
+                    block = rescales[name].weight(block)
+                out.write(block.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset

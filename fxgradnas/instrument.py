@@ -196,8 +196,11 @@ def instrumented(analysis: Analysis, groups: list[Group] | None, tensors: Litera
 
 
 def device_of(module: nn.Module) -> torch.device:
-    """Where a module's parameters (or buffers) live; the CPU for a module with neither."""
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    """Where a module's parameters (or buffers) live, the meta device last (a model whose parameters are on
+    meta and buffers on the CPU runs on the CPU once its weights are loaded); the CPU for a module with
+    neither."""
+    tensors = [*module.parameters(), *module.buffers()]
+    tensor = next((t for t in tensors if not t.is_meta), tensors[0] if tensors else None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
 

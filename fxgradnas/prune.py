@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from .analysis import Analysis, ensure_analysis
 from .batches import check_callable, check_data, default_collect, is_one_shot, peek, to_device
 from .calibrate import calibrate, check_calibration_options
-from .capture import ExampleInputs, check_example_inputs
+from .capture import ExampleInputs, check_example_inputs, check_weights
 from .compensate import LayerReport, check_compensation_options, timed_compensation
 from .cost import CostModel
 from .errors import ArgumentError, ArgumentTypeError
@@ -27,7 +27,7 @@ from .scores import Scores, l1_scores, random_scores
 from .search import RATIOS, SearchResult, check_constraint, check_search_options, parse_constraint, search
 
 SCORERS = ("gradnas", "l1", "random")
-CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience")
+CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard")
 
 
 @dataclass
@@ -113,6 +113,8 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
     """Every argument of :func:`prune`, before anything runs; returns ``kinds`` as a tuple."""
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
+    check_weights(model.captured.model if isinstance(model, Analysis) else model,
+                  "prune (the rewrite slices the weights)")
     check_constraint(constraint)
     if scorer not in SCORERS:
         raise ArgumentError(f"scorer must be one of {SCORERS}, not {scorer!r}")

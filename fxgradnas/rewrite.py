@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .analysis import Analysis, Group, Layout, ensure_analysis
 from .analysis.registry import apply_edits, entry_for
-from .capture import ExampleInputs, eval_mode
+from .capture import ExampleInputs, check_weights, eval_mode
 from .errors import ArgumentError, RewriteError
 from .instrument import copy_graph_module, masked_view
 from .plan import Plan, check_plan
@@ -90,6 +90,9 @@ def apply_plan(
                                   or not tolerance >= 0):
         raise ArgumentError(f"tolerance must be a non-negative number (or None for the dtype's default), "
                             f"not {tolerance!r}")
+    if isinstance(model, (torch.nn.Module, Analysis)):
+        check_weights(model.captured.model if isinstance(model, Analysis) else model,
+                      "apply_plan (the rewrite slices the weights)")
     analysis = ensure_analysis(model, example_inputs)
     selection = select(analysis, plan)
     for g in selection.groups:

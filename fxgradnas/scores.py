@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .analysis import Analysis, Group, Layout, check_analysis, check_groups
+from .capture import check_weights
 from .errors import ArgumentTypeError
 from .selection import fold_to_units
 
@@ -44,6 +45,7 @@ def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
     check_analysis(analysis, "l1_scores")
     check_groups(analysis, groups)
     model = analysis.captured.model
+    check_weights(model, "l1_scores (weight magnitudes)")
     scores = {}
     for g in groups if groups is not None else analysis.prunable:
         total = torch.zeros(g.unit_shape)

@@ -145,7 +145,7 @@ def group_choices(group: Group, scores: torch.Tensor, *, ratios: tuple[float, ..
     choices = []
     for k in _counts(group.size, ratios, divisor):
         lost = float(pruned_tail[k]) if k < group.size else 0.0
-        choices.append(Choice((k,), tuple(sorted(order[:k].tolist())), lost))
+        choices.append(Choice((k,), tuple(order[:k].sort().values.tolist()), lost))
     return choices
 
 
@@ -160,6 +160,7 @@ def _head_choices(group: Group, scores: torch.Tensor, total: float, gqa: str) ->
     if len(group.unit_shape) == 1:  # plain multi-head (or multi-query) attention: any head count
         kv_counts, rep_counts = (range(1, kv + 1), [1]) if rep == 1 else ([1], range(1, rep + 1))
     ranked_reps = torch.argsort(scores, dim=1, descending=True, stable=True)
+    flat = scores.reshape(-1)
     choices = []
     for n_rep in rep_counts:
         best = torch.gather(scores, 1, ranked_reps[:, :n_rep])
@@ -167,7 +168,7 @@ def _head_choices(group: Group, scores: torch.Tensor, total: float, gqa: str) ->
         for n_kv in kv_counts:
             kept_kv = ranked_kv[:n_kv].tolist()
             units = sorted(k * rep + int(r) for k in kept_kv for r in ranked_reps[k, :n_rep])
-            lost = total - float(sum(scores.reshape(-1)[u] for u in units))
+            lost = total - float(flat[torch.tensor(units, dtype=torch.long)].sum())
             kept = (n_kv, n_rep) if len(group.unit_shape) == 2 else (n_kv * n_rep,)
             choices.append(Choice(kept, tuple(units), max(lost, 0.0)))
     choices.sort(key=lambda c: (len(c.units), -c.degradation))

@@ -47,7 +47,12 @@ def quotient(big: Size, small: Size) -> Size | None:
 def same_size(a: Size, b: Size) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    if a == b:
+        return True
+    difference = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
+    if difference == 0 or difference.is_polynomial():  # expanded, a polynomial is zero only as 0
+        return difference == 0
+    return sympy.simplify(difference) == 0
 
 
 class ShapeConflict(Exception):
