@@ -775,3 +775,109 @@ def pool(p: Propagation, node: Node) -> Any:
     if isinstance(value, (tuple, list)):
         return [out, list(out)]
     return out
+
+
+# --- routing (mixture of experts) ------------------------------------------------------------------
+@register(aten.topk)
+def topk(p: Propagation, node: Node) -> list[AxisSpaces]:
+    """(values, indices) of the ``k`` largest entries along ``dim``: every output entry depends on the
+    whole axis (a reduction over it); the ``k`` axis is a new space, fixed by the constant ``k``."""
+    spaces = list(p.of(node.args[0]))
+    dim = p.arg(2, "dim", -1) % len(spaces)
+    p.reduce(spaces[dim], "topk")
+    spaces[dim] = p.fresh([_out_shape(p, node)[0][dim]], f"the k of top-k at {node.name}")[0]
+    return [spaces, list(spaces)]
+
+
+@register(aten.sort, aten.argsort)
+def sort(p: Propagation, node: Node) -> Any:
+    """Sorted values (and the permutation) along ``dim``: a reduction over that axis."""
+    spaces = p.of(node.args[0])
+    dim = p.arg(1, "dim", -1)
+    if not isinstance(dim, int):  # sort.stable(self, *, stable, dim=-1, descending=False)
+        dim = node.kwargs.get("dim", -1)
+    p.reduce(spaces[dim % len(spaces)], "sort")
+    if isinstance(p.val(node), (tuple, list)):
+        return [list(spaces), list(spaces)]
+    return list(spaces)
+
+
+@register(aten.histc)
+def histc(p: Propagation, node: Node) -> AxisSpaces:
+    """A histogram of the input's values: its bins are a new space (the count ``bins`` is fixed), and
+    every input axis is summed over."""
+    for s in p.of(node.args[0]):
+        p.reduce(s, "histc")
+    return p.fresh(_out_shape(p, node), f"bins of the histogram {node.name} (a fixed count)")
+
+
+def _one_index(p: Propagation, node: Node) -> tuple[int, Node] | None:
+    """The axis and the tensor of an advanced index with exactly one integer index tensor."""
+    used = [(d, t) for d, t in enumerate(node.args[1]) if t is not None]
+    if len(used) != 1 or not p.is_tensor(used[0][1]) or p.val(used[0][1]).dtype.is_floating_point:
+        return None
+    if p.val(used[0][1]).dtype == torch.bool:
+        return None  # a boolean mask selects a data-dependent number of entries
+    return used[0]
+
+
+@register(aten.index.Tensor)
+def index(p: Propagation, node: Node) -> AxisSpaces:
+    """``x[..., idx, ...]`` with one integer index tensor on axis ``d``: the output has the index's
+    axes in place of axis ``d``, which is frozen (its entries are picked by value); the other axes pass
+    through. Gathering tokens by expert (mixture-of-experts dispatch) leaves the feature axes intact."""
+    found = _one_index(p, node)
+    if found is None:
+        return no_rule(p, node)
+    d, idx = found
+    spaces = p.of(node.args[0])
+    p.freeze(spaces[d], f"indexed by a tensor at {node.name}")
+    return list(spaces[:d]) + list(p.of(idx)) + list(spaces[d + 1:])
+
+
+@register(aten.index_put)
+def index_put(p: Propagation, node: Node) -> AxisSpaces:
+    """``x[..., idx, ...] = values`` (out of place) with one integer index tensor on axis ``d``: the
+    output has ``x``'s axes; axis ``d`` and the values' axes that the index spans are frozen, and the
+    values' other axes broadcast into ``x``'s."""
+    found = _one_index(p, node)
+    values = node.args[2]
+    if found is None or not p.is_tensor(values):
+        return no_rule(p, node)
+    d, idx = found
+    spaces, shape = p.of(node.args[0]), p.shape(node.args[0])
+    reason = f"written by index at {node.name}"
+    p.freeze(spaces[d], reason)
+    target = list(spaces[:d]) + p.fresh(p.shape(idx), reason) + list(spaces[d + 1:])
+    target_shape = list(shape[:d]) + p.shape(idx) + list(shape[d + 1:])
+    vs, vshape = p.of(values), p.shape(values)
+    offset = len(target) - len(vs)
+    for i, s in enumerate(vs):
+        j = offset + i
+        if vshape[i] == 1 and target_shape[j] != 1:
+            continue
+        if d <= j < d + len(p.shape(idx)):
+            p.freeze(s, reason)
+        else:
+            p.same(target[j], s)
+    return list(spaces)
+
+
+@register(aten._grouped_mm, "transformers::grouped_mm_fallback")
+def grouped_mm(p: Propagation, node: Node) -> AxisSpaces:
+    """``(S, K) x (E, K, N) -> (S, N)`` with ``offs`` (E,): row block ``e`` of the input is multiplied by
+    expert ``e``'s matrix (mixture-of-experts experts stored stacked). Every row meets one expert, so the
+    contraction axis K and the output axis N are the experts' common axes (pruning unit ``n`` removes
+    row/column ``n`` of every expert), and the expert axis E is frozen: which rows meet which expert is
+    decided by the router's values, not by an axis."""
+    x, w, offs = node.args[0], node.args[1], p.arg(2, "offs")
+    bias = p.arg(3, "bias")
+    if (not p.is_weight(w) or p.val(x).dim() != 2 or p.val(w).dim() != 3 or not p.is_tensor(offs)
+            or bias is not None):
+        return no_rule(p, node)
+    out = p.fresh(_out_shape(p, node))
+    _contract(p, node, x, w, out, 1, 1, {0: 0}, {1: 2})
+    experts = p.of(w)[0]
+    p.same(experts, p.of(offs)[0])
+    p.freeze(experts, f"experts are chosen per row by the routing offsets of {node.name}")
+    return out
