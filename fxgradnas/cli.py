@@ -577,8 +577,8 @@ def build_parser() -> Parser:
     _add_windows(prune)
     prune.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                        help="re-fit the layers consuming pruned units: ls (least squares), scale, none (default)")
-    prune.add_argument("--kinds", nargs="+", default=["heads", "channels"], metavar="KIND",
-                       help="group kinds to prune: heads, channels, hidden (default heads channels)")
+    prune.add_argument("--kinds", nargs="+", default=["heads", "channels", "experts"], metavar="KIND",
+                       help="group kinds to prune: heads, channels, experts, hidden (default heads channels experts)")
     prune.add_argument("--scorer", choices=SCORERS, default="gradnas", help="unit scores (default gradnas)")
     prune.add_argument("--mode", choices=MODES, default="batch", help="gradnas: square per batch or per sample")
     prune.add_argument("--divisor", type=positive, metavar="N", default=32, help="channel counts are multiples of it (default 32)")
