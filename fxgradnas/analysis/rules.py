@@ -29,6 +29,7 @@ def apply_rule(p: Propagation, node: Node) -> None:
     """Label the outputs of ``node`` with its rule; without a rule, or when the rule fails, freeze
     every space the node touches with a reason naming the op and the node."""
     out = p.val(node)
+    _read_values(p, node)
     if not _holds_tensor(out):
         return  # shape arithmetic, assertions, guards: nothing to label
     entry = entry_for(node.target)
@@ -55,6 +56,24 @@ def apply_rule(p: Propagation, node: Node) -> None:
 VALUE_PRESERVING = {aten.view, aten.reshape, aten._to_copy, aten.to, aten.clone, aten.contiguous, aten.alias,
                     aten.flatten, aten.squeeze, aten.unsqueeze, aten.detach}
 """Ops whose output entries are input entries (or casts of them): an index that names a space stays one."""
+
+
+VALUE_READERS = {aten.sort, aten.argsort, aten.histc}
+"""Ops that read index values in a way the pruned model reproduces with the space's entries renumbered in
+order (sorting them; counting them per entry, which :func:`histc` checks)."""
+METADATA = {aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
+
+
+def _read_values(p: Propagation, node: Node) -> None:
+    """Freeze a space whose index values (``Propagation.values``: a router's expert ids) any op other than
+    the ones that keep, sort or count them reads: pruning renumbers the entries of that space."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if node.target is operator.getitem or packet in VALUE_PRESERVING or packet in VALUE_READERS or packet in METADATA:
+        return
+    for x in p.tensor_inputs(node):
+        named = p.values.get(x)
+        if named is not None and not isinstance(named, list):
+            p.freeze(named, f"its indices are read by {op_name(node)} at {node.name}")
 
 
 def _carry_values(p: Propagation, node: Node) -> None:
@@ -884,6 +903,8 @@ def histc(p: Propagation, node: Node) -> AxisSpaces:
         p.constants([named])
         p.records.routed.append(named)
         return [named]
+    if named is not None:
+        p.freeze(named, f"its indices are counted by histogram {node.name} with other bins than one per entry")
     return p.fresh(_out_shape(p, node), f"bins of the histogram {node.name} (a fixed count)")
 
 
