@@ -13,84 +13,21 @@ from torch import nn
 
 import fxgradnas
 from fxgradnas import Analysis, Group, Plan, PlanError
-from fxgradnas.analysis import REGISTRY, register
-from fxgradnas.analysis.rules import grouped_mm
 from tests import families
-
-E, K, H, W = 4, 2, 6, 10  # experts, top-k, width, expert width
-
-
-@torch.library.custom_op("fxgradnas_moe_test::grouped_mm", mutates_args=())
-def looped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows ``offs[e-1]:offs[e]`` of ``input`` times ``weight[e]``: transformers' grouped-mm fallback, which
-    is what a float32 CPU export of its experts holds (``aten._grouped_mm`` exports for bfloat16 only)."""
-    out, start = input.new_zeros(input.shape[0], weight.shape[2]), 0
-    for e, end in enumerate(offs.tolist()):
-        out[start:end] = input[start:end] @ weight[e]
-        start = end
-    return out
+from tests.zoo import MOE_EXPERT_WIDTH as W
+from tests.zoo import MOE_EXPERTS as E
+from tests.zoo import MOE_TOP_K as K
+from tests.zoo import MOE_WIDTH as H
+from tests.zoo import MoE
 
 
-@looped_mm.register_fake
-def _(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return input.new_empty(input.shape[0], weight.shape[2])
-
-
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    ctx.save_for_backward(inputs[0], inputs[1])
-    ctx.offs = inputs[2]
-
-
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    input, weight = ctx.saved_tensors
-    grad_input, grad_weight, start = torch.zeros_like(input), torch.zeros_like(weight), 0
-    for e, end in enumerate(ctx.offs.tolist()):
-        grad_input[start:end] = grad[start:end] @ weight[e].T
-        grad_weight[e] = input[start:end].T @ grad[start:end]
-        start = end
-    return grad_input, grad_weight, None
-
-
-looped_mm.register_autograd(_backward, setup_context=_setup)
-
-
-@pytest.fixture(autouse=True)
-def _grouped_mm_rule() -> Any:
-    """The test's grouped matmul gets the rule of ``aten._grouped_mm`` for the duration of each test."""
-    register("fxgradnas_moe_test::grouped_mm")(grouped_mm)
-    yield
-    del REGISTRY["fxgradnas_moe_test::grouped_mm"]
-
-
-class MoE(nn.Module):
-    """A mixture-of-experts layer written as transformers 5 runs it (grouped_mm experts), between two linears.
-
-    ``router``: "softmax" (linear -> softmax -> top-k) or "sigmoid" (a score top-k cannot mask with -inf).
-    """
-
-    def __init__(self, router: str = "softmax") -> None:
+class Lambda(nn.Module):
+    def __init__(self, f: Any) -> None:
         super().__init__()
-        self.router_kind = router
-        self.embed, self.head = nn.Linear(H, H), nn.Linear(H, H)
-        self.router = nn.Linear(H, E, bias=False)
-        self.gate_up = nn.Parameter(torch.randn(E, 2 * W, H) * 0.3)
-        self.down = nn.Parameter(torch.randn(E, H, W) * 0.3)
+        self.f = f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self.embed(x).reshape(-1, H)
-        logits = self.router(flat)
-        scores = logits.softmax(-1) if self.router_kind == "softmax" else logits.sigmoid()
-        weights, ids = scores.topk(K, dim=-1)
-        ids, weights = ids.reshape(-1), weights.reshape(-1)
-        sorted_ids, perm = torch.sort(ids)
-        rows = flat[perm // K]
-        offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=E, min=0, max=E - 1), 0, dtype=torch.int32)
-        gate, up = looped_mm(rows, self.gate_up.transpose(-2, -1), offsets).chunk(2, dim=-1)
-        out = looped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offsets)
-        out = out * weights[perm].unsqueeze(-1)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel())
-        return self.head(out[inverse].view(-1, K, H).sum(1).reshape(x.shape))
+        return self.f(x)
 
 
 def tokens() -> torch.Tensor:
@@ -178,6 +115,22 @@ def test_experts_get_gradnas_scores_and_the_search_removes_them() -> None:
     found = fxgradnas.search(a, scores, {"params": 0.7}, divisor=4)
     assert K <= len(found.plan.kept(experts.name)) < E
     fxgradnas.apply_plan(a, found.plan)  # self-checked against the masked model
+
+
+def test_top_k_of_a_linear_is_a_router_unless_it_takes_the_smallest() -> None:
+    """rules.topk: a top-k straight over a linear's outputs keeps the same values when an output row is
+    removed or its logit is -inf (experts, at least k kept); a top-k of the smallest entries would pick -inf."""
+    for largest in (True, False):
+        model = nn.Sequential(nn.Linear(H, 7), Lambda(lambda h, lg=largest: h.topk(3, dim=-1, largest=lg).values),
+                              nn.Linear(3, H))
+        a = fxgradnas.analyze(model.eval(), tokens())
+        (g,) = [g for g in a.groups if ("0.weight", 0) in axes(g)]
+        if largest:
+            assert g.kind == "experts" and g.prunable and g.min_units == 3
+            plan = Plan({g.name: [0, 2, 3, 6]})
+            fxgradnas.apply_plan(a, plan)  # self-checked: pruned == masked
+        else:
+            assert not g.prunable and "smallest" in g.reason
 
 
 def test_a_router_top_k_cannot_mask_freezes_the_experts() -> None:

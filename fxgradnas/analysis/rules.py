@@ -837,6 +837,8 @@ def topk(p: Propagation, node: Node) -> list[AxisSpaces]:
     p.reduce(experts, "topk")
     p.values[node] = [None, experts]
     router = _router_logits(p, src, experts)
+    if not p.arg(3, "largest", True):
+        router = f"a top-k of the smallest entries at {node.name}, which would pick a removed expert's -inf logit"
     if isinstance(router, str):
         p.freeze(experts, router)
     elif isinstance(k, int):
