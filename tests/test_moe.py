@@ -206,3 +206,21 @@ def test_hugging_face_experts_prune_exactly(name: str) -> None:
         assert (want - original).abs().max() > 1e-4
     gate_up = next(p for n, p in pruned.named_parameters() if n.endswith("layers.0.mlp.experts.gate_up_proj"))
     assert gate_up.shape[:2] == (2, channels[0].size)  # 2 experts, half the channels (gate and up)
+
+
+@pytest.mark.hf
+def test_bfloat16_experts_export_aten_grouped_mm_and_prune_exactly() -> None:
+    """rules.grouped_mm on ``aten._grouped_mm``: transformers runs bfloat16 experts through torch's grouped
+    matmul (float32 exports its fallback op); the same groups, pruned == masked."""
+    if not families.has_transformers():
+        pytest.skip("needs transformers")
+    model, inputs = families.hf_mixtral()
+    a = fxgradnas.analyze(model.to(torch.bfloat16), inputs)
+    assert any(n.target is torch.ops.aten._grouped_mm.default for n in a.captured.module.graph.nodes)
+    experts = a.by_kind("experts")
+    channels = [g for g in a.by_kind("channels") if g.name.endswith("mlp.experts")]
+    assert len(experts) == len(channels) == families.LAYERS
+    assert all(g.prunable and g.exact for g in experts + channels)
+    plan = Plan({**{g.name: [1, 2] for g in experts}, **{g.name: list(range(0, g.size, 2)) for g in channels}})
+    pruned = fxgradnas.apply_plan(a, plan)  # widths stay multiples of 8: the kernel wants 16-byte strides
+    assert pruned.meta["self_check"].example <= 1e-2
