@@ -3,8 +3,10 @@
 The walk (:mod:`fxgradnas.analysis.propagate`) applies the op rules of :mod:`fxgradnas.analysis.rules`,
 which read and declare facts through :class:`Propagation`; it collects *records* (what
 freezes a space, which spaces are attention heads, residual streams, reductions, where a space is
-contracted against a weight, what is written into a residual stream, which size constants spell it). Records hold space ids
-and are resolved to final leaf spaces only after the walk, since later unions refine earlier spaces.
+contracted against a weight, what is written into a residual stream, which size constants spell it,
+which spaces are a router's experts). Records hold space ids and are resolved to final leaf spaces only
+after the walk, since later unions refine earlier spaces. Besides axes, the walk follows integer tensors
+whose *values* index a space (a router's top-k expert ids, ``Propagation.values``).
 """
 
 from __future__ import annotations
