@@ -60,6 +60,8 @@ def test_experts_and_their_channels_are_groups() -> None:
     assert channels.size == W
     (gate_up,) = [t for t in channels.params if t.name == "gate_up"]
     assert [f.size for f in gate_up.layout.factors] == [2, W]  # gate and up rows of one channel go together
+    # rules.sort: the rows at the channels' site are sorted by expert, not in batch order (no per-sample scores)
+    assert [s.batch_major for s in channels.sites] == [False]
 
 
 def test_pruned_experts_and_channels_equal_the_masked_model() -> None:

@@ -869,12 +869,16 @@ def _router_logits(p: Propagation, x: Node, space: int) -> Node | str:
 
 @register(aten.sort, aten.argsort)
 def sort(p: Propagation, node: Node) -> Any:
-    """Sorted values (and the permutation) along ``dim``: a reduction over that axis."""
-    spaces = p.of(node.args[0])
+    """Sorted values (and the permutation) along ``dim``: a reduction over that axis, and the output's axis
+    is a new space of the same size (entry i of the output is not entry i of the input: tokens sorted by
+    expert are not in batch order)."""
+    spaces = list(p.of(node.args[0]))
     dim = p.arg(1, "dim", -1)
     if not isinstance(dim, int):  # sort.stable(self, *, stable, dim=-1, descending=False)
         dim = node.kwargs.get("dim", -1)
-    p.reduce(spaces[dim % len(spaces)], "sort")
+    dim %= len(spaces)
+    p.reduce(spaces[dim], "sort")
+    spaces[dim] = p.fresh([p.spaces.size(spaces[dim])], f"sorted at {node.name} (positions, not units)")[0]
     if isinstance(p.val(node), (tuple, list)):
         if node.args[0] in p.values:  # sorted indices still name the same space
             p.values[node] = [p.values[node.args[0]], None]
