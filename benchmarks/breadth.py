@@ -39,7 +39,7 @@ from tests import families  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Breadth"
-KINDS = ("heads", "channels", "hidden")
+KINDS = ("heads", "channels", "experts", "hidden")
 COLUMNS = [
     ("analyze", "analyze"),
     ("heads", "heads found"),
@@ -158,7 +158,7 @@ def _cell(check: bc.Check | None, name: str = "") -> str:
 
 
 def _groups(report: bc.Report) -> str:
-    parts = [f"{kind[0] if kind != 'hidden' else 'hid'} {p}/{t}"
+    parts = [f"{ {'hidden': 'hid', 'experts': 'exp'}.get(kind, kind[0])} {p}/{t}"
              for kind in KINDS for k, (p, t) in report.groups.items() if k == kind]
     return ", ".join(parts) or "–"
 
@@ -230,11 +230,11 @@ def section(reports: list[bc.Report], seconds: float, tp_note: str | None) -> st
         "vgg11_bn, convnext_tiny, vit_b_16; 75x75 for inception_v3; 224x224 for maxvit_t, whose 7x7 windows "
         "need it).",
         "",
-        "Columns: groups found per kind (h heads, c channels, hid hidden) as prunable/total; `analyze` capture "
+        "Columns: groups found per kind (h heads, c channels, exp experts, hid hidden) as prunable/total; `analyze` capture "
         "+ analysis ran; `heads found` every attention has a prunable heads group (– no attention); "
         "`=masked` the physically pruned module equals the masked one (max relative difference on the example "
         "and on fresh inputs, pass at 1e-5) for a seeded random plan keeping half of every prunable exact "
-        "group (heads+channels, hidden, all; – nothing to prune); `prune 60%` `fxgradnas.prune(scorer="
+        "group (heads+channels+experts, hidden, all; – nothing to prune); `prune 60%` `fxgradnas.prune(scorer="
         "'random', constraint={'params': 0.6})` meets the budget (achieved ratio); `write-back` "
         "`fxgradnas.hf.write_back` of the 'all' plan gives the masked graph's outputs; `generate` greedy "
         "generate (KV cache) of the written-back model gives the masked graph's greedy tokens, with and "

@@ -141,7 +141,7 @@ def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
     found = []
     for name in plan.keep:
         group = analysis.group(name)
-        if group.kind == "hidden" or len(group.sites) != 1:
+        if group.kind in ("hidden", "experts") or len(group.sites) != 1:  # experts: the site is the router's logits
             continue
         site = group.sites[0]
         reading = _linear_reading(nodes[site.node])

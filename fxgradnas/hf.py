@@ -127,6 +127,9 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
     """Module attributes that describe sizes, recomputed from the sliced parameters."""
     patches: dict[str, dict[str, Any]] = {}
     for path, module in model.named_modules():
+        experts = _expert_sizes(module)
+        if experts:
+            patches[path] = experts
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             continue
@@ -139,6 +142,9 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
             sizes = {"normalized_shape": tuple(weight.shape)}
         elif type(module).__name__ == "Conv1D":
             sizes = {"nf": weight.shape[1]}
+        elif weight.dim() == 2 and isinstance(getattr(module, "hidden_dim", None), int):  # a mixture-of-experts router
+            sizes = {"num_experts": weight.shape[0], "hidden_dim": weight.shape[1]}
+            sizes = {k: v for k, v in sizes.items() if isinstance(getattr(module, k, None), int)}
         changed = {k: v for k, v in sizes.items() if getattr(module, k) != v}
         if changed:
             patches[path] = changed
@@ -146,6 +152,19 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
         if g.kind == "heads":
             patches.setdefault(g.name, {}).update(_head_patches(model.get_submodule(g.name), g, kept[g.name]))
     return patches
+
+
+def _expert_sizes(module: nn.Module) -> dict[str, int]:
+    """The changed sizes of a Hugging Face experts module (stacked 3-D ``down_proj`` with ``gate_up_proj``
+    or ``up_proj``): ``num_experts``, ``hidden_dim``, ``intermediate_dim``, read from ``down_proj``, which is
+    (experts, hidden, intermediate), or (experts, intermediate, hidden) when ``is_transposed``."""
+    down = module._parameters.get("down_proj")
+    if not isinstance(down, torch.Tensor) or down.dim() != 3:
+        return {}
+    experts, out, inner = down.shape
+    hidden, intermediate = (inner, out) if getattr(module, "is_transposed", False) else (out, inner)
+    sizes = {"num_experts": experts, "hidden_dim": hidden, "intermediate_dim": intermediate}
+    return {k: v for k, v in sizes.items() if isinstance(getattr(module, k, None), int) and getattr(module, k) != v}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 A mask has the group's ``unit_shape`` (all ones = the original model). At a site the mask is spread
 over the site's axis by its layout (a head's entry covers its ``head_dim`` entries) and multiplied
-in; a mask entry at 0 removes that unit's whole contribution, which is what pruning does. Each site
+in; a mask entry at 0 removes that unit's whole contribution, which is what pruning does. An experts
+group's mask is added to the router's logits as ``log(mask)`` instead: a removed expert's logit is -inf, so
+the router never picks it, which is what removing its row does (at mask 1 the gradient is the same). Each site
 is a small :class:`MaskSite` module; with a :class:`GradientRecorder` attached it records
 ``dLoss/dMask`` during backward (per batch or per sample) without keeping extra activations.
 """
@@ -48,9 +50,9 @@ class GradientRecorder:
 
 
 class _RecordMask(torch.autograd.Function):
-    """``x * mask`` whose backward hands the mask's gradient to the site's recorder. With an all-ones
-    mask (``site.identity``, as in calibration) neither pass multiplies: ``x`` and the gradient go
-    through unchanged."""
+    """``x * mask`` (``x + log(mask)`` at an additive site) whose backward hands the mask's gradient to the
+    site's recorder. With an all-ones mask (``site.identity``, as in calibration) neither pass multiplies:
+    ``x`` and the gradient go through unchanged."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, site: MaskSite) -> torch.Tensor:  # type: ignore[override]
@@ -60,21 +62,25 @@ class _RecordMask(torch.autograd.Function):
             return x.view_as(x)
         spread = site.spread(x)
         ctx.save_for_backward(x, spread)
-        return x * spread
+        return x + spread.log() if site.additive else x * spread
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, *spread = ctx.saved_tensors
+        if ctx.site.additive:  # d(x + log m)/dm = 1/m; no gradient reaches a removed (m = 0) unit
+            ctx.site.record(grad if ctx.site.identity else torch.where(spread[0] > 0, grad / spread[0], 0.0))
+            return grad, None, None
         ctx.site.record(grad * x)
         return (grad if ctx.site.identity else grad * spread[0]), None, None
 
 
 class MaskSite(nn.Module):
-    """Multiplies its group's mask into one axis of the tensor passing through."""
+    """Multiplies its group's mask into one axis of the tensor passing through (``additive``: adds its log)."""
 
-    def __init__(self, group: str, mask: torch.Tensor, site: NodeAxis) -> None:
+    def __init__(self, group: str, mask: torch.Tensor, site: NodeAxis, additive: bool = False) -> None:
         super().__init__()
         self.group = group
+        self.additive = additive
         self.register_buffer("mask", mask, persistent=False)
         self.axis = site.axis
         self.batch_major = site.batch_major
@@ -103,7 +109,7 @@ class MaskSite(nn.Module):
             self.observer(self, x)
         if self.recorder is not None and torch.is_grad_enabled():
             return _RecordMask.apply(x, self.mask, self)
-        return x * self.spread(x)
+        return x + self.spread(x).log() if self.additive else x * self.spread(x)
 
     def record(self, grad_times_x: torch.Tensor) -> None:
         """Reduce ``grad * x`` to the unit grid (per sample if asked) and hand it to the recorder."""
@@ -182,7 +188,7 @@ def instrumented(analysis: Analysis, groups: list[Group] | None, tensors: Litera
         result.masks[group.name] = mask
         result.sites[group.name] = []
         for k, site in enumerate(group.sites):
-            module = MaskSite(group.name, mask, site)
+            module = MaskSite(group.name, mask, site, additive=group.kind == "experts")
             name = f"{SITE_PREFIX}_{index}_{k}"
             gm.add_submodule(name, module)
             target = nodes[site.node]

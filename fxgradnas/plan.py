@@ -71,7 +71,7 @@ class Plan:
     def validate(self, analysis: Analysis, model: torch.nn.Module | None = None) -> None:
         """Raise PlanError naming the first problem: another model (``model``'s fingerprint, default the
         analysed model's as captured), an unknown or frozen group, an index that is not a distinct int in
-        range, or a group left with no unit."""
+        range, or a group left with no unit (or with fewer than its ``min_units``: a router's top-k)."""
         expected = fingerprint(model) if model is not None else analysis.captured.fingerprint
         if self.fingerprint is not None and self.fingerprint != expected:
             raise PlanError(
@@ -90,6 +90,9 @@ class Plan:
                 raise PlanError(f"group {name!r} is frozen ({group.reason}); it cannot be pruned")
             if not indices:
                 raise PlanError(f"plan keeps no unit of group {name!r}; keep at least one")
+            if len(indices) < group.min_units:
+                raise PlanError(f"plan keeps {len(indices)} units of group {name!r}, whose router picks "
+                                f"{group.min_units} per token; keep at least {group.min_units}")
             bad = [i for i in indices if not 0 <= i < group.size]
             if bad:
                 raise PlanError(f"indices {bad} out of range for group {name!r} of {group.size} units")

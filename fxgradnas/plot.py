@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .prune import PruneResult
 
 KIND_ORDER = ("heads", "channels", "experts", "hidden")
-KIND_LABELS = {"heads": "attention heads", "channels": "MLP / conv channels", "hidden": "residual width"}
+KIND_LABELS = {"heads": "attention heads", "channels": "MLP / conv channels", "experts": "experts (mixture of experts)",
+               "hidden": "residual width"}
 KEPT, ORIGINAL, PRUNED = "#1f77b4", "#d9d9d9", "#d62728"
 
 

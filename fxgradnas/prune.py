@@ -153,7 +153,7 @@ def prune(
     scorer: str = "gradnas",
     mode: str = "batch",
     searcher: str = "binary",
-    kinds: tuple[str, ...] = ("heads", "channels"),
+    kinds: tuple[str, ...] = ("heads", "channels", "experts"),
     divisor: int = 32,
     ratios: tuple[float, ...] = RATIOS,
     gqa: str = "both",

@@ -103,7 +103,7 @@ def parse_constraint(constraint: Any, base: dict[str, int]) -> tuple[str, int]:
     return metric, value
 
 
-def check_search_options(*, searcher: Any = "binary", kinds: Any = ("heads", "channels"), divisor: Any = 32,
+def check_search_options(*, searcher: Any = "binary", kinds: Any = ("heads", "channels", "experts"), divisor: Any = 32,
                          ratios: Any = RATIOS, gqa: Any = "both") -> tuple[str, ...]:
     """Raise ArgumentError/ArgumentTypeError for a search option fxgradnas cannot use; returns ``kinds`` as
     a tuple."""
@@ -143,7 +143,9 @@ def group_choices(group: Group, scores: torch.Tensor, *, ratios: tuple[float, ..
     order = torch.argsort(scores, descending=True, stable=True)
     pruned_tail = torch.cumsum(scores[order].flip(0), 0).flip(0)  # pruned_tail[k] = sum of order[k:]
     choices = []
-    for k in _counts(group.size, ratios, divisor):
+    # experts: every count from the router's top-k up (few, and each one large)
+    counts = range(group.min_units, group.size + 1) if group.kind == "experts" else _counts(group.size, ratios, divisor)
+    for k in counts:
         lost = float(pruned_tail[k]) if k < group.size else 0.0
         choices.append(Choice((k,), tuple(order[:k].sort().values.tolist()), lost))
     return choices
@@ -217,7 +219,7 @@ def search(
     constraint: dict,
     *,
     searcher: str = "binary",
-    kinds: tuple[str, ...] = ("heads", "channels"),
+    kinds: tuple[str, ...] = ("heads", "channels", "experts"),
     divisor: int = 32,
     ratios: tuple[float, ...] = RATIOS,
     gqa: str = "both",

@@ -49,7 +49,8 @@ TP_RATIO = 0.25  # channel ratio: about (1 - 0.25)^2 = 56 % of the parameters
 NEW_TOKENS = 3
 CHECKS = ("analyze", "heads", "plan_hc", "plan_hidden", "plan_all", "prune", "write_back", "generate", "save_load",
           "torch_pruning")
-PLAN_KINDS = {"plan_hc": ("heads", "channels"), "plan_hidden": ("hidden",), "plan_all": ("heads", "channels", "hidden")}
+PLAN_KINDS = {"plan_hc": ("heads", "channels", "experts"), "plan_hidden": ("hidden",),
+              "plan_all": ("heads", "channels", "experts", "hidden")}
 ATTENTION_OPS = ("scaled_dot_product_attention", "_scaled_dot_product", "softmax", "_softmax", "_safe_softmax")
 
 
@@ -208,7 +209,7 @@ def shorten(reason: str, limit: int = 70) -> str:
 
 # --------------------------------------------------------------------------- plans
 def random_keep(analysis: Any, seed: int = 0) -> dict[str, list[int]]:
-    """About half the units of every prunable exact group, drawn from ``seed``. Grouped-query heads
+    """About half the units of every prunable exact group (at least its ``min_units``), drawn from ``seed``. Grouped-query heads
     (unit shape (kv, q_per_kv)) keep whole KV groups (half the queries of the one KV group when
     there is only one), so the plan is physical."""
     gen = torch.Generator().manual_seed(seed)
@@ -224,7 +225,7 @@ def random_keep(analysis: Any, seed: int = 0) -> dict[str, list[int]]:
             else:
                 keep[g.name] = sorted(torch.randperm(rep, generator=gen)[: max(1, rep // 2)].tolist())
         else:
-            keep[g.name] = sorted(torch.randperm(g.size, generator=gen)[: max(1, g.size // 2)].tolist())
+            keep[g.name] = sorted(torch.randperm(g.size, generator=gen)[: max(g.min_units, g.size // 2)].tolist())
     return keep
 
 

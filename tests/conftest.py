@@ -29,12 +29,13 @@ def _hf_models_only_in_hf_tests(request: pytest.FixtureRequest):
 
 
 def _random_plan(analysis: fxgradnas.Analysis, seed: int = 0) -> fxgradnas.Plan:
-    """A random keep set for every prunable exact group: a random non-empty subset of its units;
+    """A random keep set for every prunable exact group: a random subset of its units, at least its
+    ``min_units`` (a router's top-k);
     grouped-query heads keep the same number of queries in every kept KV head."""
     gen = torch.Generator().manual_seed(seed)
 
-    def subset(n: int) -> list[int]:
-        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+    def subset(n: int, fewest: int = 1) -> list[int]:
+        k = int(torch.randint(fewest, n + 1, (1,), generator=gen))
         return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
     keep = {}
@@ -46,7 +47,7 @@ def _random_plan(analysis: fxgradnas.Analysis, seed: int = 0) -> fxgradnas.Plan:
             count = len(subset(rep))
             keep[g.name] = sorted(k * rep + r for k in subset(kv) for r in torch.randperm(rep, generator=gen)[:count].tolist())
         else:
-            keep[g.name] = subset(g.size)
+            keep[g.name] = subset(g.size, g.min_units)
     return fxgradnas.Plan(keep)
 
 

@@ -25,9 +25,6 @@ HF_ONLY = ("write_back", "generate", "save_load")
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ('phi3', 'heads'): '2 of 2 heads groups frozen: sliced',
     ('phi3', 'prune'): 'ConstraintError: the smallest model keeps 68.6% of the params (frozen: 4x sliced)',
-    ('mixtral', 'prune'): 'ConstraintError: the smallest model keeps 91.3% of the params (frozen: 12x no rule for transformers.grouped_mm_fallba...',
-    ('qwen2_moe', 'prune'): 'ConstraintError: the smallest model keeps 73.1% of the params (frozen: 12x no rule for transformers.grouped_mm_fallba...',
-    ('qwen3_moe', 'prune'): 'ConstraintError: the smallest model keeps 85.8% of the params (frozen: 12x no rule for transformers.grouped_mm_fallba...',
     ('gpt_bigcode', 'heads'): '2 of 2 heads groups frozen: split into unequal pieces',
     ('gpt_bigcode', 'prune'): 'ConstraintError: the smallest model keeps 71.8% of the params (frozen: 4x split into unequal pieces)',
     ('codegen', 'write_back'): 'relative difference 1.3e+00',
@@ -39,7 +36,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape',
     ('resnext50_32x4d', 'prune'): 'ConstraintError: the smallest model keeps 68.7% of the params (grouped convs: same channels in every conv group)',
     ('squeezenet1_1', 'prune'): 'ConstraintError: the smallest model keeps 60.5% of the params (expand branches concatenated)',
-    ('swin_t', 'heads'): '12 of 12 heads groups frozen: no rule for aten.index',
     ('maxvit_t', 'heads'): 'silent omission: 22 attention ops, no heads group',
     ('codegen', 'save_load'): 'write_back failed: RewriteError: the written-back CodeGenForCausalLM differs from the pruned module by 1.3 (relative max) on the example inp',
     ('bloom', 'heads'): 'silent omission: 2 attention ops, no heads group',

@@ -19,6 +19,7 @@ from fxgradnas.analysis import REGISTRY, OpEntry, register
 from fxgradnas.analysis.registry import entry_for
 from fxgradnas.analysis.rules import POINTWISE, UNTAGGED_POINTWISE
 from fxgradnas.errors import RewriteError
+from tests import zoo
 
 aten = torch.ops.aten
 B, T, D, H = 3, 7, 5, 6  # batch, sequence, model width, hidden width (even: it is split in two)
@@ -137,6 +138,7 @@ CONSTANT_OPS: dict[Any, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
     aten.layer_norm: (lambda: NormedResidual("layer_norm"), tokens),
     aten.rms_norm: (lambda: NormedResidual("rms_norm"), tokens),
     aten.conv2d: (GroupedConv, lambda: torch.randn(B, 3, 9, 9)),
+    aten.histc: (zoo.MoE, lambda: torch.randn(B, T, zoo.MOE_WIDTH)),
 }
 
 

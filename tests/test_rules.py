@@ -244,10 +244,10 @@ def test_model_input_channels_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("op", "f"),
     [
-        (aten.sort, lambda h: torch.sort(h, dim=-1).values),
+        (aten.roll, lambda h: torch.roll(h, 1, dims=-1)),
         (aten.flip, lambda h: torch.flip(h, dims=[-1])),
     ],
-    ids=["sort", "flip"],
+    ids=["roll", "flip"],
 )
 def test_op_without_a_rule_freezes_the_channels_it_touches(op: Any, f: Callable) -> None:
     """unknown: an op with no rule freezes every space it reads and writes, and says which op."""
@@ -265,11 +265,13 @@ def test_op_without_a_rule_freezes_the_channels_it_touches(op: Any, f: Callable)
         (lambda h: h[..., :5], 5, "sliced"),
         (lambda h: torch.cat([h, 2 * h], dim=-1), 2 * H, "concatenated"),
         (lambda h: h.softmax(-1), H, "reduced"),
+        (lambda h: torch.sort(h, dim=-1).values, H, "reduced"),
+        (lambda h: torch.relu(h).topk(3, dim=-1).values, 3, "top-k over the result of aten.relu"),
     ],
-    ids=["slice", "cat", "softmax"],
+    ids=["slice", "cat", "softmax", "sort", "topk"],
 )
 def test_slice_cat_and_softmax_over_channels_freeze_them(f: Callable, fc2_in: int, word: str) -> None:
-    """slice / cat / softmax: a partial slice, a concatenation or a softmax along the channel axis
+    """slice / cat / softmax / sort / topk: a partial slice, a concatenation, a softmax, a sort or a top-k along the channel axis
     ties the channels to their positions (or to each other), so the group is frozen."""
     a = analyze(MLP(f, fc2_in), tokens())
     g = group_at(a, "fc1.weight", 0)

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxgradnas
+from fxgradnas.analysis import REGISTRY, register
+from fxgradnas.analysis.rules import grouped_mm
 from fxgradnas.capture import ExampleInputs
 
-__all__ = ["HF_ZOO", "ZOO", "Example", "analysis_of"]
+__all__ = ["HF_ZOO", "ZOO", "Example", "MoE", "analysis_of", "looped_mm"]
 Example = tuple[nn.Module, ExampleInputs]
 
 BATCH = 3
@@ -631,3 +633,78 @@ def analysis_of(name: str, **options: Any) -> fxgradnas.Analysis:
     Shared: a test that changes the model or the analysis makes its own with :func:`fxgradnas.analyze`."""
     factory = ZOO.get(name) or HF_ZOO[name]
     return fxgradnas.analyze(*factory(**options))
+
+
+# --------------------------------------------------------------------------- mixture of experts
+MOE_EXPERTS, MOE_TOP_K, MOE_WIDTH, MOE_EXPERT_WIDTH = 4, 2, 6, 10
+
+
+@torch.library.custom_op("fxgradnas_zoo::grouped_mm", mutates_args=())
+def looped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of ``input`` times ``weight[e]``: transformers' grouped-mm fallback, which
+    is what a float32 CPU export of its experts holds (``aten._grouped_mm`` exports for bfloat16 only)."""
+    out, start = input.new_zeros(input.shape[0], weight.shape[2]), 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = input[start:end] @ weight[e]
+        start = end
+    return out
+
+
+@looped_mm.register_fake
+def _(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return input.new_empty(input.shape[0], weight.shape[2])
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.offs = inputs[2]
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    input, weight = ctx.saved_tensors
+    grad_input, grad_weight, start = torch.zeros_like(input), torch.zeros_like(weight), 0
+    for e, end in enumerate(ctx.offs.tolist()):
+        grad_input[start:end] = grad[start:end] @ weight[e].T
+        grad_weight[e] = input[start:end].T @ grad[start:end]
+        start = end
+    return grad_input, grad_weight, None
+
+
+looped_mm.register_autograd(_backward, setup_context=_setup)
+
+
+GROUPED_MM = "fxgradnas_zoo::grouped_mm"
+if GROUPED_MM not in REGISTRY:  # the test op gets the rule of transformers' grouped_mm_fallback
+    register(GROUPED_MM)(grouped_mm)
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts layer as transformers 5 runs it (top-k router, sort, histc, grouped matmul experts)
+    between two linears.
+
+    ``router``: "softmax" (linear -> softmax -> top-k) or "sigmoid" (a score top-k cannot mask with -inf).
+    """
+
+    def __init__(self, router: str = "softmax") -> None:
+        super().__init__()
+        self.router_kind = router
+        self.embed, self.head = nn.Linear(MOE_WIDTH, MOE_WIDTH), nn.Linear(MOE_WIDTH, MOE_WIDTH)
+        self.router = nn.Linear(MOE_WIDTH, MOE_EXPERTS, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(MOE_EXPERTS, 2 * MOE_EXPERT_WIDTH, MOE_WIDTH) * 0.3)
+        self.down = nn.Parameter(torch.randn(MOE_EXPERTS, MOE_WIDTH, MOE_EXPERT_WIDTH) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.embed(x).reshape(-1, MOE_WIDTH)
+        logits = self.router(flat)
+        scores = logits.softmax(-1) if self.router_kind == "softmax" else logits.sigmoid()
+        weights, ids = scores.topk(MOE_TOP_K, dim=-1)
+        ids, weights = ids.reshape(-1), weights.reshape(-1)
+        sorted_ids, perm = torch.sort(ids)
+        rows = flat[perm // MOE_TOP_K]
+        offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=MOE_EXPERTS, min=0, max=MOE_EXPERTS - 1), 0, dtype=torch.int32)
+        gate, up = looped_mm(rows, self.gate_up.transpose(-2, -1), offsets).chunk(2, dim=-1)
+        out = looped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offsets)
+        out = out * weights[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel())
+        return self.head(out[inverse].view(-1, MOE_TOP_K, MOE_WIDTH).sum(1).reshape(x.shape))

@@ -5,6 +5,8 @@ a heads group owns the query-head space, ``[kv_heads, queries_per_kv]`` for grou
 (query head ``h`` reads KV head ``h // queries_per_kv``). Every axis the group touches is described by
 a :class:`Layout`: the row-major factors of that axis, each either one of the group's unit axes or
 a factor the group does not own (the head dim, the q/k/v piece index of a fused projection, ...).
+An *experts* group owns the experts of a mixture-of-experts layer: the router's rows and each expert's
+slice of the stacked expert weights; its mask site is the router's logits (a removed expert's is -inf).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from .registry import entry_for
 from .spaces import is_data_size
 from .state import Propagation, op_name
 
-KINDS = ("heads", "channels", "hidden")
+KINDS = ("heads", "channels", "experts", "hidden")
+EXACT_FOR_EXPERTS = {"softmax", "log_softmax", "topk", "cumsum"}  # reductions over experts a -inf logit keeps exact
 ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entries do not change
 
 
@@ -88,6 +91,7 @@ class Group:
     reductions: list[tuple[str, str]] = field(default_factory=list)
     leaves: tuple[int, ...] = ()
     shared_kv: bool = False  # multi-query attention: every query head reads the one KV head
+    min_units: int = 1  # the fewest units a plan may keep (an experts group: the router's top-k)
 
     @property
     def size(self) -> int:
@@ -168,15 +172,23 @@ class _GroupBuilder:
             if owned.intersection(leaves):
                 internal.update(x for x in leaves if x not in owned)
         alone = {leaves[0] for _, _, leaves in tensor_axes if len(leaves) == 1}
+        experts = set(self.resolve([(space, "") for _, _, space in self.rec.experts]))
         for leaf in param_leaves:
             if leaf in owned or leaf in internal or (leaf in frozen and leaf not in alone):
                 continue  # part of another unit (head dim, spatial position, piece index)
-            units.append(("hidden" if leaf in residual else "channels", (leaf,)))
+            kind = "experts" if leaf in experts else "hidden" if leaf in residual else "channels"
+            units.append((kind, (leaf,)))
             owned.add(leaf)
 
         groups = [self.group(kind, grid, frozen, reductions) for kind, grid in units]
+        fewest = defaultdict(lambda: 1)
+        for space, k in self.rec.min_units:
+            for leaf in self.leaves(space):
+                fewest[leaf] = max(fewest[leaf], k)
         for g in groups:
             g.shared_kv = g.kind == "heads" and g.leaves in single_kv
+            if g.kind == "experts":
+                g.min_units = max(fewest[leaf] for leaf in g.leaves)
         groups.sort(key=self._first_use)
         _name_groups(groups)
         return groups
@@ -218,7 +230,7 @@ class _GroupBuilder:
                         tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()
                     )
                     (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
-        records = self.rec.writes if kind == "hidden" else self.rec.consumed
+        records = {"hidden": self.rec.writes, "experts": self.rec.experts}.get(kind, self.rec.consumed)
         sites = [
             NodeAxis(node, axis, self.layout(space, grid), self.batch_major(node))
             for node, axis, space in records
@@ -301,6 +313,9 @@ def _judge_exact(g: Group) -> None:
         else:
             g.exact = False
             g.exact_reason = "approximate: " + ", ".join(sorted(kinds)) + " statistics change"
+        return
+    if g.kind == "experts" and kinds <= EXACT_FOR_EXPERTS:  # a removed expert's logit is -inf: never chosen
+        g.exact, g.exact_reason = True, "exact"
         return
     where = ", ".join(f"{kind} at {node}" for node, kind in g.reductions[:3])
     if g.kind == "heads" and kinds <= {"mean of squares", "rms_norm"}:  # OLMo2's q/k norm over all heads

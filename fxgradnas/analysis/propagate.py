@@ -42,6 +42,8 @@ def propagate(captured: Captured) -> Propagation:
             for x in p.tensor_inputs(node):
                 for s in p.of(x):
                     p.freeze(s, "reaches the model output")
+                if isinstance(p.values.get(x), int):
+                    p.freeze(p.values[x], "its indices reach the model output")
         elif node.op == "call_function":
             apply_rule(p, node)
     p.node = None

@@ -39,7 +39,9 @@ class OpEntry:
     patch: Patch | None = None
 
 
-REGISTRY: dict[Any, OpEntry] = {}  # OpOverload, OpOverloadPacket or Python callable -> entry
+REGISTRY: dict[Any, OpEntry] = {}
+"""OpOverload, OpOverloadPacket, Python callable, or the qualified name (``"namespace::op"``) of a custom op
+that a library defines on import (so that the registry need not import that library) -> entry."""
 
 
 def register(*ops: Any, patch: Patch | None = None) -> Callable[[Rule], Rule]:
@@ -56,9 +58,10 @@ def register(*ops: Any, patch: Patch | None = None) -> Callable[[Rule], Rule]:
 
 
 def entry_for(target: Any) -> OpEntry | None:
-    """The entry of a node target: its overload's own entry first, then its packet's."""
+    """The entry of a node target: its overload's own entry first, then its packet's, then its qualified name's."""
     if isinstance(target, torch._ops.OpOverload):
-        return REGISTRY.get(target) or REGISTRY.get(target.overloadpacket)
+        return (REGISTRY.get(target) or REGISTRY.get(target.overloadpacket)
+                or REGISTRY.get(target.overloadpacket._qualified_op_name))
     return REGISTRY.get(target)
 
 

@@ -29,6 +29,7 @@ def apply_rule(p: Propagation, node: Node) -> None:
     """Label the outputs of ``node`` with its rule; without a rule, or when the rule fails, freeze
     every space the node touches with a reason naming the op and the node."""
     out = p.val(node)
+    _read_values(p, node)
     if not _holds_tensor(out):
         return  # shape arithmetic, assertions, guards: nothing to label
     entry = entry_for(node.target)
@@ -46,9 +47,46 @@ def apply_rule(p: Propagation, node: Node) -> None:
             reason = f"the rule for {op_name(node)} failed at {node.name}: {type(exc).__name__}: {first}"
             axes = unknown(p, node, reason)
         p.axes[node] = axes
+    _carry_values(p, node)
     if node not in p.origin:
         sources = [x for x in p.tensor_inputs(node) if not p.is_weight(x)]
         p.origin[node] = p.origin.get(sources[0], sources[0]) if sources else node
+
+
+VALUE_PRESERVING = {aten.view, aten.reshape, aten._to_copy, aten.to, aten.clone, aten.contiguous, aten.alias,
+                    aten.flatten, aten.squeeze, aten.unsqueeze, aten.detach}
+"""Ops whose output entries are input entries (or casts of them): an index that names a space stays one."""
+
+
+VALUE_READERS = {aten.sort, aten.argsort, aten.histc}
+"""Ops that read index values in a way the pruned model reproduces with the space's entries renumbered in
+order (sorting them; counting them per entry, which :func:`histc` checks)."""
+METADATA = {aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
+
+
+def _read_values(p: Propagation, node: Node) -> None:
+    """Freeze a space whose index values (``Propagation.values``: a router's expert ids) any op other than
+    the ones that keep, sort or count them reads: pruning renumbers the entries of that space."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if node.target is operator.getitem or packet in VALUE_PRESERVING or packet in VALUE_READERS or packet in METADATA:
+        return
+    for x in p.tensor_inputs(node):
+        named = p.values.get(x)
+        if named is not None and not isinstance(named, list):
+            p.freeze(named, f"its indices are read by {op_name(node)} at {node.name}")
+
+
+def _carry_values(p: Propagation, node: Node) -> None:
+    """Carry ``Propagation.values`` (which space an integer tensor's entries index) through ops that keep
+    the entries; a multi-output op's value is a list, one per output."""
+    if node in p.values or not node.args or not isinstance(node.args[0], Node) or node.args[0] not in p.values:
+        return
+    source = p.values[node.args[0]]
+    if node.target is operator.getitem and isinstance(source, list):
+        if source[node.args[1]] is not None:
+            p.values[node] = source[node.args[1]]
+    elif not isinstance(source, list) and getattr(node.target, "overloadpacket", None) in VALUE_PRESERVING:
+        p.values[node] = source
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -774,4 +812,180 @@ def pool(p: Propagation, node: Node) -> Any:
         p.freeze(s, f"spatial axis of {node.name}")
     if isinstance(value, (tuple, list)):
         return [out, list(out)]
+    return out
+
+
+# --- routing (mixture of experts) ------------------------------------------------------------------
+ROUTER_PATH = {aten.to, aten._to_copy, aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
+"""Ops that may lie between a router's logits and its top-k: each keeps a logit at -inf the lowest (and a
+softmax gives it probability 0), so -inf logits are never chosen while k or more are finite."""
+
+
+@register(aten.topk)
+def topk(p: Propagation, node: Node) -> list[AxisSpaces]:
+    """(values, indices) of the ``k`` largest entries along ``dim``: every output entry depends on the
+    whole axis (a reduction over it); the ``k`` axis is a new space, fixed by the constant ``k``. The
+    indices name entries of the ``dim`` space (``Propagation.values``).
+
+    A top-k over the logits of a weight (a mixture-of-experts router: linear -> [softmax] -> top-k) makes
+    that axis an *experts* space: its mask site is the logits, where a removed expert's logit is -inf,
+    and a plan keeps at least ``k`` experts."""
+    src = node.args[0]
+    spaces = list(p.of(src))
+    dim = p.arg(2, "dim", -1) % len(spaces)
+    experts, k = spaces[dim], p.arg(1, "k")
+    p.reduce(experts, "topk")
+    p.values[node] = [None, experts]
+    router = _router_logits(p, src, experts)
+    if not p.arg(3, "largest", True):
+        router = f"a top-k of the smallest entries at {node.name}, which would pick a removed expert's -inf logit"
+    if isinstance(router, str):
+        p.freeze(experts, router)
+    elif isinstance(k, int):
+        root = p.spaces.find(experts)
+        axis = next(i for i, s in enumerate(p.of(router)) if p.spaces.find(s) == root)
+        p.records.experts.append((router.name, axis, experts))
+        p.records.min_units.append((experts, k))
+    spaces[dim] = p.fresh([_out_shape(p, node)[0][dim]], f"the k of top-k at {node.name}")[0]
+    return [spaces, list(spaces)]
+
+
+def _router_logits(p: Propagation, x: Node, space: int) -> Node | str:
+    """The node that produces ``x``'s axis ``space`` from a weight through :data:`ROUTER_PATH` ops only (the
+    router's logits), or why there is none."""
+    node = x
+    while p.origin.get(node) is not node:
+        packet = getattr(node.target, "overloadpacket", None)
+        if node.op != "call_function" or packet not in ROUTER_PATH:
+            return f"top-k over the result of {op_name(node)} at {node.name}, not over a router's logits"
+        node = node.args[0]
+    if node.target is not aten.linear.default or not p.is_weight(node.args[1]):
+        return f"top-k over the result of {op_name(node)} at {node.name}, not over a router's logits"
+    root = p.spaces.find(space)
+    if root not in [p.spaces.find(s) for s in p.of(node)]:
+        return f"top-k over an axis that {node.name} does not produce"
+    return node
+
+
+@register(aten.sort, aten.argsort)
+def sort(p: Propagation, node: Node) -> Any:
+    """Sorted values (and the permutation) along ``dim``: a reduction over that axis, and the output's axis
+    is a new space of the same size (entry i of the output is not entry i of the input: tokens sorted by
+    expert are not in batch order)."""
+    spaces = list(p.of(node.args[0]))
+    dim = p.arg(1, "dim", -1)
+    if not isinstance(dim, int):  # sort.stable(self, *, stable, dim=-1, descending=False)
+        dim = node.kwargs.get("dim", -1)
+    dim %= len(spaces)
+    p.reduce(spaces[dim], "sort")
+    spaces[dim] = p.fresh([p.spaces.size(spaces[dim])], f"sorted at {node.name} (positions, not units)")[0]
+    if isinstance(p.val(node), (tuple, list)):
+        if node.args[0] in p.values:  # sorted indices still name the same space
+            p.values[node] = [p.values[node.args[0]], None]
+        return [list(spaces), list(spaces)]
+    return list(spaces)
+
+
+def _patch_histc(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
+    """The bin count (argument 1) and ``max`` (argument 3, the last bin: count - 1) of ``histc(ids, n, 0, n - 1)``."""
+    n = fixed_size(node, sizes)
+    args = list(node.args) + [None] * (4 - len(node.args))
+    args[1], args[2], args[3] = n, 0, n - 1
+    return [(node, tuple(args), {k: v for k, v in node.kwargs.items() if k not in ("bins", "min", "max")})]
+
+
+@register(aten.histc, patch=_patch_histc)
+def histc(p: Propagation, node: Node) -> AxisSpaces:
+    """A histogram of the input's values: every input axis is summed over. With one bin per entry of a space
+    the input's values name (``histc(expert_ids, n, 0, n - 1)``: tokens per expert) the bins are that space,
+    which the bin count and ``max`` spell; otherwise the bins are a new space of fixed count."""
+    src = node.args[0]
+    for s in p.of(src):
+        p.reduce(s, "histc")
+    named = p.values.get(src)
+    bins, low, high = p.arg(1, "bins", 100), p.arg(2, "min", 0), p.arg(3, "max", 0)
+    if named is not None and not isinstance(named, list) and p.spaces.size(named) == bins and low == 0 \
+            and high == bins - 1:
+        p.constants([named])
+        p.records.routed.append(named)
+        return [named]
+    if named is not None:
+        p.freeze(named, f"its indices are counted by histogram {node.name} with other bins than one per entry")
+    return p.fresh(_out_shape(p, node), f"bins of the histogram {node.name} (a fixed count)")
+
+
+def _one_index(p: Propagation, node: Node) -> tuple[int, Node] | None:
+    """The axis and the tensor of an advanced index with exactly one integer index tensor."""
+    used = [(d, t) for d, t in enumerate(node.args[1]) if t is not None]
+    if len(used) != 1 or not p.is_tensor(used[0][1]) or p.val(used[0][1]).dtype.is_floating_point:
+        return None
+    if p.val(used[0][1]).dtype == torch.bool:
+        return None  # a boolean mask selects a data-dependent number of entries
+    return used[0]
+
+
+@register(aten.index.Tensor)
+def index(p: Propagation, node: Node) -> AxisSpaces:
+    """``x[..., idx, ...]`` with one integer index tensor on axis ``d``: the output has the index's
+    axes in place of axis ``d``, which is frozen (its entries are picked by value); the other axes pass
+    through. Gathering tokens by expert (mixture-of-experts dispatch) leaves the feature axes intact."""
+    found = _one_index(p, node)
+    if found is None:
+        return no_rule(p, node)
+    d, idx = found
+    spaces = p.of(node.args[0])
+    p.freeze(spaces[d], f"indexed by a tensor at {node.name}")
+    return list(spaces[:d]) + list(p.of(idx)) + list(spaces[d + 1:])
+
+
+@register(aten.index_put)
+def index_put(p: Propagation, node: Node) -> AxisSpaces:
+    """``x[..., idx, ...] = values`` (out of place) with one integer index tensor on axis ``d``: the
+    output has ``x``'s axes; axis ``d`` and the values' axes that the index spans are frozen, and the
+    values' other axes broadcast into ``x``'s."""
+    found = _one_index(p, node)
+    values = node.args[2]
+    if found is None or not p.is_tensor(values):
+        return no_rule(p, node)
+    d, idx = found
+    spaces, shape = p.of(node.args[0]), p.shape(node.args[0])
+    reason = f"written by index at {node.name}"
+    p.freeze(spaces[d], reason)
+    target = list(spaces[:d]) + p.fresh(p.shape(idx), reason) + list(spaces[d + 1:])
+    target_shape = list(shape[:d]) + p.shape(idx) + list(shape[d + 1:])
+    vs, vshape = p.of(values), p.shape(values)
+    offset = len(target) - len(vs)
+    for i, s in enumerate(vs):
+        j = offset + i
+        if vshape[i] == 1 and target_shape[j] != 1:
+            continue
+        if d <= j < d + len(p.shape(idx)):
+            p.freeze(s, reason)
+        else:
+            p.same(target[j], s)
+    return list(spaces)
+
+
+@register(aten._grouped_mm, "transformers::grouped_mm_fallback")
+def grouped_mm(p: Propagation, node: Node) -> AxisSpaces:
+    """``(S, K) x (E, K, N) -> (S, N)`` with ``offs`` (E,): row block ``e`` of the input is multiplied by
+    expert ``e``'s matrix (mixture-of-experts experts stored stacked). Every row meets one expert, so the
+    contraction axis K and the output axis N are the experts' common axes (pruning unit ``n`` removes
+    row/column ``n`` of every expert), and the expert axis E is frozen: which rows meet which expert is
+    decided by the router's values. When the offsets are the cumulative counts of a routing histogram
+    (:func:`histc`) the expert axis is the router's experts space (a removed expert's rows are none),
+    else it is frozen."""
+    x, w, offs = node.args[0], node.args[1], p.arg(2, "offs")
+    bias = p.arg(3, "bias")
+    if (not p.is_weight(w) or p.val(x).dim() != 2 or p.val(w).dim() != 3 or not p.is_tensor(offs)
+            or bias is not None):
+        return no_rule(p, node)
+    out = p.fresh(_out_shape(p, node))
+    _contract(p, node, x, w, out, 1, 1, {0: 0}, {1: 2})
+    experts = p.of(w)[0]
+    routed = {p.spaces.find(s) for s in p.records.routed}
+    counted = p.spaces.find(p.of(offs)[0]) in routed  # offsets from a histogram of the router's expert ids
+    p.same(experts, p.of(offs)[0])
+    if not counted:
+        p.freeze(experts, f"experts are chosen per row by offsets of {node.name} that no router's histogram counts")
     return out

@@ -3,8 +3,10 @@
 The walk (:mod:`fxgradnas.analysis.propagate`) applies the op rules of :mod:`fxgradnas.analysis.rules`,
 which read and declare facts through :class:`Propagation`; it collects *records* (what
 freezes a space, which spaces are attention heads, residual streams, reductions, where a space is
-contracted against a weight, what is written into a residual stream, which size constants spell it). Records hold space ids
-and are resolved to final leaf spaces only after the walk, since later unions refine earlier spaces.
+contracted against a weight, what is written into a residual stream, which size constants spell it,
+which spaces are a router's experts). Records hold space ids and are resolved to final leaf spaces only
+after the walk, since later unions refine earlier spaces. Besides axes, the walk follows integer tensors
+whose *values* index a space (a router's top-k expert ids, ``Propagation.values``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Records:
     internal: list[int] = field(default_factory=list)  # weight axes that are never units (kernels)
     flops: list[list[int]] = field(default_factory=list)  # multiply-adds: 2 x product of these axes
     tensors: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)  # get_attr
+    experts: list[tuple[str, int, int]] = field(default_factory=list)  # router logits, axis, experts space
+    min_units: list[tuple[int, int]] = field(default_factory=list)  # space, fewest units a plan may keep
+    routed: list[int] = field(default_factory=list)  # expert spaces whose rows a routing histogram counts
 
 
 class Propagation:
@@ -50,6 +55,7 @@ class Propagation:
         self.weightlike: set[Node] = set()
         self.origin: dict[Node, Node] = {}  # the op that last wrote each activation (residual adds)
         self.stream: set[Node] = set()  # residual adds and what follows them elementwise
+        self.values: dict[Node, Any] = {}  # integer tensors whose entries index a space (top-k expert ids)
         self.node: Node | None = None
 
     # --- reading nodes -------------------------------------------------------------------------
