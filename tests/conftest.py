@@ -1,6 +1,7 @@
 """Shared pytest setup: every test starts from the same global RNG state; torchvision imports on CPU torch;
-random plans."""
+random plans; tests that share expensive state run on one pytest-xdist worker."""
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,37 @@ from tests.families import prepare_torchvision
 # transformers imports torchvision when it is installed; a torchvision wheel built for another torch
 # (CUDA wheel, CPU torch) fails on import unless two of its op schemas exist first.
 prepare_torchvision()
+
+# Under pytest-xdist the workers share the cores: one intra-op thread pool per worker sized to its share.
+# Several OpenMP pools on the same cores wait on each other (tests/test_quality.py measured 12 s with
+# 1 thread, 192 s with 2 on a busy 2-core box).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# Tests that share expensive state run on one worker under ``--dist loadgroup`` (the default in
+# pyproject.toml), so the state is made once: modules with expensive module-scoped fixtures or caches,
+# and parametrised tests that share a cached model by some of their parameters.
+_ONE_WORKER_MODULES = ("test_analysis", "test_cli", "test_compensate", "test_misuse", "test_plot", "test_quality")
+_GROUP_BY_PARAMS = {
+    "test_breadth": ("name",),  # tests/test_breadth.py captures each model once for all its checks
+    "test_hf_gqa_with_padding_mask": ("family", "attn"),  # tests/test_rewrite.py: one analysis per pair
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Adds the ``xdist_group`` marks; runs before pytest-xdist reads them."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
+        keys = _GROUP_BY_PARAMS.get(getattr(item, "originalname", ""))
+        if keys is not None:
+            group = "-".join([item.originalname, *(str(item.callspec.params[k]) for k in keys)])
+        elif module in _ONE_WORKER_MODULES:
+            group = module
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
