@@ -25,7 +25,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # Tests that share expensive state run on one worker under ``--dist loadgroup`` (the default in
 # pyproject.toml), so the state is made once: modules with expensive module-scoped fixtures or caches,
 # and parametrised tests that share a cached model by some of their parameters.
-_ONE_WORKER_MODULES = ("test_analysis", "test_cli", "test_compensate", "test_misuse", "test_plot", "test_quality")
+_ONE_WORKER_MODULES = ("test_analysis", "test_cli", "test_plot", "test_quality")
 _GROUP_BY_PARAMS = {
     "test_breadth": ("name",),  # tests/test_breadth.py captures each model once for all its checks
     "test_hf_gqa_with_padding_mask": ("family", "attn"),  # tests/test_rewrite.py: one analysis per pair
