@@ -22,29 +22,36 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
-# Tests that share expensive state run on one worker under ``--dist loadgroup`` (the default in
-# pyproject.toml), so the state is made once: modules with expensive module-scoped fixtures or caches,
-# and parametrised tests that share a cached model by some of their parameters.
+# Tests that share expensive state run on one pytest-xdist worker, so the state is made once: modules
+# with expensive module-scoped fixtures or caches, and parametrised tests that share a cached model by
+# some of their parameters. (By node id: pytest 9.2 ignores the id suffix that xdist's loadgroup sets.)
 _ONE_WORKER_MODULES = ("test_analysis", "test_cli", "test_plot", "test_quality")
-_GROUP_BY_PARAMS = {
-    "test_breadth": ("name",),  # tests/test_breadth.py captures each model once for all its checks
-    "test_hf_gqa_with_padding_mask": ("family", "attn"),  # tests/test_rewrite.py: one analysis per pair
-}
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Adds the ``xdist_group`` marks; runs before pytest-xdist reads them."""
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
-        keys = _GROUP_BY_PARAMS.get(getattr(item, "originalname", ""))
-        if keys is not None:
-            group = "-".join([item.originalname, *(str(item.callspec.params[k]) for k in keys)])
-        elif module in _ONE_WORKER_MODULES:
-            group = module
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
+def _scope(nodeid: str) -> str:
+    """The unit of work a test belongs to: its node id unless it shares state with other tests."""
+    path, _, test = nodeid.partition("::")
+    module = path.rpartition("/")[2].removesuffix(".py")
+    if module in _ONE_WORKER_MODULES:
+        return module
+    function, _, params = test.partition("[")
+    if function == "test_breadth":  # "name-check": tests/test_breadth.py captures each model once
+        return f"{function}[{params.rpartition('-')[0]}]"
+    if function == "test_hf_gqa_with_padding_mask":  # "heads-family-attn": one analysis per family and attn
+        return f"{function}[{'-'.join(params.rstrip(']').split('-')[-2:])}]"
+    return nodeid
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Load scheduling by :func:`_scope` (pytest-xdist sends each scope to one worker, in order)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return Scheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
