@@ -26,7 +26,7 @@ test: $(BIN)/.installed
 	PYTHONPATH=$(VENV)/torchvision $(BIN)/python -m pytest -q
 
 test-slow: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n 0
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check fxgradnas tests examples benchmarks

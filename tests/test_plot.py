@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,13 +23,19 @@ def test_layers_are_ordered_by_number_and_other_groups_by_name() -> None:
     assert _positions(groups)[1:] == (["layer1.0.conv1", "layer2.0.conv1", "layer10.0.conv1"], "group")
 
 
+@functools.cache
+def _result() -> fxgradnas.PruneResult:
+    """One pruning for both pictures (``plot`` only reads the result)."""
+    model, inputs = llama(n_layer=3)
+    return fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.6}, scorer="l1", divisor=4,
+                           kinds=("heads", "channels", "hidden"), progress=False)
+
+
 @pytest.mark.parametrize("scores", [False, True])
 def test_plot_writes_a_png_with_a_panel_per_kind(tmp_path: Path, scores: bool) -> None:
     from matplotlib.image import imread
 
-    model, inputs = llama(n_layer=3)
-    result = fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.6}, scorer="l1", divisor=4,
-                             kinds=("heads", "channels", "hidden"), progress=False)
+    result = _result()
     path = result.plot(tmp_path / "pruned.png", scores=scores, title="llama")
     assert path == tmp_path / "pruned.png"
     height, width, _ = imread(path).shape
