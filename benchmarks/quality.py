@@ -20,8 +20,10 @@ calibration text (the calibration domain, held out). Methods (``--methods``):
   into new output biases;
 - ``<method>+ls``: then the least-squares re-fit of the layers that consume pruned units
   (``--damping``);
-- ``heal``: the default ``prune`` then :func:`fxgradnas.heal` (KL to the dense model on stdlib
-  windows) for ``--heal-steps`` steps, evaluated after each stage.
+- ``sample``, ``l1``, ``random``: other scorers through the reference search (gradnas per sample,
+  weight magnitude, random with ``--random-seeds``);
+- ``heal``: the reference plan then :func:`fxgradnas.heal` (KL to the dense model on stdlib windows,
+  ``--heal-batch-size`` x 128 tokens a step) for ``--heal-steps`` stages, evaluated after each.
 
 Each row gives the wall time of its own work; methods that share the dense scores include the
 time of that calibration.
@@ -59,7 +61,8 @@ from fxgradnas.datasets import (
 from fxgradnas.search import group_choices
 from fxgradnas.selection import keep_grid, kept_per_unit_axis
 
-METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "heal")
+METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "heal",
+           "sample", "l1", "random")
 
 
 def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration: list[torch.Tensor],
@@ -99,11 +102,12 @@ def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration:
             z = (fluctuation - fluctuation.mean()) / fluctuation.std()
             per_unit = (cost.base["params"] - cost.evaluate({group: (0,) * len(g.unit_shape)})["params"]) / g.size
             units += [(float(z[u]), group, u, per_unit) for u in range(g.size)]
-    target = cost.base["params"] * (1 - budget)
+    target = cost.base["params"] * budget
+    ranked = sorted(units)
     pruned: dict[str, set[int]] = {}
-    removed = 0
-    for _, group, unit, params in sorted(units):
-        if removed >= target:
+    removed = 0.0
+    for _, group, unit, params in ranked:
+        if cost.base["params"] - removed <= target:
             break
         pruned.setdefault(group, set()).add(unit)
         removed += params
@@ -116,6 +120,20 @@ def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration:
             keep[name] = list(min(choices, key=lambda c: (len(c.units), c.degradation)).units)
         else:
             keep[name] = sorted(set(range(g.size)) - gone)
+    # heads rounded up to a structured choice give parameters back: take them from the next MLP channels
+    def kept_params() -> int:
+        counts = {name: kept_per_unit_axis(analysis.group(name), keep_grid(analysis.group(name), units))
+                  for name, units in keep.items()}
+        return cost.evaluate(counts)["params"]
+
+    params = kept_params()
+    for _, group, unit, per_unit in ranked:
+        if params <= target:
+            break
+        g = analysis.group(group)
+        if g.kind == "channels" and unit in keep.get(group, range(g.size)):
+            keep[group] = [u for u in keep.get(group, range(g.size)) if u != unit]
+            params -= per_unit
     plan = fxgradnas.Plan(keep)
     biases = {}
     for name, kept in keep.items():
@@ -163,6 +181,7 @@ def main() -> None:
     parser.add_argument("--heal-budgets", type=float, nargs="+", default=[0.75])
     parser.add_argument("--heal-batch-size", type=int, default=4)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--scores", type=Path, help="keep the dense scores in this file and reuse them")
     parser.add_argument("--json", type=Path, default=Path("runs/quality.json"))
     args = parser.parse_args()
@@ -214,7 +233,8 @@ def main() -> None:
     for budget in args.budgets:
         constraint = {"params": budget}
         for searcher in ("binary", "greedy"):
-            if searcher in args.methods or f"{searcher}+ls" in args.methods:
+            wanted = {searcher, f"{searcher}+ls"} | ({"heal"} if searcher == "binary" else set())
+            if wanted & set(args.methods):
                 start = time.perf_counter()
                 found = fxgradnas.search(analysis, scores, constraint, searcher=searcher)
                 pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
@@ -222,7 +242,16 @@ def main() -> None:
                 if searcher in args.methods:
                     record(searcher, budget, pruned, found.achieved, seconds)
                 refit(searcher, budget, found.plan, pruned, found.achieved, seconds)
-        if "rounds" in args.methods or "rounds+ls" in args.methods or "heal" in args.methods:
+                if searcher == "binary" and "heal" in args.methods and budget in args.heal_budgets:
+                    healed, spent = copy.deepcopy(pruned), seconds
+                    for steps in args.heal_steps:
+                        report = fxgradnas.heal(healed, model, heal_data, steps=steps, lr=args.heal_lr,
+                                                progress=False)
+                        spent += report.seconds
+                        heal_data = heal_data[steps:] + heal_data[:steps]  # the next stage reads new windows
+                        healed_steps = sum(args.heal_steps[:args.heal_steps.index(steps) + 1])
+                        record(f"binary + heal {healed_steps}", budget, healed, found.achieved, spent)
+        if "rounds" in args.methods or "rounds+ls" in args.methods:
             start = time.perf_counter()
             result = fxgradnas.prune(analysis, None, calibration, causal_lm_loss, constraint=constraint,
                                      rounds=args.rounds, max_batches=args.batches, check=False, progress=False)
@@ -230,13 +259,16 @@ def main() -> None:
             if "rounds" in args.methods:
                 record(f"rounds ({args.rounds})", budget, result.model, result.achieved, seconds)
             refit("rounds", budget, result.plan, result.model, result.achieved, seconds)
-            if "heal" in args.methods and budget in args.heal_budgets:
-                healed, spent = copy.deepcopy(result.model), seconds
-                for steps in args.heal_steps:
-                    report = fxgradnas.heal(healed, model, heal_data, steps=steps, lr=args.heal_lr, progress=False)
-                    spent += report.seconds
-                    heal_data = heal_data[steps:] + heal_data[:steps]  # the next stage reads new windows
-                    record(f"rounds ({args.rounds}) + heal {report.steps}", budget, healed, result.achieved, spent)
+        others = [("gradnas (sample)", "sample", {"scorer": "gradnas", "mode": "sample"}), ("l1", "l1", {"scorer": "l1"}),
+                  *((f"random, seed {seed}", "random", {"scorer": "random", "seed": seed}) for seed in args.random_seeds)]
+        for label, method, options in others:
+            if method in args.methods:
+                start = time.perf_counter()
+                other = fxgradnas.score(analysis, data=calibration, loss_fn=causal_lm_loss, max_batches=args.batches,
+                                        progress=False, **options)
+                found = fxgradnas.search(analysis, other, constraint)
+                pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
+                record(label, budget, pruned, found.achieved, time.perf_counter() - start + analyze_s)
         if "per-param" in args.methods:
             start = time.perf_counter()
             found = fxgradnas.search(analysis, scores, constraint, searcher="greedy", kinds=("channels",), divisor=1,
