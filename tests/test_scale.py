@@ -174,6 +174,10 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpo
 
     import torch.distributed as dist
 
+    from tests.families import prepare_torchvision
+
+    prepare_torchvision()  # a spawned process imports transformers, which imports torchvision if it is on the path
+
     from fxgradnas.shard import shard_blocks
 
     torch.set_num_threads(1)
