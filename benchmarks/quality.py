@@ -121,12 +121,7 @@ def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration:
         else:
             keep[name] = sorted(set(range(g.size)) - gone)
     # heads rounded up to a structured choice give parameters back: take them from the next MLP channels
-    def kept_params() -> int:
-        counts = {name: kept_per_unit_axis(analysis.group(name), keep_grid(analysis.group(name), units))
-                  for name, units in keep.items()}
-        return cost.evaluate(counts)["params"]
-
-    params = kept_params()
+    params = cost.evaluate(kept_counts(analysis, fxgradnas.Plan(keep)))["params"]
     for _, group, unit, per_unit in ranked:
         if params <= target:
             break
@@ -149,11 +144,15 @@ def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration:
     return plan, biases
 
 
+def kept_counts(analysis: fxgradnas.Analysis, plan: fxgradnas.Plan) -> dict[str, tuple[int, ...]]:
+    """What the cost model takes for a plan: kept units per unit axis of each group it names."""
+    return {g: kept_per_unit_axis(analysis.group(g), keep_grid(analysis.group(g), plan.kept(g))) for g in plan.keep}
+
+
 def achieved_by(analysis: fxgradnas.Analysis, plan: fxgradnas.Plan) -> dict[str, float]:
     """Params and FLOPs a plan keeps, as ratios of the model's."""
     cost = CostModel(analysis)
-    kept = {g: kept_per_unit_axis(analysis.group(g), keep_grid(analysis.group(g), plan.kept(g))) for g in plan.keep}
-    return {m: v / cost.base[m] for m, v in cost.evaluate(kept).items()}
+    return {m: v / cost.base[m] for m, v in cost.evaluate(kept_counts(analysis, plan)).items()}
 
 
 def with_biases(model: torch.nn.Module, analysis: fxgradnas.Analysis, plan: fxgradnas.Plan,
@@ -245,13 +244,13 @@ def main() -> None:
                     record(searcher, budget, pruned, found.achieved, seconds)
                 refit(searcher, budget, found.plan, pruned, found.achieved, seconds)
                 if searcher == "binary" and "heal" in args.methods and budget in args.heal_budgets:
-                    healed, spent = copy.deepcopy(pruned), seconds
+                    healed, spent, healed_steps = copy.deepcopy(pruned), seconds, 0
                     for steps in args.heal_steps:
                         report = fxgradnas.heal(healed, model, heal_data, steps=steps, lr=args.heal_lr,
                                                 progress=False)
                         spent += report.seconds
                         heal_data = heal_data[steps:] + heal_data[:steps]  # the next stage reads new windows
-                        healed_steps = sum(args.heal_steps[:args.heal_steps.index(steps) + 1])
+                        healed_steps += report.steps
                         record(f"binary + heal {healed_steps}", budget, healed, found.achieved, spent)
         if "rounds" in args.methods or "rounds+ls" in args.methods:
             start = time.perf_counter()

@@ -29,7 +29,6 @@ from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .plan import Plan, check_plan
 from .scores import Scores
-from .selection import keep_grid
 from .shard import shard_blocks
 
 MODES = ("batch", "sample")
@@ -163,8 +162,8 @@ def calibrate(
                       "modes as they are", stacklevel=2)
     device = device_of(inst.module)
     recorder = GradientRecorder(per_sample=mode == "sample")
-    for group in masked:
-        inst.masks[group.name].copy_(keep_grid(group, plan.kept(group.name)).float())
+    if plan is not None:
+        inst.set_plan(masked, plan)
     inst.attach(recorder)
     for group in masked:
         if group not in chosen:  # masked, not scored
@@ -223,4 +222,3 @@ def calibrate(
     scores = {k: v.detach().reshape(-1).cpu() for k, v in sums.items()}
     return Scores(scores, scorer="gradnas", mode=mode, batches=count, seconds=time.perf_counter() - start,
                   history=history, truncated=reader.truncated)
-

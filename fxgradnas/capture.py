@@ -237,15 +237,20 @@ def _enlarged(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any
 
 
 @contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Put the model in eval mode for the duration, restoring every submodule's flag after."""
+def module_mode(model: torch.nn.Module, training: bool):
+    """Put the model in train (or eval) mode for the duration, restoring every submodule's flag after."""
     flags = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+def eval_mode(model: torch.nn.Module):
+    """:func:`module_mode` in eval mode."""
+    return module_mode(model, False)
 
 
 def _user_frame(message: str) -> str:

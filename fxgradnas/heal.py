@@ -22,18 +22,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import call_with, check_callable, check_data, default_collect, is_one_shot, logits_of, to_device
-from .capture import eval_mode
+from .capture import eval_mode, module_mode
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError, DataError
 from .instrument import device_of
 
 
 @dataclass
 class HealReport:
-    """What healing did: the number of steps (one batch each), the loss of every step and the time."""
+    """What healing did: the loss of every step (one batch each) and the time."""
 
-    steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
 
     def mean_loss(self, first: bool = True, window: int = 10) -> float:
         """Mean loss over the first (or last) ``window`` steps."""
@@ -149,15 +152,13 @@ def heal(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    report = HealReport(steps=0)
+    report = HealReport()
     start = time.perf_counter()
-    student_modes = {m: m.training for m in module.modules()}
     try:
         for p in parameters:
             p.requires_grad_(True)
-        module.train()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(teacher), \
-                tqdm(total=steps, desc="healing", unit="step", disable=not progress, leave=False) as bar:
+                module_mode(module, True), tqdm(total=steps, desc="healing", unit="step", disable=not progress, leave=False) as bar:
             torch.manual_seed(seed)
             for step, batch in _cycled(data, steps):
                 inputs = collect(batch)
@@ -180,15 +181,12 @@ def heal(
                 optimizer.step()
                 scheduler.step()
                 report.losses.append(loss.detach().item())
-                report.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{report.losses[-1]:.4g}")
     finally:
         for p, flag in zip(parameters, flags, strict=True):
             p.requires_grad_(flag)
             p.grad = None
-        for m, mode in student_modes.items():
-            m.training = mode
     report.seconds = time.perf_counter() - start
     if module is not student and hasattr(module, "meta"):
         module.meta.pop("self_check", None)  # the weights changed: the pruned == masked check no longer applies

@@ -153,6 +153,11 @@ class Instrumented:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     sites: dict[str, list[MaskSite]] = field(default_factory=dict)
 
+    def set_plan(self, groups: list[Group], plan: Plan) -> None:
+        """Each of ``groups``' masks to the units ``plan`` keeps (all ones where it keeps the group whole)."""
+        for group in groups:
+            self.masks[group.name].copy_(keep_grid(group, plan.kept(group.name)).to(torch.float32))
+
     def attach(self, recorder: GradientRecorder | None) -> None:
         """Record mask gradients into ``recorder`` (None: stop); masks must not change while attached."""
         for name, sites in self.sites.items():
@@ -236,6 +241,5 @@ def _masked(analysis: Analysis, plan: Plan, tensors: Literal["copy", "share", "v
     plan.validate(analysis)
     groups = [analysis.group(name) for name in plan.keep]
     inst = instrumented(analysis, groups, tensors)
-    for group in groups:
-        inst.masks[group.name].copy_(keep_grid(group, plan.kept(group.name)).to(torch.float32))
+    inst.set_plan(groups, plan)
     return inst.module

@@ -25,6 +25,7 @@ from .report import prune_summary, prune_table
 from .rewrite import SelfCheck, apply_plan
 from .scores import Scores, l1_scores, random_scores
 from .search import RATIOS, SearchResult, check_constraint, check_search_options, parse_constraint, search
+from .selection import keep_grid
 
 SCORERS = ("gradnas", "l1", "random")
 CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard")
@@ -95,16 +96,10 @@ def score(
     return random_scores(analysis, seed=seed)
 
 
-def _keep_pruned(scores: Scores, plan: Plan) -> Scores:
+def _keep_pruned(analysis: Analysis, scores: Scores, plan: Plan) -> Scores:
     """``scores`` with the units ``plan`` prunes at zero, so that a later round prunes them first."""
-    kept = dict(scores)
-    for name, keep in plan.keep.items():
-        if name in kept:
-            zero = torch.ones(kept[name].numel(), dtype=torch.bool)
-            zero[torch.as_tensor(keep, dtype=torch.long)] = False
-            kept[name] = kept[name].clone()
-            kept[name][zero] = 0.0
-    return scores.replaced(kept)
+    return scores.replaced({name: value * keep_grid(analysis.group(name), plan.kept(name)).reshape(-1)
+                            for name, value in scores.items()})
 
 
 def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any, scorer: Any,
@@ -210,11 +205,11 @@ def prune(
         scores = score(analysis, scorer, data, loss_fn, seed=seed, collect_fn=collect_fn, max_batches=max_batches,
                        mode=mode, progress=progress, groups=searched, plan=plan, **calibrate_options)
         if plan is not None:
-            scores = _keep_pruned(scores, plan)
+            scores = _keep_pruned(analysis, scores, plan)
         seconds["score"] += time.perf_counter() - start
         start = time.perf_counter()
         base = cost_model.base[metric]
-        target = budget if round_ == rounds else base - (base - budget) * round_ // rounds
+        target = base - (base - budget) * round_ // rounds  # the budget itself in the last round
         found = search(analysis, scores, {metric: target}, searcher=searcher, kinds=kinds, divisor=divisor,
                        ratios=ratios, gqa=gqa, cost_model=cost_model)
         plan = found.plan
