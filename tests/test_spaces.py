@@ -239,3 +239,73 @@ def test_regroup_succeeds_exactly_for_compatible_shapes(pair: tuple[list[int], l
     in_leaves = [leaf for s in ins for leaf in g.leaves(s)]
     out_leaves = [leaf for s in out for leaf in g.leaves(s)]
     assert roots(g, in_leaves) == roots(g, out_leaves)
+
+
+# --- concatenations (slices of a fused projection) -----------------------------------------------
+def test_cut_makes_a_leaf_the_concatenation_of_its_parts() -> None:
+    g = SpaceGraph()
+    qkv = g.new(16)
+    k = g.cut(qkv, 8, 12)  # cut at both bounds: three parts
+    q, v = g.cut(qkv, 0, 8), g.cut(qkv, 12, 16)
+    assert sizes(g, [q, k, v]) == [8, 4, 4]
+    assert g.pieces(qkv) == roots(g, [q, k, v])
+    assert g.leaves(qkv) == [g.find(qkv)]  # one factor for products
+    assert g.cut(qkv, 8, 12) == g.find(k)  # the same bounds, the same part
+    assert g.pieces(g.cut(qkv, 8, 16)) == roots(g, [k, v])  # several parts: their concatenation
+
+
+def test_a_part_cut_again_is_the_concatenation_of_its_own_parts() -> None:
+    g = SpaceGraph()
+    slots = g.new(6)
+    q, rest = g.cut(slots, 0, 4), g.cut(slots, 4, 6)
+    k = g.cut(slots, 4, 5)
+    assert g.pieces(slots) == roots(g, [q, rest])
+    assert g.pieces(rest) == [g.find(k), g.find(g.cut(slots, 5, 6))]
+
+
+def test_segments_expand_a_concatenated_factor_and_deep_leaves_list_every_leaf() -> None:
+    g = SpaceGraph()
+    kv, slots, hd = g.new(2), g.new(4), g.new(5)
+    rows = g.compose([kv, slots, hd])
+    q = g.cut(slots, 0, 2)
+    assert [sizes(g, s) for s in g.segments(rows)] == [[2, 2, 5], [2, 2, 5]]  # q part, then the k/v part
+    assert roots(g, g.deep_leaves(rows)) == roots(g, [kv, q, hd, g.cut(slots, 2, 4)])
+    assert g.segments(q) == [[g.find(q)]]
+
+
+def test_union_of_concatenations_unites_their_parts() -> None:
+    g = SpaceGraph()
+    a, b = g.new(12), g.new(12)
+    a1, a2 = g.cut(a, 0, 8), g.cut(a, 8, 12)
+    b1, b2 = g.cut(b, 0, 8), g.cut(b, 8, 12)
+    g.union(a, b)
+    assert roots(g, [a1, a2]) == roots(g, [b1, b2])
+    c = g.new(12)
+    g.union(c, a)  # a leaf takes the parts
+    assert g.pieces(c) == roots(g, [a1, a2])
+
+
+@pytest.mark.parametrize("other", ["pieces", "product"])
+def test_union_of_a_concatenation_with_other_parts_or_a_product_raises(other: str) -> None:
+    g = SpaceGraph()
+    a = g.new(12)
+    g.cut(a, 0, 8)
+    b = g.new(12)
+    if other == "pieces":
+        g.cut(b, 0, 6)
+    else:
+        b = composite(g, [3, 4])
+    with pytest.raises(ShapeConflict):
+        g.union(a, b)
+
+
+def test_a_product_cannot_be_cut_across_its_factors_nor_a_concatenation_split() -> None:
+    g = SpaceGraph()
+    with pytest.raises(ShapeConflict, match="across the factors"):
+        g.cut(composite(g, [3, 4]), 0, 5)
+    a = g.new(12)
+    g.cut(a, 0, 8)
+    with pytest.raises(ShapeConflict, match="concatenation"):
+        g.regroup([a], [3, 4])
+    with pytest.raises(ShapeConflict, match="data-sized"):
+        g.cut(g.new(sympy.Symbol("s", positive=True, integer=True)), 0, 2)

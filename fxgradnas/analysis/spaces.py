@@ -1,10 +1,15 @@
-"""Dimension spaces: a union-find over index spaces that may be refined into products.
+"""Dimension spaces: a union-find over index spaces that may be refined into products or concatenations.
 
 Every tensor axis in the captured graph is labelled with a *space*. Op rules declare two axes to be
 the same index space (``union``) or one axis to be a row-major product of others (``compose``), as a
 reshape does. A space that is the product of others keeps that factorisation, and unions align
 factorisations by size, splitting a leaf where one side is finer (``[9]`` and ``[3, 3]`` become
 ``[3, 3]``). Pruning a unit of a leaf space removes that index from every axis the leaf is a factor of.
+
+A leaf of constant size may instead be cut into consecutive *parts* (``cut``), as slicing a fused
+projection into q, k and v does: the leaf is then the concatenation of its parts, each a space of its
+own (with its own factors: the heads of q and of k). For products the concatenated leaf is one factor;
+``deep_leaves`` looks inside it.
 
 Sizes are ints or sympy expressions (symbolic batch and sequence sizes from a dynamic export); a
 space with a symbolic size is a *data* space and is never a pruning unit.
@@ -66,6 +71,7 @@ class SpaceGraph:
     parent: list[int] = field(default_factory=list)
     sizes: list[Size] = field(default_factory=list)
     factors: dict[int, list[int]] = field(default_factory=dict)
+    parts: dict[int, list[int]] = field(default_factory=dict)  # a leaf's consecutive pieces
 
     def new(self, size: Size) -> int:
         self.parent.append(len(self.parent))
@@ -100,6 +106,60 @@ class SpaceGraph:
             out.extend(self.leaves(part))
         return out
 
+    def segments(self, s: int) -> list[list[int]]:
+        """The leaves of each product that ``s`` is the concatenation of: one list for a product without a
+        concatenated factor; ``[a, concat(p, q), b]`` gives those of ``[a, p, b]`` and ``[a, q, b]``."""
+        out: list[list[int]] = [[]]
+        for leaf in self.leaves(s):
+            pieces = self.parts.get(leaf)
+            if pieces is None:
+                out = [segment + [leaf] for segment in out]
+            else:
+                out = [segment + more for segment in out for piece in pieces for more in self.segments(piece)]
+        return out
+
+    def deep_leaves(self, s: int) -> list[int]:
+        """Every leaf of every segment of ``s`` (see :meth:`segments`), once."""
+        return list(dict.fromkeys(leaf for segment in self.segments(s) for leaf in segment))
+
+    def pieces(self, s: int) -> list[int] | None:
+        """The parts ``s`` is the concatenation of, or None when it is not cut."""
+        parts = self.parts.get(self.find(s))
+        return None if parts is None else [self.find(p) for p in parts]
+
+    def concat(self, parts: list[int]) -> int:
+        """A new space that is the concatenation of ``parts`` (one part: that part)."""
+        if len(parts) == 1:
+            return self.find(parts[0])
+        space = self.new(sum(int(self.size(p)) for p in parts))
+        self.parts[space] = [self.find(p) for p in parts]
+        return space
+
+    def cut(self, s: int, start: int, end: int) -> int:
+        """The space of entries ``[start, end)`` of ``s``: a leaf is cut into parts at these bounds, a part
+        that a bound falls inside is cut in turn, and a range of several parts is their concatenation."""
+        root = self.find(s)
+        size = self.sizes[root]
+        if not isinstance(size, int):
+            raise ShapeConflict(f"a slice of the data-sized axis {size}")
+        if not 0 <= start < end <= size:
+            raise ShapeConflict(f"entries [{start}, {end}) of an axis of {size}")
+        if start == 0 and end == size:
+            return root
+        if root in self.factors:
+            raise ShapeConflict(f"entries [{start}, {end}) cut across the factors of a product of size {size}")
+        if root not in self.parts:
+            bounds = sorted({0, start, end, size})
+            self.parts[root] = [self.new(b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+        pieces, offset = [], 0
+        for part in list(self.parts[root]):
+            n = int(self.size(part))
+            low, high = max(start, offset), min(end, offset + n)
+            if low < high:
+                pieces.append(self.cut(part, low - offset, high - offset))
+            offset += n
+        return self.concat(pieces)
+
     def compose(self, parts: list[int]) -> int:
         """A new space that is the row-major product of ``parts``."""
         parts = [self.find(p) for p in parts if not self.is_trivial(p)]
@@ -120,6 +180,8 @@ class SpaceGraph:
         """Refine a leaf into ``[first, size / first]``; returns the two new leaves."""
         root = self.find(leaf)
         assert root not in self.factors, "split applies to leaves"
+        if root in self.parts:
+            raise ShapeConflict(f"a concatenation of {len(self.parts[root])} pieces cannot be a product")
         rest = quotient(self.sizes[root], first)
         if rest is None:
             raise ShapeConflict(f"{first} does not divide {self.sizes[root]}")
@@ -135,9 +197,21 @@ class SpaceGraph:
         if not same_size(self.sizes[ra], self.sizes[rb]):
             raise ShapeConflict(f"size {self.sizes[ra]} vs {self.sizes[rb]}")
         fa, fb = self.factors.get(ra), self.factors.get(rb)
+        pa, pb = self.pieces(ra), self.pieces(rb)
         if self._contains(ra, rb) or self._contains(rb, ra):
             raise ShapeConflict("a space cannot equal one of its own factors")
+        if (pa is not None or pb is not None) and (fa is not None or fb is not None):
+            raise ShapeConflict("a concatenation of pieces cannot be a product")
+        if pa is not None and pb is not None and [self.sizes[p] for p in pa] != [self.sizes[p] for p in pb]:
+            raise ShapeConflict(f"pieces {[self.sizes[p] for p in pa]} vs {[self.sizes[p] for p in pb]}")
         self.parent[rb] = ra
+        if pb is not None:
+            del self.parts[rb]
+            if pa is None:
+                self.parts[ra] = pb
+            else:
+                for x, y in zip(pa, pb, strict=True):
+                    self.union(x, y)
         if fb is not None:
             del self.factors[rb]
         if fa is None and fb is not None:
@@ -174,7 +248,8 @@ class SpaceGraph:
         queue.extendleft(reversed([p for p in parts if not self.is_trivial(p)]))
 
     def _contains(self, outer: int, inner: int) -> bool:
-        parts = self.factors.get(self.find(outer))
+        root = self.find(outer)
+        parts = self.factors.get(root) or self.parts.get(root)
         if not parts:
             return False
         return any(self.find(p) == inner or self._contains(p, inner) for p in parts)
