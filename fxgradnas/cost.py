@@ -1,9 +1,10 @@
 """Exact parameter and FLOP counts of a pruned model as products of every group's kept counts.
 
 Every parameter and every contraction (linear, matmul, conv, attention) is a product of axis sizes;
-each axis is a product of leaf spaces, and a leaf is either a unit axis of a prunable group
-(its size is that group's kept count) or fixed. So each count is a sum of monomials in the kept
-counts: a Linear reading the hidden width and writing MLP channels costs hidden' x mlp'. FLOPs are
+each axis is a product of leaf spaces (or a concatenation of such products: a fused q/k/v projection's
+rows), and a leaf is either a unit axis of a prunable group (its size is that group's kept count) or
+fixed. So each count is a sum of monomials in the kept counts: a Linear reading the hidden width and
+writing MLP channels costs hidden' x mlp'. FLOPs are
 for the example input shape (batch and sequence as captured), 2 per multiply-add, as
 ``torch.utils.flop_counter`` counts them (matmuls, convolutions, attention).
 """
@@ -48,20 +49,29 @@ class CostModel:
         for tensor, axes in analysis.parameter_leaves():
             if isinstance(tensor, torch.nn.Parameter):
                 counted.add(id(tensor))
-                params.append(self._term([leaf for leaves in axes for leaf in leaves], 1))
+                params += self._terms(axes, 1)
         for p in analysis.captured.module.parameters():
             if id(p) not in counted:  # held by the module but never read by the graph
                 counted.add(id(p))
                 params.append(Term(p.numel(), ()))
         self.terms = {
             "params": _merge(params),
-            "flops": _merge([self._term(leaves, 2) for leaves in analysis.multiply_adds()]),
+            "flops": _merge([t for axes in analysis.multiply_adds() for t in self._terms(axes, 2)]),
         }
         self.by_group: dict[str, dict[str, list[Term]]] = {
             m: {g: [t for t in terms if any(v[0] == g for v in t.variables)] for g in self.full}
             for m, terms in self.terms.items()
         }
         self.base = self.evaluate({})
+
+    def _terms(self, axes: list[list[list[int]]], coef: int) -> list[Term]:
+        """The monomials of a product of axes, each the sum of its segments' products (a fused projection's
+        q, k and v rows)."""
+        terms = [Term(coef, ())]
+        for segments in axes:
+            options = [self._term(segment, 1) for segment in segments]
+            terms = [Term(a.coef * b.coef, tuple(sorted(a.variables + b.variables))) for a in terms for b in options]
+        return terms
 
     def _term(self, leaves: list[int], coef: int) -> Term:
         variables: list[Var] = []

@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from .analysis import Analysis, Group, Layout, ensure_analysis
+from .analysis import Analysis, Group, Layout, ensure_analysis, factor_sizes
 from .analysis.registry import apply_edits, entry_for
 from .capture import ExampleInputs, check_weights, eval_mode
 from .errors import ArgumentError, RewriteError
@@ -229,16 +229,6 @@ def slice_tensors(module: torch.nn.Module, selection: Selection) -> None:
 
 
 # --- shape constants ------------------------------------------------------------------------------
-def _new_factor_sizes(layouts: list[tuple[Layout, tuple[int, ...]]]) -> list[int | None]:
-    """Sizes of an axis's factors after pruning, combining every group that owns one of them."""
-    sizes: list[int | None] = [f.size for f in layouts[0][0].factors]
-    for layout, per_axis in layouts:
-        for i, f in enumerate(layout.factors):
-            if f.unit_axis is not None:
-                sizes[i] = per_axis[f.unit_axis]
-    return sizes
-
-
 def _patch_shape_constants(gm: GraphModule, groups: list[Group], per_axis: dict[str, tuple[int, ...]]) -> None:
     """Write the new sizes into every size constant the groups touch, with each op's patcher."""
     touched: dict[tuple[str, int], list[tuple[Layout, tuple[int, ...]]]] = defaultdict(list)
@@ -247,7 +237,7 @@ def _patch_shape_constants(gm: GraphModule, groups: list[Group], per_axis: dict[
             touched[(c.node, c.axis)].append((c.layout, per_axis[g.name]))
     nodes = {n.name: n for n in gm.graph.nodes}
     for (name, index), layouts in touched.items():
-        sizes = _new_factor_sizes(layouts)
+        sizes = factor_sizes(layouts)
         if sizes == [f.size for f in layouts[0][0].factors]:
             continue
         node = nodes[name]

@@ -4,10 +4,13 @@ An axis the group touches has a :class:`~fxgradnas.analysis.Layout`: row-major f
 which are the group's unit axes. Kept units spread over the factors they own; factors the group
 does not own (the head dim, the q/k/v piece of a fused projection) are kept whole. An axis that
 carries only some unit axes (a KV projection carries the KV axis of a grouped-query heads grid)
-keeps an entry when any unit it serves is kept.
+keeps an entry when any unit it serves is kept. A factor that is a concatenation of parts (a fused
+q/k/v projection sliced into its pieces) lays out each part by its own layout, one after the other.
 """
 
 from __future__ import annotations
+
+from math import prod
 
 import torch
 
@@ -35,28 +38,62 @@ def project(grid: torch.Tensor, unit_axes: tuple[int, ...]) -> torch.Tensor:
     return seen.permute([order.index(a) for a in unit_axes]) if len(unit_axes) > 1 else seen
 
 
+def coordinates(layout: Layout, axes: int) -> torch.Tensor:
+    """``(length of the axis, axes)``: the unit index of each entry of the axis along each of ``axes``
+    unit axes, -1 where the entry does not carry that unit axis (a head-dim factor carries none; the k part
+    of a fused q/k/v projection carries the KV axis of a grouped-query grid but not the queries)."""
+    coords = torch.full((1, axes), -1, dtype=torch.long)
+    for f in layout.factors:
+        if f.size is None:
+            raise ValueError("an axis with a dynamic factor has no fixed index set")
+        if f.parts:
+            inner = torch.cat([coordinates(part, axes) for part in f.parts])
+        else:
+            inner = torch.full((f.size, axes), -1, dtype=torch.long)
+            if f.unit_axis is not None:
+                inner[:, f.unit_axis] = torch.arange(f.size)
+        coords = torch.maximum(coords.repeat_interleave(len(inner), 0), inner.repeat(len(coords), 1))
+    return coords
+
+
+def _by_carried_axes(coords: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """The entries (a boolean row mask) that carry each set of unit axes, with that set."""
+    carried = coords >= 0
+    found = []
+    for pattern in torch.unique(carried, dim=0):
+        rows = (carried == pattern).all(dim=1)
+        found.append((rows, tuple(int(a) for a in pattern.nonzero().flatten())))
+    return found
+
+
 def spread(grid: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A 1-D tensor over the whole axis: the grid entry of the unit each index belongs to."""
-    seen = project(grid, layout.unit_axes)
-    view = [f.size if f.unit_axis is not None else 1 for f in layout.factors]
-    full = [f.size for f in layout.factors]
-    if any(s is None for s in full):
-        raise ValueError("an axis with a dynamic factor has no fixed index set")
-    return seen.reshape(view).expand(full).reshape(-1)
+    """A 1-D tensor over the whole axis: the grid entry of the unit each index belongs to (for an entry
+    that carries only some unit axes, any() over the others)."""
+    coords = coordinates(layout, grid.dim())
+    out = torch.empty(len(coords), dtype=grid.dtype)
+    for rows, axes in _by_carried_axes(coords):
+        out[rows] = project(grid, axes)[tuple(coords[rows, a] for a in axes)]
+    return out
 
 
 def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The reverse of :func:`spread`: per-index values along an axis (the last dim of ``values``)
-    summed onto the unit axes the layout carries, in unit-axis order; leading dims are kept."""
-    lead = values.dim() - 1
-    folded = values.reshape(*values.shape[:-1], *[f.size for f in layout.factors])
-    other = [lead + i for i, f in enumerate(layout.factors) if f.unit_axis is None]
-    if other:
-        folded = folded.sum(dim=other)
-    order = layout.unit_axes
-    if len(order) > 1:
-        folded = folded.permute(*range(lead), *[lead + order.index(a) for a in sorted(order)])
-    return folded
+    summed onto the unit axes the layout carries, in unit-axis order; leading dims are kept. An entry that
+    carries only some of them counts for every unit along the others."""
+    axes = sorted(layout.unit_axes)
+    coords = coordinates(layout, axes[-1] + 1 if axes else 0)
+    shape = [int(coords[:, a].max()) + 1 for a in axes]
+    lead = values.shape[:-1]
+    out = values.new_zeros(*lead, *shape)
+    for rows, carried in _by_carried_axes(coords):
+        sizes = [shape[axes.index(a)] for a in carried]
+        flat = torch.zeros(len(coords), dtype=torch.long)
+        for a, n in zip(carried, sizes, strict=True):
+            flat = flat * n + coords[:, a].clamp_min(0)
+        part = values.new_zeros(*lead, prod(sizes)).index_add_(-1, flat[rows], values[..., rows])
+        view = [shape[axes.index(a)] if a in carried else 1 for a in axes]
+        out = out + part.reshape(*lead, *view)
+    return out
 
 
 def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ from fxgradnas.analysis import REGISTRY, register
 from fxgradnas.analysis.rules import grouped_mm
 from fxgradnas.capture import ExampleInputs
 
-__all__ = ["HF_ZOO", "ZOO", "Example", "MoE", "analysis_of", "looped_mm"]
+__all__ = ["FUSED_SPLITS", "HF_ZOO", "ZOO", "Example", "FusedAttention", "MoE", "analysis_of", "fused", "looped_mm"]
 Example = tuple[nn.Module, ExampleInputs]
 
 BATCH = 3
@@ -523,6 +523,66 @@ def multihead(embed: int = 32, heads: int = 4, seed: int = 0) -> Example:
     """``nn.MultiheadAttention`` model; input: (3, 7, embed)."""
     with _seeded(seed) as gen:
         return MultiheadModel(embed, heads).eval(), torch.randn(BATCH, SEQ, embed, generator=gen)
+
+
+# --------------------------------------------------------------------------- fused projections
+FUSED_SPLITS = ("slice", "split", "index", "grouped")
+
+
+class FusedAttention(nn.Module):
+    """Attention and a SwiGLU MLP on one residual stream, each from one fused projection. ``split``: how the
+    fused q/k/v output is read: ``slice`` (Phi-3: ``qkv[..., a:b]``), ``split`` (GPT-BigCode: unequal
+    ``split``), ``index`` (Falcon-7B: the heads axis of ``view(..., heads + 2, head_dim)`` read as
+    ``[:-2]``, ``[[-2]]``, ``[[-1]]``; one KV head) or ``grouped`` (Falcon-40B: ``view(..., kv, q_per_kv + 2,
+    head_dim)`` read the same way, k and v broadcast to the queries). The MLP's gate and up are ``chunk``-ed."""
+
+    def __init__(self, split: str, width: int = 16, heads: int = 4, kv_heads: int = 2, head_dim: int = 4,
+                 mlp: int = 12) -> None:
+        super().__init__()
+        self.split, self.hq, self.hkv, self.hd = split, heads, 1 if split == "index" else kv_heads, head_dim
+        self.qkv = nn.Linear(width, (self.hq + 2 * self.hkv) * head_dim)
+        self.o = nn.Linear(heads * head_dim, width)
+        self.gate_up = nn.Linear(width, 2 * mlp)
+        self.down = nn.Linear(mlp, width)
+        self.head = nn.Linear(width, 3)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (b, hq, s, hd) and k, v (b, hkv or hq, s, hd)."""
+        b, s, _ = x.shape
+        qkv = self.qkv(x)
+        q_width, kv_width = self.hq * self.hd, self.hkv * self.hd
+        if self.split in ("slice", "split"):
+            if self.split == "slice":
+                q, k, v = qkv[..., :q_width], qkv[..., q_width:q_width + kv_width], qkv[..., q_width + kv_width:]
+            else:
+                q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+            return tuple(t.view(b, s, -1, self.hd).transpose(1, 2) for t in (q, k, v))  # type: ignore[return-value]
+        if self.split == "index":
+            qkv = qkv.view(b, s, self.hq + 2, self.hd)
+            q, k, v = qkv[..., :-2, :], qkv[..., [-2], :], qkv[..., [-1], :]
+        else:
+            qkv = qkv.view(b, s, -1, self.hq // self.hkv + 2, self.hd)
+            q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
+            q, k, v = (torch.broadcast_to(t, q.shape).flatten(2, 3) for t in (q, k, v))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        if k.shape[1] != q.shape[1]:  # grouped-query (or multi-query) attention
+            rep = q.shape[1] // k.shape[1]
+            k, v = (t[:, :, None].expand(b, k.shape[1], rep, s, self.hd).reshape(b, self.hq, s, self.hd) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, s, self.hq * self.hd))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.head(x + self.down(F.silu(gate) * up))
+
+
+def fused(split: str = "slice", seed: int = 0, **sizes: int) -> Example:
+    """:class:`FusedAttention`; input: (3, 7, width)."""
+    with _seeded(seed) as gen:
+        model = FusedAttention(split, **sizes).eval()
+        return model, torch.randn(BATCH, SEQ, model.qkv.in_features, generator=gen)
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -12,7 +12,7 @@ import torch
 from ..capture import Captured, ExampleInputs, capture
 from ..errors import ArgumentError, ArgumentTypeError, UnknownGroupError
 from ..report import analysis_table
-from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups
+from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups, factor_sizes
 from .propagate import propagate
 from .registry import REGISTRY, OpEntry, register
 from .spaces import Size
@@ -20,7 +20,7 @@ from .state import Propagation
 
 __all__ = [
     "Analysis", "Factor", "Group", "Layout", "NodeAxis", "OpEntry", "REGISTRY", "TensorAxis", "analyze",
-    "analyze_captured", "check_analysis", "check_groups", "ensure_analysis", "register",
+    "analyze_captured", "check_analysis", "check_groups", "ensure_analysis", "factor_sizes", "register",
 ]
 
 
@@ -67,15 +67,16 @@ class Analysis:
         """Size of a leaf space (an int, or a sympy expression for batch/sequence)."""
         return self.walk.spaces.size(leaf)
 
-    def parameter_leaves(self) -> list[tuple[torch.Tensor, list[list[int]]]]:
-        """Every parameter and buffer the graph reads (tied ones once), with the leaf spaces of each axis."""
-        return [(tensor, [self.walk.spaces.leaves(s) for s in spaces])
+    def parameter_leaves(self) -> list[tuple[torch.Tensor, list[list[list[int]]]]]:
+        """Every parameter and buffer the graph reads (tied ones once), with the segments of each axis: the
+        leaf spaces of each product the axis concatenates (one for an axis that is not cut into parts)."""
+        return [(tensor, [self.walk.spaces.segments(s) for s in spaces])
                 for tensor, spaces in self.walk.records.tensors.values()]
 
-    def multiply_adds(self) -> list[list[int]]:
-        """Leaf spaces of every contraction (linear, matmul, conv, attention): its multiply-adds are
-        the product of their sizes."""
-        return [[leaf for s in spaces for leaf in self.walk.spaces.leaves(s)] for spaces in self.walk.records.flops]
+    def multiply_adds(self) -> list[list[list[list[int]]]]:
+        """The segments of each axis of every contraction (linear, matmul, conv, attention): its multiply-adds
+        are the product over those axes of the summed sizes of their segments."""
+        return [[self.walk.spaces.segments(s) for s in spaces] for spaces in self.walk.records.flops]
 
     def table(self, tablefmt: str = "simple") -> str:
         return analysis_table(self, tablefmt=tablefmt)

@@ -4,7 +4,9 @@ A group owns one or more *leaf spaces* (its unit grid): a channels group owns on
 a heads group owns the query-head space, ``[kv_heads, queries_per_kv]`` for grouped-query attention
 (query head ``h`` reads KV head ``h // queries_per_kv``). Every axis the group touches is described by
 a :class:`Layout`: the row-major factors of that axis, each either one of the group's unit axes or
-a factor the group does not own (the head dim, the q/k/v piece index of a fused projection, ...).
+a factor the group does not own (the head dim, the q/k/v piece index of a fused projection, ...), or a
+factor that is a concatenation of parts holding units (a fused projection sliced into q, k and v: each
+part has its own layout).
 An *experts* group owns the experts of a mixture-of-experts layer: the router's rows and each expert's
 slice of the stacked expert weights; its mask site is the router's logits (a removed expert's is -inf).
 """
@@ -28,10 +30,12 @@ ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entri
 
 @dataclass(frozen=True)
 class Factor:
-    """One row-major factor of an axis: its size (None if dynamic) and which unit axis it is."""
+    """One row-major factor of an axis: its size (None if dynamic) and which unit axis it is; a factor
+    that is a concatenation of parts holding units has the layout of each part (``parts``)."""
 
     size: int | None
     unit_axis: int | None = None
+    parts: tuple[Layout, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,36 @@ class Layout:
 
     @property
     def unit_axes(self) -> tuple[int, ...]:
-        return tuple(f.unit_axis for f in self.factors if f.unit_axis is not None)
+        """The unit axes the axis carries, in the order they first appear (parts included)."""
+        found: list[int] = []
+        for f in self.factors:
+            inner = [f.unit_axis] if f.unit_axis is not None else [a for part in f.parts for a in part.unit_axes]
+            found += [a for a in inner if a not in found]
+        return tuple(found)
+
+    @property
+    def concatenated(self) -> bool:
+        """Whether a factor is a concatenation of parts holding units."""
+        return any(f.parts for f in self.factors)
+
+
+def factor_sizes(layouts: list[tuple[Layout, tuple[int, ...]]]) -> list[int | None]:
+    """Sizes of an axis's factors when every group that touches it keeps its given count per unit axis
+    (``layouts``: the axis's layout in each such group, with that group's counts); a concatenation is the
+    sum of its parts."""
+    out: list[int | None] = []
+    for i, factor in enumerate(layouts[0][0].factors):
+        here = [(layout.factors[i], kept) for layout, kept in layouts]
+        unit = next((kept[f.unit_axis] for f, kept in here if f.unit_axis is not None), None)
+        cut = [(f, kept) for f, kept in here if f.parts]
+        if unit is not None:
+            out.append(unit)
+        elif cut:
+            out.append(sum(prod(factor_sizes([(f.parts[j], kept) for f, kept in cut]))  # type: ignore[arg-type]
+                           for j in range(len(cut[0][0].parts))))
+        else:
+            out.append(factor.size)
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,7 +162,8 @@ class _GroupBuilder:
         self.nodes = {n.name: n for n in p.gm.graph.nodes}
 
     def leaves(self, space: int) -> list[int]:
-        return self.s.leaves(space)
+        """The leaves of ``space``, inside its concatenated factors too."""
+        return self.s.deep_leaves(space)
 
     def resolve(self, pairs: list[tuple[int, str]]) -> dict[int, list[str]]:
         out: dict[int, list[str]] = defaultdict(list)
@@ -152,6 +186,8 @@ class _GroupBuilder:
             for tensor, spaces in self.rec.tensors.values()
             for axis, space in enumerate(spaces)
         ]
+        segments = [segment for _, spaces in self.rec.tensors.values() for space in spaces
+                    for segment in self.s.segments(space)]
         param_leaves: list[int] = []
         for tensor, _, leaves in tensor_axes:
             if isinstance(tensor, torch.nn.Parameter):
@@ -161,16 +197,18 @@ class _GroupBuilder:
         owned: set[int] = set()
         single_kv: set[tuple[int, ...]] = set()
         for space, kv_heads in self.rec.heads:
-            grid = tuple(x for x in self.leaves(space) if not self.s.is_data(x))
+            if any(self.s.pieces(x) for x in self.s.leaves(space)):
+                continue  # heads that are a concatenation of pieces are not one grid
+            grid = tuple(x for x in self.s.leaves(space) if not self.s.is_data(x))
             if kv_heads == 1:
                 single_kv.add(grid)
             if grid and not owned.intersection(grid) and any(x in param_leaves for x in grid):
                 units.append(("heads", grid))
                 owned.update(grid)
         internal = {leaf for space in self.rec.internal for leaf in self.leaves(space)}
-        for _, _, leaves in tensor_axes:
-            if owned.intersection(leaves):
-                internal.update(x for x in leaves if x not in owned)
+        for segment in segments:
+            if owned.intersection(segment):
+                internal.update(x for x in segment if x not in owned)
         alone = {leaves[0] for _, _, leaves in tensor_axes if len(leaves) == 1}
         experts = set(self.resolve([(space, "") for _, _, space in self.rec.experts]))
         for leaf in param_leaves:
@@ -202,10 +240,12 @@ class _GroupBuilder:
 
     def layout(self, space: int, grid: tuple[int, ...]) -> Layout:
         factors = []
-        for leaf in self.leaves(space):
+        for leaf in self.s.leaves(space):
             size = self.s.size(leaf)
             unit = grid.index(leaf) if leaf in grid else None
-            factors.append(Factor(None if is_data_size(size) else int(size), unit))
+            pieces = self.s.pieces(leaf) or []
+            parts = tuple(self.layout(p, grid) for p in pieces) if self.touching(leaf, grid) and unit is None else ()
+            factors.append(Factor(None if is_data_size(size) else int(size), unit, parts))
         return Layout(tuple(factors))
 
     def batch_major(self, node_name: str) -> bool:
@@ -214,8 +254,8 @@ class _GroupBuilder:
         node = next((n for n in self.p.axes if n.name == node_name), None)
         if not inputs or node is None or not self.p.axes[node] or not self.p.axes[inputs[0]]:
             return False
-        batch = self.leaves(self.p.axes[inputs[0]][0])
-        first = self.leaves(self.p.axes[node][0])
+        batch = self.s.leaves(self.p.axes[inputs[0]][0])
+        first = self.s.leaves(self.p.axes[node][0])
         return bool(batch and first and first[0] == batch[0])
 
     def touching(self, space: int, grid: tuple[int, ...]) -> bool:
@@ -261,8 +301,11 @@ class _GroupBuilder:
         g.unit_width = _unit_width(g)
         _judge_exact(g)
         if g.prunable:
-            g.reason = self.unpatchable(constants)
+            g.reason = self.unpatchable(constants, unit_shape)
             g.prunable = not g.reason
+        cut = [site.node for site in g.sites if site.layout.concatenated]
+        if g.prunable and cut:
+            g.prunable, g.reason = False, f"its mask site {cut[0]} is a concatenation of pieces"
         if g.prunable and not g.sites:
             g.prunable, g.reason = False, "no place to put its mask (no weight consumes it)"
         dynamic = [site.node for site in g.sites if any(f.size is None for f in site.layout.factors)]
@@ -274,12 +317,13 @@ class _GroupBuilder:
             g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
         return g
 
-    def unpatchable(self, constants: list[NodeAxis]) -> str:
+    def unpatchable(self, constants: list[NodeAxis], unit_shape: tuple[int, ...]) -> str:
         """Why the rewrite could not shrink one of these size constants ('' when it can): the op has
-        no patcher, or its patcher fails when dry-run with one unit fewer on every unit factor."""
+        no patcher, or its patcher fails when dry-run with one unit fewer on every unit axis."""
+        fewer = tuple(max(n - 1, 1) for n in unit_shape)
         for c in constants:
             old = [f.size for f in c.layout.factors]
-            sizes = [f.size - 1 if f.unit_axis is not None and f.size > 1 else f.size for f in c.layout.factors]
+            sizes = factor_sizes([(c.layout, fewer)])
             if sizes == old:
                 continue
             node = self.nodes[c.node]

@@ -19,7 +19,7 @@ from torch.fx import Node
 from ..capture import mutated_argument
 from ..errors import RewriteError
 from .registry import Edit, aten_overloads, entry_for, fixed_size, int_arg, register, size_list, with_arg
-from .spaces import as_size
+from .spaces import ShapeConflict, as_size
 from .state import AxisSpaces, Propagation, op_name
 
 aten = torch.ops.aten
@@ -298,7 +298,7 @@ def permute(p: Propagation, node: Node) -> AxisSpaces:
     return [spaces[i] for i in order]
 
 
-@register(aten.expand, patch=size_list(1, "size"))
+@register(aten.expand, aten.broadcast_to, patch=size_list(1, "size"))
 def expand(p: Propagation, node: Node) -> AxisSpaces:
     """Axes of size 1 grown to n become new spaces (e.g. the queries-per-KV axis of GQA); the size
     list spells every output axis."""
@@ -307,7 +307,7 @@ def expand(p: Propagation, node: Node) -> AxisSpaces:
     return out
 
 
-@register(aten.expand_as, aten.broadcast_to)
+@register(aten.expand_as)
 def broadcast(p: Propagation, node: Node) -> AxisSpaces:
     src = node.args[0]
     spaces, shape = p.of(src), p.shape(src)
@@ -371,13 +371,39 @@ def _patch_split(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
     return [with_arg(node, 1, "split_sizes", [fixed_size(node, sizes)] * len(value))]
 
 
-@register(aten.split, aten.split_with_sizes, aten.unsafe_split, patch=_patch_split)
+@register(aten.split, aten.unsafe_split, patch=_patch_split)
 def split(p: Propagation, node: Node) -> list[AxisSpaces]:
     """Equal pieces: the axis becomes [pieces, piece] and every output's axis is the piece space,
     which the split size spells."""
     result, piece = _equal_pieces(p, node, p.arg(2, "dim", 0))
     if piece is not None:
         p.constants([piece])
+    return result
+
+
+@register(aten.split_with_sizes, patch=size_list(1, "split_sizes"))
+def split_with_sizes(p: Propagation, node: Node) -> list[AxisSpaces]:
+    """Equal pieces as :func:`split` does; unequal ones (a fused projection's q, k and v of different
+    widths) cut the axis into consecutive parts, each output's axis its own part. Entry i of the sizes
+    spells the space of output i."""
+    src, dim = node.args[0], p.arg(2, "dim", 0)
+    spaces = p.of(src)
+    dim %= len(spaces)
+    sizes = [as_size(v.shape[dim]) for v in p.val(node)]
+    if len(set(sizes)) > 1 and all(isinstance(n, int) and n > 0 for n in sizes):
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        try:
+            parts = [p.spaces.cut(spaces[dim], a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+        except ShapeConflict as exc:
+            p.freeze(spaces[dim], f"split into pieces at {node.name}: {exc}")
+        else:
+            p.constants(parts)
+            if p.is_weight(src):
+                p.weightlike.add(node)
+            return [[part if i == dim else t for i, t in enumerate(spaces)] for part in parts]
+    result, piece = _equal_pieces(p, node, dim)
+    if piece is not None:
+        p.constants([piece] * len(sizes))
     return result
 
 
@@ -451,19 +477,58 @@ def stack(p: Propagation, node: Node) -> AxisSpaces:
     return out
 
 
-@register(aten.slice)
+def _patch_slice(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
+    """Constant 0 spells the start, 1 the end: the entries before the bound, or, for a bound counted
+    from the end (negative), the entries from the bound on."""
+    arg, keyword = (2, "start") if index == 0 else (3, "end")
+    value = node.args[arg] if len(node.args) > arg else node.kwargs.get(keyword)
+    if not isinstance(value, int):
+        raise RewriteError(f"{node.name}: the {keyword} is spelled by {value!r}, which fxgradnas cannot patch")
+    size = fixed_size(node, sizes)
+    return [with_arg(node, arg, keyword, -size if value < 0 else size)]
+
+
+def _bound_space(p: Propagation, space: int, bound: int, from_end: bool) -> int:
+    """The space a constant bound spells: the entries before it, or (counted from the end) from it on;
+    a trivial space for a bound no pruning moves (the start at 0)."""
+    size = int(p.spaces.size(space))
+    if from_end:
+        return p.spaces.cut(space, bound, size)
+    return p.spaces.cut(space, 0, bound) if bound > 0 else p.spaces.new(1)
+
+
+@register(aten.slice, patch=_patch_slice)
 def slice_(p: Propagation, node: Node) -> AxisSpaces:
+    """A slice of constant bounds (step 1) of a constant-sized axis is a part of it (a fused projection's
+    q, k or v): the axis is cut there (:meth:`~fxgradnas.analysis.spaces.SpaceGraph.cut`), and the start and
+    end spell the parts before them (see :func:`_patch_slice`); an end at or past the last entry stays.
+    Any other slice freezes the axis."""
     src = node.args[0]
     spaces, shape = p.of(src), p.shape(src)
     out_shape = _out_shape(p, node)
     dim = p.arg(1, "dim", 0) % len(spaces)
+    start, end, step = p.arg(2, "start"), p.arg(3, "end"), p.arg(4, "step", 1)
     out = list(spaces)
-    if not (out_shape[dim] == shape[dim] and p.arg(4, "step", 1) == 1):
-        reason = f"sliced at {node.name}"
-        p.freeze(spaces[dim], reason)
-        out[dim] = p.fresh([out_shape[dim]], reason)[0]
     if p.is_weight(src):
         p.weightlike.add(node)
+    if out_shape[dim] == shape[dim] and step == 1:
+        return out
+    size = shape[dim]
+    if (isinstance(size, int) and step == 1 and isinstance(start, (int, type(None)))
+            and isinstance(end, (int, type(None))) and out_shape[dim] != 0):
+        first = 0 if start is None else max(start + size, 0) if start < 0 else min(start, size)
+        last = size if end is None else max(end + size, 0) if end < 0 else min(end, size)
+        try:
+            out[dim] = p.spaces.cut(spaces[dim], first, last)
+            p.constants([_bound_space(p, spaces[dim], first, start is not None and start < 0),
+                         p.spaces.new(1) if last == size else _bound_space(p, spaces[dim], last, end < 0)])
+            return out
+        except ShapeConflict as exc:
+            reason = f"sliced at {node.name}: {exc}"
+    else:
+        reason = f"sliced at {node.name}"
+    p.freeze(spaces[dim], reason)
+    out[dim] = p.fresh([out_shape[dim]], reason)[0]
     return out
 
 
@@ -924,16 +989,57 @@ def _one_index(p: Propagation, node: Node) -> tuple[int, Node] | None:
     return used[0]
 
 
+def _constant_tensor(p: Propagation, x: Any) -> torch.Tensor | None:
+    """The value of ``x`` when it is a constant of the graph (a tensor that is no parameter or buffer of
+    the model, as ``x[..., [-2]]`` lifts its list), possibly copied."""
+    while isinstance(x, Node) and getattr(x.target, "overloadpacket", None) in (aten.lift_fresh_copy, aten.clone,
+                                                                              aten.detach, aten.alias):
+        x = x.args[0]
+    if not isinstance(x, Node) or x.op != "get_attr":
+        return None
+    value = operator.attrgetter(x.target)(p.gm)
+    return value if isinstance(value, torch.Tensor) and not p.captured.names_of(value) else None
+
+
+def _index_run(p: Propagation, space: int, idx: Node) -> int | None:
+    """The part of ``space`` that a constant index tensor picks when its entries are consecutive (all
+    counted from the start or all from the end), else None. A constant tensor is not rewritten, so the
+    picked entries and those before them (counted from the end: those from the first picked on) are frozen."""
+    values = _constant_tensor(p, idx)
+    size = p.spaces.size(space)
+    if values is None or values.dim() != 1 or not values.numel() or not isinstance(size, int):
+        return None
+    entries = values.tolist()
+    from_end = entries[0] < 0
+    if any((v < 0) != from_end or not -size <= v < size for v in entries):
+        return None
+    first = entries[0] + size if from_end else entries[0]
+    if entries != list(range(entries[0], entries[0] + len(entries))):
+        return None
+    try:
+        piece = p.spaces.cut(space, first, first + len(entries))
+        fixed = p.spaces.cut(space, first, size) if from_end else p.spaces.cut(space, 0, first + len(entries))
+        p.freeze(fixed, f"indexed by a constant tensor at {p.where()}, whose entries pruning would move")
+    except ShapeConflict:
+        return None
+    return piece
+
+
 @register(aten.index.Tensor)
 def index(p: Propagation, node: Node) -> AxisSpaces:
     """``x[..., idx, ...]`` with one integer index tensor on axis ``d``: the output has the index's
     axes in place of axis ``d``, which is frozen (its entries are picked by value); the other axes pass
-    through. Gathering tokens by expert (mixture-of-experts dispatch) leaves the feature axes intact."""
+    through. Gathering tokens by expert (mixture-of-experts dispatch) leaves the feature axes intact.
+    A constant 1-D index of consecutive entries (``qkv[..., [-2], :]``) is a slice: axis ``d`` is cut
+    there and the output's axis is that part (see :func:`_index_run`)."""
     found = _one_index(p, node)
     if found is None:
         return no_rule(p, node)
     d, idx = found
     spaces = p.of(node.args[0])
+    piece = _index_run(p, spaces[d], idx)
+    if piece is not None:
+        return list(spaces[:d]) + [piece] + list(spaces[d + 1:])
     p.freeze(spaces[d], f"indexed by a tensor at {node.name}")
     return list(spaces[:d]) + list(p.of(idx)) + list(spaces[d + 1:])
 
