@@ -6,6 +6,7 @@ Needs the ``hf`` extra (transformers, safetensors).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -35,7 +36,7 @@ from .shard import INDEX_FILE, checkpoint_files
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
-KV_COUNT_ATTRS = ("num_key_value_heads",)
+KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
 aten = torch.ops.aten
 
@@ -243,6 +244,10 @@ def _head_patches(attention: nn.Module, group: Group, kept: tuple[int, ...]) -> 
     for attr in KV_COUNT_ATTRS:
         if isinstance(getattr(attention, attr, None), int):
             patch[attr] = n_kv
+    config = getattr(attention, "config", None)
+    for attr in HEAD_COUNT_ATTRS:  # Phi-3 reads its head count from the config (shared by every layer)
+        if isinstance(getattr(config, attr, None), int) and getattr(config, attr) != heads:
+            patch[f"config.{attr}"] = heads
     if isinstance(getattr(attention, "num_key_value_groups", None), int):
         patch["num_key_value_groups"] = heads // n_kv
     for attr in HEAD_WIDTH_ATTRS:
@@ -252,10 +257,15 @@ def _head_patches(attention: nn.Module, group: Group, kept: tuple[int, ...]) -> 
 
 
 def _set_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> None:
+    """Set each module's attributes; ``config.name`` sets ``name`` on a copy of the module's config that
+    the module alone holds from then on (the pruned layers differ in their sizes)."""
     for path, values in attributes.items():
         module = model.get_submodule(path)
+        if any(attr.startswith("config.") for attr in values):
+            module.config = copy.copy(module.config)
         for attr, value in values.items():
-            setattr(module, attr, tuple(value) if attr == "normalized_shape" else value)
+            owner, _, name = attr.rpartition(".")
+            setattr(module.config if owner else module, name, tuple(value) if name == "normalized_shape" else value)
 
 
 def save_pruned(model: nn.Module, structure: dict, directory: str | Path) -> None:

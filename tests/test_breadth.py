@@ -23,16 +23,8 @@ HF_ONLY = ("write_back", "generate", "save_load")
 
 # (model, check) -> the failure measured by benchmarks/breadth.py (first line, shortened)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ('phi3', 'heads'): '2 of 2 heads groups frozen: sliced',
-    ('phi3', 'prune'): 'ConstraintError: the smallest model keeps 68.6% of the params (frozen: 4x sliced)',
-    ('gpt_bigcode', 'heads'): '2 of 2 heads groups frozen: split into unequal pieces',
-    ('gpt_bigcode', 'prune'): 'ConstraintError: the smallest model keeps 71.8% of the params (frozen: 4x split into unequal pieces)',
     ('codegen', 'write_back'): 'relative difference 1.3e+00',
     ('codegen', 'generate'): 'greedy tokens differ from the masked graph (the written-back model differs)',
-    ('falcon', 'heads'): '2 of 2 heads groups frozen: sliced',
-    ('falcon', 'prune'): 'ConstraintError: the smallest model keeps 69.5% of the params (heads frozen: the fused qkv is sliced)',
-    ('falcon_new', 'heads'): '2 of 2 heads groups frozen: no rule for aten.index',
-    ('falcon_new', 'prune'): 'ConstraintError: the smallest model keeps 71.7% of the params (heads frozen: no rule for aten.index)',
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape',
     ('resnext50_32x4d', 'prune'): 'ConstraintError: the smallest model keeps 68.7% of the params (grouped convs: same channels in every conv group)',
     ('squeezenet1_1', 'prune'): 'ConstraintError: the smallest model keeps 60.5% of the params (expand branches concatenated)',
