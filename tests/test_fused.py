@@ -111,3 +111,29 @@ def test_a_strided_slice_freezes_the_channels_naming_the_node() -> None:
     g, = [g for g in a.groups if any(t.name == "fc1.weight" and t.axis == 0 for t in g.params)]
     assert not g.prunable and "sliced at slice" in g.reason
     assert a.prunable == []
+
+
+class FoldedHeads(nn.Module):
+    """BLOOM's attention without ALiBi: q/k/v fused as (heads, 3, head_dim), scores by ``bmm`` over an axis
+    that folds the batch with the heads."""
+
+    def __init__(self, heads: int = 4, head_dim: int = HD, width: int = 16) -> None:
+        super().__init__()
+        self.h, self.hd = heads, head_dim
+        self.qkv, self.o = nn.Linear(width, 3 * heads * head_dim), nn.Linear(heads * head_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.h, 3, self.hd)
+        q, k, v = (qkv[..., i, :].transpose(1, 2).reshape(b * self.h, s, self.hd) for i in range(3))
+        weights = torch.bmm(q, k.transpose(1, 2)).softmax(-1)
+        y = torch.bmm(weights, v).view(b, self.h, s, self.hd)
+        return self.o(y.permute(0, 2, 1, 3).reshape(b, s, self.h * self.hd))
+
+
+def test_heads_folded_with_the_batch_are_found_and_prune_exactly() -> None:
+    a = fxgradnas.analyze(FoldedHeads().eval(), torch.randn(3, 7, 16))
+    heads, = a.by_kind("heads")
+    assert heads.prunable and heads.unit_shape == (4,), a.table()
+    pruned = apply_plan(a, Plan({heads.name: [0, 3]}))  # self-checked against the masked model
+    assert pruned.qkv.weight.shape[0] == 3 * 2 * HD and pruned.o.weight.shape[1] == 2 * HD

@@ -3,8 +3,8 @@ the patcher that the rewrite uses to change those sizes.
 
 A rule (see :mod:`fxgradnas.analysis.rules`) maps an op's input axes to its output axes. A rule that
 records *size constants* (``Propagation.constants``: the spaces that the entries of a shape list, a
-split size, a repeat count or a conv's ``groups`` spell) must come with a patcher: the analysis
-freezes a group whose constants belong to an op without one, and dry-runs the patcher of every
+split size, a slice's bounds, a repeat count or a conv's ``groups`` spell) must come with a patcher:
+the analysis freezes a group whose constants belong to an op without one, and dry-runs the patcher of every
 constant of a prunable group, so that a group reported prunable is one the rewrite can shrink.
 """
 

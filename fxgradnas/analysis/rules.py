@@ -570,7 +570,8 @@ def _contract(p: Propagation, node: Node, a: Node, b: Node, out: AxisSpaces, a_a
               out_of_a: dict[int, int], out_of_b: dict[int, int]) -> None:
     """``a`` and ``b`` are contracted over ``a_axis``/``b_axis``; ``out_of_x`` maps output axes to
     the operand axis they come from. Against a weight, the activation side is a consumer site; two
-    activations (attention) freeze their own axes and mark the shared batch axes as heads."""
+    activations (attention) freeze their own axes and mark the shared batch axes that have a constant
+    factor as heads (a batch folded with the heads, as BLOOM's ``baddbmm`` has, included)."""
     da, db = p.of(a), p.of(b)
     p.same(da[a_axis], db[b_axis])
     p.records.flops.append([*out, da[a_axis]])
@@ -594,7 +595,7 @@ def _contract(p: Propagation, node: Node, a: Node, b: Node, out: AxisSpaces, a_a
         for j in free:
             p.freeze(out[j], reason)
         for j in range(len(out)):
-            if j in out_of_a and j in out_of_b and not p.spaces.is_data(out[j]):
+            if j in out_of_a and j in out_of_b and any(not p.spaces.is_data(x) for x in p.spaces.leaves(out[j])):
                 p.heads(out[j])
 
 

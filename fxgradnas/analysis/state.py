@@ -113,7 +113,9 @@ class Propagation:
         return spaces
 
     def freeze(self, space: int, reason: str) -> None:
-        if not self.spaces.is_trivial(space) and not self.spaces.is_data(space):
+        """Record that ``space`` cannot be pruned. A data-sized space is recorded too: it may be (or become)
+        a product with a constant factor (a batch folded with the heads), which must freeze with it."""
+        if not self.spaces.is_trivial(space):
             self.records.frozen.append((space, reason))
 
     def same(self, a: int, b: int) -> None:
