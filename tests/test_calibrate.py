@@ -127,6 +127,18 @@ def test_autocast_bfloat16_is_close() -> None:
         assert float((half[k] - full[k]).abs().sum() / full[k].abs().sum()) < 0.05, k
 
 
+
+def test_bfloat16_weights_score_in_float32() -> None:
+    """A bfloat16 model's mask gradients are multiplied and summed in float32: close to the float32 model's."""
+    model, ids = ZOO["llama"]()
+    full = run(analyze(model, ids), [ids], logits_loss)
+    model = model.to(torch.bfloat16)
+    half = run(analyze(model, ids), [ids], logits_loss)
+    assert all(v.dtype == torch.float32 for v in half.values())
+    for k in full:
+        assert float((half[k] - full[k]).abs().sum() / full[k].abs().sum()) < 0.05, k
+
+
 # --------------------------------------------------------------------------- recorder == autograd
 
 ZOO_CASES = ["llama", "nanogpt", "resnet", "bert", "multihead", pytest.param("hf_llama", marks=pytest.mark.hf)]
