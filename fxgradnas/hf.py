@@ -106,7 +106,8 @@ def _take_parameters(source: nn.Module, model: nn.Module, selection: Selection, 
         if owner is None:
             raise RewriteError(f"{name!r} of the pruned module has no counterpart in {type(model).__name__}")
         target = getattr(*owner)
-        shape = tuple(int(sliced[name][a].sum()) if a in sliced.get(name, {}) else n for a, n in enumerate(target.shape))
+        axes = sliced.get(name, {})
+        shape = tuple(int(axes[a].sum()) if a in axes else n for a, n in enumerate(target.shape))
         if tuple(value.shape) != shape:
             raise RewriteError(f"{name!r}: the pruned module has shape {tuple(value.shape)}, the written-back "
                                f"model {shape}; was the module made from another plan?")

@@ -15,7 +15,7 @@ import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -145,9 +145,15 @@ def copy_graph_module(gm: GraphModule, tensors: Literal["copy", "share", "view"]
             memo[id(t)] = t
         for p in gm.parameters():
             memo[id(p)] = p if tensors == "share" else nn.Parameter(p.detach(), requires_grad=False)
-    with warnings.catch_warnings():  # torch's own pytree spec copy warns about its deprecated LeafSpec
+    return quiet_deepcopy(gm, memo)
+
+
+def quiet_deepcopy(value: Any, memo: dict[int, object] | None = None) -> Any:
+    """``copy.deepcopy`` without the FutureWarning that copying torch's own pytree specs raises (about their
+    deprecated LeafSpec)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(gm, memo)
+        return copy.deepcopy(value, memo)
 
 
 @dataclass

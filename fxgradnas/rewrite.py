@@ -80,8 +80,9 @@ def apply_plan(
     Weights, biases, norm parameters and buffers are sliced; shape constants in view/reshape/
     expand/unflatten/norm nodes are patched; batch and sequence stay dynamic. The user's model is not
     modified; memory is the model plus the pruned module (the sliced tensors are taken from the model's, the
-    others copied, never the whole model). The module follows ``.train()``/``.eval()`` like the model (dropout, BatchNorm statistics),
-    so it can be fine-tuned, and starts in the mode the model was in when captured.
+    others copied, never the whole model). The module follows ``.train()``/``.eval()`` like the model
+    (dropout, BatchNorm statistics), so it can be fine-tuned, and starts in the mode the model was in when
+    captured.
 
     With ``check`` (when every pruned group is exact) the pruned outputs are compared with the masked
     reference's in eval mode, on the example inputs and on fresh random inputs of their shapes; a relative

@@ -12,7 +12,6 @@ in backward. :func:`recompute_blocks` runs each block of such a split under acti
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ArgumentError
-from .instrument import device_of
+from .instrument import device_of, quiet_deepcopy
 
 INDEX_FILE = "model.safetensors.index.json"
 NAMES = "fxgradnas_parameter_names"  # split.meta[NAMES]: {parameter moved into a block: its name in gm}
@@ -95,7 +94,7 @@ def split_blocks(gm: GraphModule) -> GraphModule:
         for node in moved:
             split.graph.erase_node(node)
         sub.recompile()
-    split.graph._codegen = copy.deepcopy(gm.graph._codegen)  # the inputs' and outputs' structure
+    split.graph._codegen = quiet_deepcopy(gm.graph._codegen)  # the inputs' and outputs' structure
     split.recompile()
     return split
 

@@ -190,6 +190,8 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpo
         before = {n: t.clone() for n, t in model.state_dict().items()}
         scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, progress=False)
         assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+        recomputed = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, recompute=True,
+                                         progress=False)
         sharded = shard_blocks(analysis.captured.module)
         local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
         # no weights in memory: every rank reads its shard of each parameter from the checkpoint
@@ -200,13 +202,16 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpo
         empty.tie_weights()  # init_empty_weights unties them
         loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, example_inputs=batches[0], shard=True,
                                      checkpoint=checkpoint, progress=False)
-        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded)},
+        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded),
+                    "recomputed": dict(recomputed)},
                    Path(out_dir) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
+    """Two gloo ranks scoring half the batches each with sharded blocks give the scores of one process, also
+    with the blocks recomputed in backward and with the weights read from a checkpoint."""
     import time
 
     import torch.multiprocessing as mp
@@ -233,6 +238,7 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
         assert result["scores"].keys() == single.keys()
         for name, value in single.items():
             torch.testing.assert_close(result["scores"][name], value, rtol=1e-4, atol=1e-12)
+            torch.testing.assert_close(result["recomputed"][name], result["scores"][name], rtol=0, atol=0)
         # one submodule per decoder layer, each holding half of its parameters' rows on this rank
         assert result["local"]["submod_1.model_layers_0_mlp_down_proj_weight"] == (32, 128)
         assert result["local"]["submod_2.model_layers_1_self_attn_q_proj_weight"] == (32, 64)
