@@ -3,6 +3,9 @@
     python benchmarks/scale.py analysis [--models llama-3.1-8b llama-3.1-70b qwen2.5-72b] [--dynamic]
     python benchmarks/scale.py checkpoint [--dir runs/scale-1b] [--shard 500MB] [--verify]
     python benchmarks/scale.py sharded-calibration runs/scale-1b [--ranks-only]
+    python benchmarks/scale.py end-to-end runs/scale-1b [--dtype bfloat16|float32] [--batches 2] [--seq-len 128]
+        [--params 0.6] [--new-tokens 8] [--copy-weights]
+    python benchmarks/scale.py recompute CHECKPOINT_DIR [--dtype bfloat16|float32] [--seq-len 2048]
 
 ``analysis``: each model is built from its real config on the meta device (no weights) and analysed
 in a fresh process (static shapes; ``--dynamic``: dynamic batch and sequence); rows give capture and analysis time, peak RSS of that process, the groups, and a
@@ -18,6 +21,13 @@ loaded model in memory.
 ``sharded-calibration``: two gloo ranks whose model has its parameters on the meta device calibrate it
 with ``shard=True`` and the weights read from that checkpoint, against one process with the whole model
 loaded, on the same batches.
+
+``end-to-end``: the checkpoint that ``checkpoint`` saves, loaded (every weight read once), analysed, calibrated, searched, rewritten by
+``apply_plan``, written back with ``share_weights=True`` (``--copy-weights``: copied) and asked to generate, in one fresh process whose
+peak RSS (VmHWM) is reset before each step; each step's time and peak as a multiple of the model's bytes.
+
+``recompute``: one batch of 1 x seq-len tokens calibrated without and with ``recompute=True``, each in a
+fresh process; time, peak RSS and its rise over the RSS before the call, and whether the scores are equal.
 """
 
 from __future__ import annotations
@@ -269,8 +279,10 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, ratio: float, new_tokens: int) -> None:
-    """Load, analyse, calibrate, search, rewrite, write back and generate in this process; one row per step."""
+def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, ratio: float, new_tokens: int,
+                   copy_weights: bool = False) -> None:
+    """Load, analyse, calibrate, search, rewrite, write back (the pruned module's weights shared, or copied) and
+    generate in this process; one row per step."""
     from transformers import AutoModelForCausalLM
 
     import fxgradnas
@@ -289,8 +301,8 @@ def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, rati
     found = steps.run("search", lambda: fxgradnas.search(analysis, scores, {"params": ratio}))
     pruned = steps.run("rewrite (apply_plan, checked)", lambda: fxgradnas.apply_plan(analysis, found.plan))
     check = pruned.meta["self_check"]
-    steps.run("write back (shared weights, checked)",
-              lambda: write_back(model, analysis, found.plan, weights=pruned, share_weights=True))
+    steps.run(f"write back ({'copied' if copy_weights else 'shared'} weights, checked)",
+              lambda: write_back(model, analysis, found.plan, weights=pruned, share_weights=not copy_weights))
     analysis = pruned = None  # the dense weights go with the analysis' graph
     prompt = data[0][:, :16]
     generated = steps.run("generate", lambda: model.generate(prompt, max_new_tokens=new_tokens,
@@ -391,6 +403,7 @@ def main() -> None:
         e.add_argument("--seq-len", type=int, default=128)
         e.add_argument("--params", type=float, default=0.6)
         e.add_argument("--new-tokens", type=int, default=8)
+        e.add_argument("--copy-weights", action="store_true", help="write back copies (default: share_weights=True)")
     for step in ("recompute", "one-recompute"):
         r = sub.add_parser(step)
         r.add_argument("dir", type=Path, help="a Hugging Face checkpoint directory")
@@ -406,10 +419,11 @@ def main() -> None:
     elif args.command in ("end-to-end", "one-end-to-end"):
         options = [args.dtype, args.batches, args.seq_len, args.params, args.new_tokens]
         if args.command == "one-end-to-end":
-            one_end_to_end(args.dir / "source", *options)
+            one_end_to_end(args.dir / "source", *options, copy_weights=args.copy_weights)
         else:
             end_to_end(args.dir, [f"--{k}={v}" for k, v in zip(["dtype", "batches", "seq-len", "params", "new-tokens"],
-                                                             options, strict=True)])
+                                                             options, strict=True)]
+                       + (["--copy-weights"] if args.copy_weights else []))
     elif args.command == "one-analysis":
         one_analysis(args.model, args.dynamic)
     elif args.command == "analysis":

@@ -29,7 +29,7 @@ from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .plan import Plan, check_plan
 from .scores import Scores
-from .shard import recompute_blocks, shard_blocks, split_blocks
+from .shard import BLOCKS, recompute_blocks, shard_blocks, split_blocks
 
 MODES = ("batch", "sample")
 
@@ -164,6 +164,10 @@ def calibrate(
         inst.module = shard_blocks(inst.module, checkpoint, aliases)
     if recompute:
         inst.module = recompute_blocks(inst.module if shard else split_blocks(inst.module))
+        if not inst.module.meta[BLOCKS]:
+            warnings.warn(f"recompute=True found no block to recompute in {type(analysis.captured.model).__name__} "
+                          "(a numbered submodule such as model.layers.3): calibration keeps every activation",
+                          stacklevel=2)
     training = [name or type(m).__name__ for name, m in analysis.captured.model.named_modules() if m.training]
     if training:
         warnings.warn(f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} in train mode: calibration runs "

@@ -139,6 +139,15 @@ def test_bfloat16_weights_score_in_float32() -> None:
         assert float((half[k] - full[k]).abs().sum() / full[k].abs().sum()) < 0.05, k
 
 
+
+def test_recompute_says_when_there_is_no_block() -> None:
+    """A model without numbered submodules (decoder layers) has nothing to recompute: a warning, the same scores."""
+    model, data = tiny_mlp(), tiny_batches(2)
+    with pytest.warns(UserWarning, match="no block to recompute in Sequential"):
+        recomputed = run(model, data, recompute=True)
+    assert_scores_close(recomputed, run(model, data), rtol=0)
+
+
 # --------------------------------------------------------------------------- recorder == autograd
 
 ZOO_CASES = ["llama", "nanogpt", "resnet", "bert", "multihead", pytest.param("hf_llama", marks=pytest.mark.hf)]
