@@ -74,13 +74,16 @@ def apply_plan(
     *,
     check: bool = True,
     tolerance: float | None = None,
+    share_weights: bool = False,
 ) -> GraphModule:
     """A physically smaller module that keeps only the plan's units.
 
     Weights, biases, norm parameters and buffers are sliced; shape constants in view/reshape/
     expand/unflatten/norm nodes are patched; batch and sequence stay dynamic. The user's model is not
     modified; memory is the model plus the pruned module (the sliced tensors are taken from the model's, the
-    others copied, never the whole model). The module follows ``.train()``/``.eval()`` like the model
+    others copied, never the whole model); with ``share_weights=True`` the tensors the plan leaves whole (an
+    embedding, the norms of an unpruned width) are the model's own memory instead of copies (less memory, but
+    changing them in place, as training does, changes the model). The module follows ``.train()``/``.eval()`` like the model
     (dropout, BatchNorm statistics), so it can be fine-tuned, and starts in the mode the model was in when
     captured.
 
@@ -105,7 +108,8 @@ def apply_plan(
                           "differs from the masked one", stacklevel=2)
     pruned = copy_graph_module(analysis.captured.module, "view")  # no copy of the whole model
     slice_tensors(pruned, selection)
-    own_tensors(pruned, analysis.captured.module)
+    if not share_weights:
+        own_tensors(pruned, analysis.captured.module)
     _patch_shape_constants(pruned, selection.groups, selection.kept)
     _correct_rms_norms(pruned, selection.groups, selection.kept)
     pruned.graph.lint()
@@ -317,9 +321,10 @@ def _rescale_rms_norm_op(gm: GraphModule, node: Node, ratio: float) -> None:
     if eps is None:
         eps = torch.finfo(x.meta["val"].dtype).eps
     args[3] = eps / ratio
-    if isinstance(weight, Node) and weight.op == "get_attr":
-        with torch.no_grad():
-            gm.get_parameter(weight.target).mul_(1 / math.sqrt(ratio))
+    if isinstance(weight, Node) and weight.op == "get_attr":  # a new tensor: the old may be the model's memory
+        owner, attr = tensor_owner(gm, weight.target)
+        old = owner._parameters[attr]
+        owner._parameters[attr] = torch.nn.Parameter(old.detach() / math.sqrt(ratio), requires_grad=old.requires_grad)
     else:
         with gm.graph.inserting_after(node):
             scaled = gm.graph.call_function(aten.mul.Tensor, (node, 1 / math.sqrt(ratio)))

@@ -267,3 +267,26 @@ def test_output_difference_compares_in_chunks(monkeypatch: pytest.MonkeyPatch) -
     assert rewrite.output_difference([a, torch.arange(4)], [b, torch.arange(4)]) == whole
     b[2, 20] = math.nan
     assert rewrite.output_difference([a], [b]) == math.inf
+
+
+def test_pruned_module_shares_the_tensors_left_whole_when_asked() -> None:
+    """``share_weights=True``: the tensors the plan does not slice are the model's memory, the sliced (and
+    rescaled) ones new; the model keeps its values and flags, and the module computes what the one with
+    copies computes."""
+    model, inputs = ZOO["llama"]()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    for keep in (plan.keep, {**plan.keep, "hidden": list(range(20))}):
+        shared = apply_plan(model, Plan(keep), inputs, share_weights=True)
+        held = {n: t.untyped_storage().data_ptr() in storages for n, t in shared.state_dict().items()}
+        if "hidden" in keep:
+            assert not any(n.endswith("norm.weight") and held[n] for n in held)  # sliced, then rescaled
+        else:
+            assert held["model.layers.1.mlp.up_proj.weight"] and held["model.embed_tokens.weight"]
+            assert not held["model.layers.0.mlp.down_proj.weight"] and not held["model.layers.1.self_attn.q_proj.weight"]
+        torch.testing.assert_close(shared(inputs), apply_plan(model, Plan(keep), inputs)(inputs), rtol=0, atol=0)
+    assert model.model.embed_tokens.weight.requires_grad is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
