@@ -4,7 +4,7 @@
     python benchmarks/scale.py checkpoint [--dir runs/scale-1b] [--shard 500MB] [--verify]
     python benchmarks/scale.py sharded-calibration runs/scale-1b [--ranks-only]
     python benchmarks/scale.py end-to-end runs/scale-1b [--dtype bfloat16|float32] [--batches 2] [--seq-len 128]
-        [--params 0.6] [--new-tokens 8] [--copy-weights]
+        [--params 0.6] [--new-tokens 8] [--share both|write-back|none]
     python benchmarks/scale.py recompute CHECKPOINT_DIR [--dtype bfloat16|float32] [--seq-len 2048]
 
 ``analysis``: each model is built from its real config on the meta device (no weights) and analysed
@@ -22,9 +22,10 @@ loaded model in memory.
 with ``shard=True`` and the weights read from that checkpoint, against one process with the whole model
 loaded, on the same batches.
 
-``end-to-end``: the checkpoint that ``checkpoint`` saves, loaded (every weight read once), analysed, calibrated, searched, rewritten by
-``apply_plan``, written back with ``share_weights=True`` (``--copy-weights``: copied) and asked to generate, in one fresh process whose
-peak RSS (VmHWM) is reset before each step; each step's time and peak as a multiple of the model's bytes.
+``end-to-end``: the checkpoint that ``checkpoint`` saves, loaded (every weight read once), analysed,
+calibrated, searched, rewritten by ``apply_plan`` and written back (``--share``: which of the two share
+weights instead of copying), then asked to generate, in one fresh process whose peak RSS (VmHWM) is reset
+before each step; each step's time and peak as a multiple of the model's bytes.
 
 ``recompute``: one batch of 1 x seq-len tokens calibrated without and with ``recompute=True``, each in a
 fresh process; time, peak RSS and its rise over the RSS before the call, and whether the scores are equal.
@@ -280,9 +281,10 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 
 
 def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, ratio: float, new_tokens: int,
-                   copy_weights: bool = False) -> None:
-    """Load, analyse, calibrate, search, rewrite, write back (the pruned module's weights shared, or copied) and
-    generate in this process; one row per step."""
+                   share: str = "both") -> None:
+    """Load, analyse, calibrate, search, rewrite, write back and generate in this process; one row per step.
+    ``share``: which of ``apply_plan`` and ``write_back`` get ``share_weights=True`` ("both", "write-back",
+    "none")."""
     from transformers import AutoModelForCausalLM
 
     import fxgradnas
@@ -299,10 +301,11 @@ def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, rati
     analysis = steps.run("analyse", lambda: fxgradnas.analyze(model, data[0], dynamic_shapes=None))
     scores = steps.run("calibrate", lambda: fxgradnas.calibrate(analysis, data, causal_lm_loss, progress=False))
     found = steps.run("search", lambda: fxgradnas.search(analysis, scores, {"params": ratio}))
-    pruned = steps.run("rewrite (apply_plan, checked)", lambda: fxgradnas.apply_plan(analysis, found.plan))
+    pruned = steps.run("rewrite (apply_plan, checked)",
+                       lambda: fxgradnas.apply_plan(analysis, found.plan, share_weights=share == "both"))
     check = pruned.meta["self_check"]
-    steps.run(f"write back ({'copied' if copy_weights else 'shared'} weights, checked)",
-              lambda: write_back(model, analysis, found.plan, weights=pruned, share_weights=not copy_weights))
+    steps.run("write back (checked)",
+              lambda: write_back(model, analysis, found.plan, weights=pruned, share_weights=share != "none"))
     analysis = pruned = None  # the dense weights go with the analysis' graph
     prompt = data[0][:, :16]
     generated = steps.run("generate", lambda: model.generate(prompt, max_new_tokens=new_tokens,
@@ -312,7 +315,7 @@ def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, rati
     print(json.dumps({
         "dtype": dtype, "model GB": round(model_bytes / 1e9, 3), "RSS after imports GB": round(imports / 1e9, 3),
         "calibration": f"{batches} x 1 x {seq_len} tokens", "achieved params": round(found.achieved["params"], 4),
-        "self-check": str(check), "pruned model GB": round(tensor_bytes(model) / 1e9, 3),
+        "share_weights": share, "self-check": str(check), "pruned model GB": round(tensor_bytes(model) / 1e9, 3),
         "generated": generated.shape[1] - prompt.shape[1], "score sums": str({t.dtype for t in scores.values()}),
         "steps": steps.rows,
     }))
@@ -403,7 +406,8 @@ def main() -> None:
         e.add_argument("--seq-len", type=int, default=128)
         e.add_argument("--params", type=float, default=0.6)
         e.add_argument("--new-tokens", type=int, default=8)
-        e.add_argument("--copy-weights", action="store_true", help="write back copies (default: share_weights=True)")
+        e.add_argument("--share", default="both", choices=["both", "write-back", "none"],
+                       help="the steps given share_weights=True: apply_plan and write_back (default), one, none")
     for step in ("recompute", "one-recompute"):
         r = sub.add_parser(step)
         r.add_argument("dir", type=Path, help="a Hugging Face checkpoint directory")
@@ -419,11 +423,10 @@ def main() -> None:
     elif args.command in ("end-to-end", "one-end-to-end"):
         options = [args.dtype, args.batches, args.seq_len, args.params, args.new_tokens]
         if args.command == "one-end-to-end":
-            one_end_to_end(args.dir / "source", *options, copy_weights=args.copy_weights)
+            one_end_to_end(args.dir / "source", *options, share=args.share)
         else:
             end_to_end(args.dir, [f"--{k}={v}" for k, v in zip(["dtype", "batches", "seq-len", "params", "new-tokens"],
-                                                             options, strict=True)]
-                       + (["--copy-weights"] if args.copy_weights else []))
+                                                             options, strict=True)] + [f"--share={args.share}"])
     elif args.command == "one-analysis":
         one_analysis(args.model, args.dynamic)
     elif args.command == "analysis":
