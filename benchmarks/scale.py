@@ -3,6 +3,9 @@
     python benchmarks/scale.py analysis [--models llama-3.1-8b llama-3.1-70b qwen2.5-72b] [--dynamic]
     python benchmarks/scale.py checkpoint [--dir runs/scale-1b] [--shard 500MB] [--verify]
     python benchmarks/scale.py sharded-calibration runs/scale-1b [--ranks-only]
+    python benchmarks/scale.py end-to-end runs/scale-1b [--dtype bfloat16|float32] [--batches 2] [--seq-len 128]
+        [--params 0.6] [--new-tokens 8] [--share both|write-back|none]
+    python benchmarks/scale.py recompute CHECKPOINT_DIR [--dtype bfloat16|float32] [--seq-len 2048]
 
 ``analysis``: each model is built from its real config on the meta device (no weights) and analysed
 in a fresh process (static shapes; ``--dynamic``: dynamic batch and sequence); rows give capture and analysis time, peak RSS of that process, the groups, and a
@@ -18,11 +21,20 @@ loaded model in memory.
 ``sharded-calibration``: two gloo ranks whose model has its parameters on the meta device calibrate it
 with ``shard=True`` and the weights read from that checkpoint, against one process with the whole model
 loaded, on the same batches.
+
+``end-to-end``: the checkpoint that ``checkpoint`` saves, loaded (every weight read once), analysed,
+calibrated, searched, rewritten by ``apply_plan`` and written back (``--share``: which of the two share
+weights instead of copying), then asked to generate, in one fresh process whose peak RSS (VmHWM) is reset
+before each step; each step's time and peak as a multiple of the model's bytes.
+
+``recompute``: one batch of 1 x seq-len tokens calibrated without and with ``recompute=True``, each in a
+fresh process; time, peak RSS and its rise over the RSS before the call, and whether the scores are equal.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -243,6 +255,125 @@ def sharded_calibration(directory: Path, single_process: bool = True) -> None:
     }))
 
 
+class Steps:
+    """Each step's time and peak RSS (VmHWM, reset by /proc/self/clear_refs just before it) in one process."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def run(self, name: str, call):
+        gc.collect()
+        before = rss_bytes()
+        reset_peak_rss()
+        start = time.perf_counter()
+        value = call()
+        seconds = time.perf_counter() - start
+        self.rows.append({"step": name, "seconds": round(seconds, 1), "RSS before GB": round(before / 1e9, 3),
+                          "peak RSS GB": round(peak_rss_bytes() / 1e9, 3)})
+        print(json.dumps(self.rows[-1]), file=sys.stderr, flush=True)
+        return value
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, tied ones once."""
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def one_end_to_end(directory: Path, dtype: str, batches: int, seq_len: int, ratio: float, new_tokens: int,
+                   share: str = "both") -> None:
+    """Load, analyse, calibrate, search, rewrite, write back and generate in this process; one row per step.
+    ``share``: which of ``apply_plan`` and ``write_back`` get ``share_weights=True`` ("both", "write-back",
+    "none")."""
+    from transformers import AutoModelForCausalLM
+
+    import fxgradnas
+    from fxgradnas.datasets import causal_lm_loss
+    from fxgradnas.hf import write_back
+
+    steps = Steps()
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 128256, (1, seq_len), generator=generator) for _ in range(batches)]
+    imports = rss_bytes()
+    model = steps.run("load (from_pretrained, every weight read)", lambda: resident(AutoModelForCausalLM.from_pretrained(
+        directory, dtype=getattr(torch, dtype)).eval()))
+    model_bytes = tensor_bytes(model)
+    analysis = steps.run("analyse", lambda: fxgradnas.analyze(model, data[0], dynamic_shapes=None))
+    scores = steps.run("calibrate", lambda: fxgradnas.calibrate(analysis, data, causal_lm_loss, progress=False))
+    found = steps.run("search", lambda: fxgradnas.search(analysis, scores, {"params": ratio}))
+    pruned = steps.run("rewrite (apply_plan, checked)",
+                       lambda: fxgradnas.apply_plan(analysis, found.plan, share_weights=share == "both"))
+    check = pruned.meta["self_check"]
+    steps.run("write back (checked)",
+              lambda: write_back(model, analysis, found.plan, weights=pruned, share_weights=share != "none"))
+    analysis = pruned = None  # the dense weights go with the analysis' graph
+    prompt = data[0][:, :16]
+    generated = steps.run("generate", lambda: model.generate(prompt, max_new_tokens=new_tokens,
+                                                              min_new_tokens=new_tokens, do_sample=False))
+    for row in steps.rows:
+        row["peak / model bytes"] = round(row.pop("peak RSS GB") * 1e9 / model_bytes, 3)
+    print(json.dumps({
+        "dtype": dtype, "model GB": round(model_bytes / 1e9, 3), "RSS after imports GB": round(imports / 1e9, 3),
+        "calibration": f"{batches} x 1 x {seq_len} tokens", "achieved params": round(found.achieved["params"], 4),
+        "share_weights": share, "self-check": str(check), "pruned model GB": round(tensor_bytes(model) / 1e9, 3),
+        "generated": generated.shape[1] - prompt.shape[1], "score sums": str({t.dtype for t in scores.values()}),
+        "steps": steps.rows,
+    }))
+
+
+def resident(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every weight read once: from_pretrained maps the safetensors files, whose pages count in the
+    RSS only once read."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.sum()
+    return model
+
+
+def one_recompute(directory: Path, dtype: str, seq_len: int, recompute: bool, out: Path) -> None:
+    """One batch of 1 x ``seq_len`` tokens calibrated with or without ``recompute``; the scores go to ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    import fxgradnas
+    from fxgradnas.datasets import causal_lm_loss
+
+    model = resident(AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).eval())
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    analysis = fxgradnas.analyze(model, ids, dynamic_shapes=None)
+    gc.collect()
+    before = rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    scores = fxgradnas.calibrate(analysis, [ids], causal_lm_loss, progress=False, recompute=recompute)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    torch.save(dict(scores), out)
+    print(json.dumps({"recompute": recompute, "seconds": round(seconds, 1), "RSS before GB": round(before / 1e9, 3),
+                      "peak RSS GB": round(peak / 1e9, 3), "peak rise GB": round((peak - before) / 1e9, 3),
+                      "model GB": round(tensor_bytes(model) / 1e9, 3)}))
+
+
+def recompute_side_by_side(directory: Path, dtype: str, seq_len: int) -> None:
+    """Calibration of one long sequence without and with ``recompute``, each in a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        rows = [in_subprocess("one-recompute", str(directory), f"--dtype={dtype}", f"--seq-len={seq_len}",
+                              *(["--recompute"] if flag else []), f"--out={out}/{flag}.pt") for flag in (False, True)]
+        plain, recomputed = (torch.load(f"{out}/{flag}.pt") for flag in (False, True))
+    equal = all(torch.equal(plain[k], recomputed[k]) for k in plain)
+    rows[1]["slowdown"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
+    rows[1]["peak rise ratio"] = round(rows[1]["peak rise GB"] / rows[0]["peak rise GB"], 3)
+    print(f"{directory.name}, {dtype}, 1 x {seq_len} tokens; scores equal: {equal}")
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+
+
+def end_to_end(directory: Path, args: list[str]) -> None:
+    result = in_subprocess("one-end-to-end", str(directory), *args)
+    print(tabulate(result.pop("steps"), headers="keys", tablefmt="github"))
+    print(json.dumps(result, indent=1))
+
+
 def in_subprocess(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     sys.stderr.write(out.stderr[-3000:])
@@ -267,8 +398,36 @@ def main() -> None:
     for step in ("one-checkpoint", "verify-checkpoint", "sharded-calibration"):
         sub.add_parser(step).add_argument("dir", type=Path)
     sub.choices["sharded-calibration"].add_argument("--ranks-only", action="store_true")
+    for step in ("end-to-end", "one-end-to-end"):
+        e = sub.add_parser(step)
+        e.add_argument("dir", type=Path)
+        e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+        e.add_argument("--batches", type=int, default=2)
+        e.add_argument("--seq-len", type=int, default=128)
+        e.add_argument("--params", type=float, default=0.6)
+        e.add_argument("--new-tokens", type=int, default=8)
+        e.add_argument("--share", default="both", choices=["both", "write-back", "none"],
+                       help="the steps given share_weights=True: apply_plan and write_back (default), one, none")
+    for step in ("recompute", "one-recompute"):
+        r = sub.add_parser(step)
+        r.add_argument("dir", type=Path, help="a Hugging Face checkpoint directory")
+        r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+        r.add_argument("--seq-len", type=int, default=2048)
+    sub.choices["one-recompute"].add_argument("--recompute", action="store_true")
+    sub.choices["one-recompute"].add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if args.command == "one-analysis":
+    if args.command == "recompute":
+        recompute_side_by_side(args.dir, args.dtype, args.seq_len)
+    elif args.command == "one-recompute":
+        one_recompute(args.dir, args.dtype, args.seq_len, args.recompute, args.out)
+    elif args.command in ("end-to-end", "one-end-to-end"):
+        options = [args.dtype, args.batches, args.seq_len, args.params, args.new_tokens]
+        if args.command == "one-end-to-end":
+            one_end_to_end(args.dir / "source", *options, share=args.share)
+        else:
+            end_to_end(args.dir, [f"--{k}={v}" for k, v in zip(["dtype", "batches", "seq-len", "params", "new-tokens"],
+                                                             options, strict=True)] + [f"--share={args.share}"])
+    elif args.command == "one-analysis":
         one_analysis(args.model, args.dynamic)
     elif args.command == "analysis":
         rows = [in_subprocess("one-analysis", name, *(["--dynamic"] if args.dynamic else [])) for name in args.models]

@@ -29,7 +29,7 @@ from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, device_of, instrumented
 from .plan import Plan, check_plan
 from .scores import Scores
-from .shard import shard_blocks
+from .shard import BLOCKS, recompute_blocks, shard_blocks, split_blocks
 
 MODES = ("batch", "sample")
 
@@ -59,7 +59,7 @@ def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
 
 def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, collect_fn: Any = None,
                               autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5,
-                              shard: Any = False, checkpoint: Any = None) -> None:
+                              shard: Any = False, checkpoint: Any = None, recompute: Any = False) -> None:
     """Raise ArgumentError/ArgumentTypeError for a calibration option fxgradnas cannot use."""
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
@@ -76,6 +76,8 @@ def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, co
         raise ArgumentError(f"patience must be an int of at least 1, not {patience!r}")
     if not isinstance(shard, bool):
         raise ArgumentTypeError(f"shard must be True or False, not {shard!r}")
+    if not isinstance(recompute, bool):
+        raise ArgumentTypeError(f"recompute must be True or False, not {recompute!r}")
     if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ArgumentError("shard=True shards the weights over torch.distributed ranks: call "
                             "torch.distributed.init_process_group() in every rank first")
@@ -105,6 +107,7 @@ def calibrate(
     progress: bool = True,
     shard: bool = False,
     checkpoint: str | Path | None = None,
+    recompute: bool = False,
 ) -> Scores:
     """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
 
@@ -123,7 +126,11 @@ def calibrate(
     keeps 1/N of every block's weights and gathers one block at a time. With ``checkpoint`` (a safetensors
     checkpoint directory) the ranks read the weights from it one block at a time, each keeping its shard,
     so the model may have its parameters on the meta device
-    (``accelerate.init_empty_weights(include_buffers=False)``, then ``tie_weights()``).
+    (``accelerate.init_empty_weights(include_buffers=False)``, then ``tie_weights()``). With ``recompute``
+    each block of the graph (``model.layers.N``) runs under activation checkpointing
+    (:func:`fxgradnas.shard.recompute_blocks`): backward keeps each block's inputs only and runs its forward
+    again, so it holds one block's activations instead of all of them, for about one more forward of time;
+    the scores are the same.
     """
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
@@ -131,7 +138,7 @@ def calibrate(
     check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
     check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, autocast_dtype=autocast_dtype,
                               converged_below=converged_below, patience=patience, shard=shard,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, recompute=recompute)
     if example_inputs is not None:
         check_example_inputs(example_inputs)
     check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration",
@@ -155,6 +162,12 @@ def calibrate(
     if shard:
         aliases = {n: [o for o in names if o != n] for names in analysis.captured.names.values() for n in names}
         inst.module = shard_blocks(inst.module, checkpoint, aliases)
+    if recompute:
+        inst.module = recompute_blocks(inst.module if shard else split_blocks(inst.module))
+        if not inst.module.meta[BLOCKS]:
+            warnings.warn(f"recompute=True found no block to recompute in {type(analysis.captured.model).__name__} "
+                          "(a numbered submodule such as model.layers.3): calibration keeps every activation",
+                          stacklevel=2)
     training = [name or type(m).__name__ for name, m in analysis.captured.model.named_modules() if m.training]
     if training:
         warnings.warn(f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''} in train mode: calibration runs "

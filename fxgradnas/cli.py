@@ -362,7 +362,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = fxgradnas.prune(
             analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
             kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate,
-            rounds=args.rounds)
+            rounds=args.rounds, recompute=args.recompute)
     result.seconds["analyze"] = steps.seconds["analyze"]
     if args.heal:
         with steps("heal", f"distilling the pruned model from the dense one for {args.heal} steps"):
@@ -473,7 +473,8 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
     settings = {
         "constraint": f"{metric} <= {budget:,} ({budget / search.base[metric]:.1%})",
         "achieved": ", ".join(f"{k} {v:.2%}" for k, v in result.achieved.items()),
-        "scorer": args.scorer, "mode": args.mode, "kinds": ", ".join(dict.fromkeys(args.kinds)),
+        "scorer": args.scorer, "mode": args.mode, "recompute": args.recompute,
+        "kinds": ", ".join(dict.fromkeys(args.kinds)),
         "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate, "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
         "calibration windows": f"{result.scores.batches} batches of {args.batch_size} x {args.seq_len} tokens"
@@ -595,6 +596,8 @@ def build_parser() -> Parser:
                        help="group kinds to prune: heads, channels, experts, hidden (default heads channels experts)")
     prune.add_argument("--scorer", choices=SCORERS, default="gradnas", help="unit scores (default gradnas)")
     prune.add_argument("--mode", choices=MODES, default="batch", help="gradnas: square per batch or per sample")
+    prune.add_argument("--recompute", action="store_true",
+                       help="calibrate with activation checkpointing per layer: long sequences in less memory")
     prune.add_argument("--divisor", type=positive, metavar="N", default=32, help="channel counts are multiples of it (default 32)")
     prune.add_argument("--prompt", default="Once upon a time",
                        help="greedy generation before/after in the report ('' for none)")

@@ -24,6 +24,7 @@ from .errors import ArgumentError, RewriteError
 from .instrument import masked_view
 from .plan import Plan, check_plan
 from .rewrite import (
+    Selection,
     default_tolerance,
     output_difference,
     outputs_on_example,
@@ -42,12 +43,13 @@ aten = torch.ops.aten
 
 
 def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphModule | None = None, *,
-               check: bool = True, tolerance: float | None = None) -> dict:
+               check: bool = True, tolerance: float | None = None, share_weights: bool = False) -> dict:
     """Prune ``model`` in place to the plan: sliced parameters plus the attribute patches each family
     needs (``num_key_value_groups``, GPT-2 ``split_size``, Linear/Conv1D/norm sizes, RMSNorm rescale
     over a pruned hidden width), so it stays a Hugging Face model (``generate``, ``save_pretrained``).
     ``weights``: the pruned graph module to take parameter values from (``result.model``, e.g. after
-    compensation) instead of the slices of ``model``'s own.
+    compensation) instead of the slices of ``model``'s own; they are copied, or with ``share_weights=True``
+    the model takes ``weights``' own parameters (no memory, but training one then trains the other).
 
     With ``check`` (and every pruned group exact) the written-back model is compared with ``weights``,
     or else with the masked reference, on the captured example inputs (relative max difference at most
@@ -62,9 +64,8 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     reference = masked_view(analysis, plan) if weights is None else weights
     expected = outputs_on_example(reference, analysis) if checked else None  # before the model changes
     with torch.no_grad():
-        slice_tensors(model, selection)
-        if weights is not None:
-            _copy_parameters(weights, model)
+        taken = _take_parameters(weights, model, selection, share_weights) if weights is not None else set()
+        slice_tensors(model, selection, skip=taken)
         owners = _parameter_owners(model)
         norms = {}
         for rescale in _norm_rescales(model, analysis, selection.groups, selection.kept):
@@ -91,19 +92,33 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     return structure
 
 
-def _copy_parameters(source: nn.Module, model: nn.Module) -> None:
-    """Give every parameter of ``model`` the value of the same-named parameter of ``source`` (new tensors:
-    the ones ``model`` holds may be shared with the analysis' graph; tied names stay tied)."""
+def _take_parameters(source: nn.Module, model: nn.Module, selection: Selection, share: bool) -> set[str]:
+    """Give every parameter of ``model`` the value of the same-named parameter of ``source``, whose shape must
+    be the one ``selection`` slices it to (new tensors, or with ``share`` ``source``'s own parameters; tied
+    names stay tied); returns the names given."""
+    sliced = {n: axes for names, axes in tensor_selections(selection.groups, selection.grids).items() for n in names}
     owners = _parameter_owners(model)
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    taken = set()
     for name, value in source.named_parameters():
         owner = tensor_owner(model, name)
         if owner is None:
             raise RewriteError(f"{name!r} of the pruned module has no counterpart in {type(model).__name__}")
         target = getattr(*owner)
-        if target.shape != value.shape:
+        axes = sliced.get(name, {})
+        shape = tuple(int(axes[a].sum()) if a in axes else n for a, n in enumerate(target.shape))
+        if tuple(value.shape) != shape:
             raise RewriteError(f"{name!r}: the pruned module has shape {tuple(value.shape)}, the written-back "
-                               f"model {tuple(target.shape)}; was the module made from another plan?")
-        _replace(owners, target, value.detach().to(target.dtype))
+                               f"model {shape}; was the module made from another plan?")
+        taken.update(names[id(target)])
+        if share and value.dtype == target.dtype:
+            for module, attr in owners.get(id(target), []):
+                module._parameters[attr] = value
+        else:
+            _replace(owners, target, value.detach().to(target.dtype), copy=not share)
+    return taken
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -116,10 +131,11 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]
     return owners
 
 
-def _replace(owners: dict[int, list[tuple[nn.Module, str]]], old: torch.Tensor, value: torch.Tensor) -> None:
-    """Put a new parameter holding ``value`` wherever the parameter ``old`` is held (``owners``: see
-    :func:`_parameter_owners`)."""
-    new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+def _replace(owners: dict[int, list[tuple[nn.Module, str]]], old: torch.Tensor, value: torch.Tensor,
+             copy: bool = True) -> None:
+    """Put a new parameter holding ``value`` (a copy of it with ``copy``) wherever the parameter ``old`` is
+    held (``owners``: see :func:`_parameter_owners`)."""
+    new = nn.Parameter(value.clone() if copy else value, requires_grad=old.requires_grad)
     for module, attr in owners.get(id(old), []):
         module._parameters[attr] = new
 

@@ -15,7 +15,7 @@ import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,8 +70,13 @@ class _RecordMask(torch.autograd.Function):
         if ctx.site.additive:  # d(x + log m)/dm = 1/m; no gradient reaches a removed (m = 0) unit
             ctx.site.record(grad if ctx.site.identity else torch.where(spread[0] > 0, grad / spread[0], 0.0))
             return grad, None, None
-        ctx.site.record(grad * x)
+        ctx.site.record(_widened(grad) * _widened(x))
         return (grad if ctx.site.identity else grad * spread[0]), None, None
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: mask gradients of a bfloat16 model are multiplied and summed in float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class MaskSite(nn.Module):
@@ -114,7 +119,7 @@ class MaskSite(nn.Module):
     def record(self, grad_times_x: torch.Tensor) -> None:
         """Reduce ``grad * x`` to the unit grid (per sample if asked) and hand it to the recorder."""
         recorder = self.recorder
-        g = grad_times_x.movedim(self.axis, -1)
+        g = _widened(grad_times_x).movedim(self.axis, -1)
         length = g.shape[-1]
         if recorder.per_sample and recorder.batch_size > 1:
             if not self.batch_major:
@@ -140,9 +145,15 @@ def copy_graph_module(gm: GraphModule, tensors: Literal["copy", "share", "view"]
             memo[id(t)] = t
         for p in gm.parameters():
             memo[id(p)] = p if tensors == "share" else nn.Parameter(p.detach(), requires_grad=False)
-    with warnings.catch_warnings():  # torch's own pytree spec copy warns about its deprecated LeafSpec
+    return quiet_deepcopy(gm, memo)
+
+
+def quiet_deepcopy(value: Any, memo: dict[int, object] | None = None) -> Any:
+    """``copy.deepcopy`` without the FutureWarning that copying torch's own pytree specs raises (about their
+    deprecated LeafSpec)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(gm, memo)
+        return copy.deepcopy(value, memo)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .search import RATIOS, SearchResult, check_constraint, check_search_options
 from .selection import keep_grid
 
 SCORERS = ("gradnas", "l1", "random")
-CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard")
+CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard", "recompute")
 
 
 @dataclass

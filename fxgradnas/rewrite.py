@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from .plan import Plan, check_plan
 from .selection import keep_grid, kept_per_unit_axis, tensor_selections
 
 aten = torch.ops.aten
+COMPARED_AT_ONCE = 2**20  # entries of an output compared at a time: float64 temporaries of 8 MB
 
 
 @dataclass
@@ -72,13 +74,18 @@ def apply_plan(
     *,
     check: bool = True,
     tolerance: float | None = None,
+    share_weights: bool = False,
 ) -> GraphModule:
     """A physically smaller module that keeps only the plan's units.
 
     Weights, biases, norm parameters and buffers are sliced; shape constants in view/reshape/
     expand/unflatten/norm nodes are patched; batch and sequence stay dynamic. The user's model is not
-    modified. The module follows ``.train()``/``.eval()`` like the model (dropout, BatchNorm statistics),
-    so it can be fine-tuned, and starts in the mode the model was in when captured.
+    modified; memory is the model plus the pruned module (the sliced tensors are taken from the model's, the
+    others copied, never the whole model); with ``share_weights=True`` the tensors the plan leaves whole (an
+    embedding, the norms of an unpruned width) are the model's own memory instead of copies (less memory, but
+    changing them in place, as training does, changes the model). The module follows ``.train()``/``.eval()`` like the model
+    (dropout, BatchNorm statistics), so it can be fine-tuned, and starts in the mode the model was in when
+    captured.
 
     With ``check`` (when every pruned group is exact) the pruned outputs are compared with the masked
     reference's in eval mode, on the example inputs and on fresh random inputs of their shapes; a relative
@@ -99,8 +106,10 @@ def apply_plan(
         if not g.exact:
             warnings.warn(f"pruning group {g.name!r} is approximate ({g.exact_reason}): the pruned module "
                           "differs from the masked one", stacklevel=2)
-    pruned = copy_graph_module(analysis.captured.module, "copy")
+    pruned = copy_graph_module(analysis.captured.module, "view")  # no copy of the whole model
     slice_tensors(pruned, selection)
+    if not share_weights:
+        own_tensors(pruned, analysis.captured.module)
     _patch_shape_constants(pruned, selection.groups, selection.kept)
     _correct_rms_norms(pruned, selection.groups, selection.kept)
     pruned.graph.lint()
@@ -172,24 +181,30 @@ def outputs_on_example(module: torch.nn.Module, analysis: Analysis) -> list[torc
 
 def output_difference(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
     """Largest |a - b| over all output tensors, relative to the largest finite |a|; entries equal in both
-    (infinities included) count as 0; inf for another structure or a NaN in only one of them."""
+    (infinities included) count as 0; inf for another structure or a NaN in only one of them. Compared in
+    float64, :data:`COMPARED_AT_ONCE` entries at a time (a language model's logits are large)."""
     if len(reference) != len(outputs):
         return math.inf
     worst = 0.0
     for a, b in zip(reference, outputs, strict=True):
         if a.shape != b.shape:
             return math.inf
-        if a.is_floating_point():
-            a, b = a.double(), b.double()
-            same = (a == b) | (a.isnan() & b.isnan())
-            difference = torch.where(same, 0.0, (a - b).abs())
-            if a.numel() and bool(difference.isnan().any()):
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
                 return math.inf
-            finite = a[torch.isfinite(a)]
-            scale = finite.abs().max().clamp_min(1e-12) if finite.numel() else torch.tensor(1.0)
-            worst = max(worst, float(difference.max() / scale) if a.numel() else 0.0)
-        elif not torch.equal(a, b):
-            return math.inf
+            continue
+        difference, scale = 0.0, None
+        for x, y in zip(a.reshape(-1).split(COMPARED_AT_ONCE), b.reshape(-1).split(COMPARED_AT_ONCE), strict=True):
+            x, y = x.double(), y.double()
+            same = (x == y) | (x.isnan() & y.isnan())
+            apart = torch.where(same, 0.0, (x - y).abs())
+            if bool(apart.isnan().any()):
+                return math.inf
+            difference = max(difference, float(apart.max()))
+            finite = x[torch.isfinite(x)]
+            if finite.numel():
+                scale = max(scale or 0.0, float(finite.abs().max()))
+        worst = max(worst, difference / (max(scale, 1e-12) if scale is not None else 1.0))
     return worst
 
 
@@ -211,10 +226,13 @@ def tensor_owner(gm: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] 
     return None
 
 
-def slice_tensors(module: torch.nn.Module, selection: Selection) -> None:
+def slice_tensors(module: torch.nn.Module, selection: Selection, skip: Collection[str] = ()) -> None:
     """Index-select every parameter/buffer axis the selection touches, in ``module`` (the captured graph
-    module or the user's own model: the names are the same); tied names get the one new tensor."""
+    module or the user's own model: the names are the same), except the tensors named in ``skip``; tied
+    names get the one new tensor."""
     for names, axes in tensor_selections(selection.groups, selection.grids).items():
+        if any(n in skip for n in names):
+            continue
         owners = [o for o in (tensor_owner(module, n) for n in names) if o is not None]
         if not owners:
             raise RewriteError(f"cannot find {names[0]!r} in {type(module).__name__}")
@@ -226,6 +244,23 @@ def slice_tensors(module: torch.nn.Module, selection: Selection) -> None:
         value = torch.nn.Parameter(new, requires_grad=old.requires_grad) if attr in owner._parameters else new
         for owner, attr in owners:
             (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = value
+
+
+def own_tensors(module: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Give ``module`` its own copy of every parameter and buffer that shares memory with one of ``source``'s
+    (tied ones stay tied), so that training ``module`` leaves ``source`` as it is."""
+    shared = {t.untyped_storage().data_ptr() for t in [*source.parameters(), *source.buffers()]}
+    copies: dict[int, torch.Tensor] = {}
+    for holder in module.modules():
+        for table in (holder._parameters, holder._buffers):
+            for attr, tensor in table.items():
+                if tensor is None or tensor.untyped_storage().data_ptr() not in shared:
+                    continue
+                if id(tensor) not in copies:
+                    value = tensor.detach().clone()
+                    copies[id(tensor)] = (torch.nn.Parameter(value, requires_grad=tensor.requires_grad)
+                                          if isinstance(tensor, torch.nn.Parameter) else value)
+                table[attr] = copies[id(tensor)]
 
 
 # --- shape constants ------------------------------------------------------------------------------
@@ -276,9 +311,10 @@ def _rescale_rms_norm_op(gm: GraphModule, node: Node, ratio: float) -> None:
     if eps is None:
         eps = torch.finfo(x.meta["val"].dtype).eps
     args[3] = eps / ratio
-    if isinstance(weight, Node) and weight.op == "get_attr":
-        with torch.no_grad():
-            gm.get_parameter(weight.target).mul_(1 / math.sqrt(ratio))
+    if isinstance(weight, Node) and weight.op == "get_attr":  # a new tensor: the old may be the model's memory
+        owner, attr = tensor_owner(gm, weight.target)
+        old = owner._parameters[attr]
+        owner._parameters[attr] = torch.nn.Parameter(old.detach() / math.sqrt(ratio), requires_grad=old.requires_grad)
     else:
         with gm.graph.inserting_after(node):
             scaled = gm.graph.call_function(aten.mul.Tensor, (node, 1 / math.sqrt(ratio)))

@@ -7,12 +7,11 @@ so FSDP2 could not gather a block's weights when they are needed. :func:`split_b
 blocks form their own parts) a submodule that owns the parameters only it reads; :func:`shard_blocks` then
 shards each one, and the root (with any parameter read by several parts, such as tied embeddings), so a
 rank keeps 1/N of the weights of every block at rest and gathers one block at a time, in forward and again
-in backward.
+in backward. :func:`recompute_blocks` runs each block of such a split under activation checkpointing.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -20,12 +19,14 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
+from torch.utils.checkpoint import checkpoint
 
 from .errors import ArgumentError
-from .instrument import device_of
+from .instrument import device_of, quiet_deepcopy
 
 INDEX_FILE = "model.safetensors.index.json"
 NAMES = "fxgradnas_parameter_names"  # split.meta[NAMES]: {parameter moved into a block: its name in gm}
+BLOCKS = "fxgradnas_blocks"  # split.meta[BLOCKS]: the submodules that are blocks, in graph order
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # the outermost numbered module: model.layers.3
 
 
@@ -56,6 +57,8 @@ def split_blocks(gm: GraphModule) -> GraphModule:
         part[node] = current
         previous = block
     split = split_module(gm, gm, lambda node: part[node])
+    split.meta[BLOCKS] = sorted({f"submod_{i}" for node, i in part.items() if _block_of(node)},
+                                key=lambda name: int(name.rpartition("_")[2]))
     names = split.meta.setdefault(NAMES, {})
     readers: dict[int, set[Node]] = {}  # parts reading each parameter, by the parameter's id
     first: dict[int, Node] = {}
@@ -91,8 +94,28 @@ def split_blocks(gm: GraphModule) -> GraphModule:
         for node in moved:
             split.graph.erase_node(node)
         sub.recompile()
-    split.graph._codegen = copy.deepcopy(gm.graph._codegen)  # the inputs' and outputs' structure
+    split.graph._codegen = quiet_deepcopy(gm.graph._codegen)  # the inputs' and outputs' structure
     split.recompile()
+    return split
+
+
+class Recomputed(torch.nn.Module):
+    """``block`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant): backward keeps
+    its inputs only and runs its forward again for the activations it needs."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: object) -> object:
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def recompute_blocks(split: GraphModule) -> GraphModule:
+    """Wrap every block of ``split`` (made by :func:`split_blocks`) in :class:`Recomputed`, in place, so that
+    a backward holds one block's activations at a time instead of every block's; returns ``split``."""
+    for name in split.meta[BLOCKS]:
+        setattr(split, name, Recomputed(split.get_submodule(name)))
     return split
 
 

@@ -127,6 +127,27 @@ def test_autocast_bfloat16_is_close() -> None:
         assert float((half[k] - full[k]).abs().sum() / full[k].abs().sum()) < 0.05, k
 
 
+
+def test_bfloat16_weights_score_in_float32() -> None:
+    """A bfloat16 model's mask gradients are multiplied and summed in float32: close to the float32 model's."""
+    model, ids = ZOO["llama"]()
+    full = run(analyze(model, ids), [ids], logits_loss)
+    model = model.to(torch.bfloat16)
+    half = run(analyze(model, ids), [ids], logits_loss)
+    assert all(v.dtype == torch.float32 for v in half.values())
+    for k in full:
+        assert float((half[k] - full[k]).abs().sum() / full[k].abs().sum()) < 0.05, k
+
+
+
+def test_recompute_says_when_there_is_no_block() -> None:
+    """A model without numbered submodules (decoder layers) has nothing to recompute: a warning, the same scores."""
+    model, data = tiny_mlp(), tiny_batches(2)
+    with pytest.warns(UserWarning, match="no block to recompute in Sequential"):
+        recomputed = run(model, data, recompute=True)
+    assert_scores_close(recomputed, run(model, data), rtol=0)
+
+
 # --------------------------------------------------------------------------- recorder == autograd
 
 ZOO_CASES = ["llama", "nanogpt", "resnet", "bert", "multihead", pytest.param("hf_llama", marks=pytest.mark.hf)]

@@ -271,16 +271,17 @@ def test_eval_and_inspect_a_checkpoint(checkpoint: Path, pruned: tuple[Path, str
 @pytest.mark.hf
 def test_prune_a_pruned_checkpoint_again(checkpoint: Path, pruned: tuple[Path, str],
                                          capsys: pytest.CaptureFixture) -> None:
-    """A checkpoint written by ``prune`` prunes again (in two rounds, then healed); the second save keeps the
-    first one's patches."""
+    """A checkpoint written by ``prune`` prunes again (in two rounds calibrated with recomputed layers, then
+    healed); the second save keeps the first one's patches."""
     from fxgradnas.hf import load_pruned
 
     out = checkpoint / "twice"
     code, _, err = run(["prune", str(pruned[0]), "--params", "0.9", "--calibration", str(checkpoint / "calibration.txt"),
-                        "--prompt", "", "--rounds", "2", "--heal", "2", *TINY, "--out", str(out)], capsys)
+                        "--prompt", "", "--rounds", "2", "--recompute", "--heal", "2", *TINY, "--out", str(out)], capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["heal"]["steps"] == 2 and report["settings"]["rounds"] == 2 and "heal" in report["seconds"]
+    assert report["settings"]["recompute"] is True
     model = load_pruned(out)
     assert sum(p.numel() for p in model.parameters()) == report["sizes"]["params"]["after"]
     with torch.no_grad():

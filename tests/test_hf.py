@@ -133,3 +133,27 @@ def test_hidden_width_write_back_with_graph_weights_is_exact(family: str) -> Non
     write_back(model, analysis, plan, weights=pruned)  # raises unless the HF model == pruned
     with torch.no_grad():
         torch.testing.assert_close(_logits(model(**inputs)), _logits(pruned(**inputs)))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_write_back_copies_the_pruned_modules_weights_unless_sharing_is_asked(share: bool) -> None:
+    """``weights=`` copies the pruned module's parameters into the model; ``share_weights=True`` hands the model
+    those very parameters (no memory: both are then the same weights); tied embeddings stay tied."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 64, (3, 7))}
+    analysis = fxgradnas.analyze(model, inputs)
+    plan = _plan(analysis, hidden=False)
+    pruned = fxgradnas.apply_plan(analysis, plan)
+    write_back(model, analysis, plan, weights=pruned, share_weights=share)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    held = {t.untyped_storage().data_ptr() for t in pruned.parameters()}
+    in_model = [p.untyped_storage().data_ptr() in held for p in model.parameters()]
+    assert all(in_model) if share else not any(in_model)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model(**inputs)), _logits(pruned(**inputs)), rtol=0, atol=0)
+        pruned.get_parameter("model.layers.0.mlp.up_proj.weight").mul_(2)
+        changed = not torch.equal(_logits(model(**inputs)), _logits(pruned(**inputs)))
+    assert changed != share

@@ -217,3 +217,76 @@ def test_hf_gqa_with_padding_mask(family: str, attn: str, heads: list[int]) -> N
     plan = Plan({"model.layers.0.self_attn": heads, "model.layers.1.mlp": list(range(0, 48, 5))})
     pruned = apply_plan(_padded_analysis(family, attn), plan)  # self-checked on the padded example
     assert pruned.get_parameter("model.layers.0.self_attn.q_proj.weight").shape[0] == 8 * len(heads)
+
+
+def test_pruned_module_owns_every_tensor() -> None:
+    """The pruned module is built from views of the model (the model is never copied whole) and then holds
+    its own tensors: changing them in place leaves the model as it was."""
+    model, inputs = ZOO["llama"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    pruned = apply_plan(model, plan, inputs)
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not storages & {t.untyped_storage().data_ptr() for t in pruned.state_dict().values()}
+    with torch.no_grad():
+        for t in pruned.state_dict().values():
+            t.add_(1) if t.is_floating_point() else None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_self_check_catches_a_wrong_pruned_module() -> None:
+    """A module pruned to other units, or with one weight off by 1 %, is far outside the check's tolerance."""
+    from fxgradnas.rewrite import default_tolerance, self_check
+
+    analysis = analysis_of("llama")
+    plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    other = Plan({"model.layers.0.mlp": list(range(1, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    pruned = apply_plan(analysis, plan)
+    tolerance = default_tolerance(pruned)
+    assert max(pruned.meta["self_check"].example, pruned.meta["self_check"].fresh) <= tolerance
+    assert self_check(analysis, other, pruned, tolerance).example > 100 * tolerance
+    with torch.no_grad():
+        pruned.get_parameter("model.layers.1.mlp.up_proj.weight").mul_(1.01)
+    result = self_check(analysis, plan, pruned, tolerance)
+    assert result.example > 10 * tolerance and result.fresh > 10 * tolerance
+
+
+def test_output_difference_compares_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 comparison of large outputs runs a million entries at a time, with the same result."""
+    import fxgradnas.rewrite as rewrite
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 50, generator=generator)
+    a[0, 3], a[1, 7], a[2, 9] = math.inf, math.nan, -math.inf
+    b = a + 1e-3 * torch.randn(3, 50, generator=generator)
+    b[0, 40] += 0.5
+    whole = rewrite.output_difference([a, torch.arange(4)], [b, torch.arange(4)])
+    assert whole == pytest.approx(0.5 / float(a[torch.isfinite(a)].abs().max()), rel=1e-2)
+    monkeypatch.setattr(rewrite, "COMPARED_AT_ONCE", 7)
+    assert rewrite.output_difference([a, torch.arange(4)], [b, torch.arange(4)]) == whole
+    b[2, 20] = math.nan
+    assert rewrite.output_difference([a], [b]) == math.inf
+
+
+def test_pruned_module_shares_the_tensors_left_whole_when_asked() -> None:
+    """``share_weights=True``: the tensors the plan does not slice are the model's memory, the sliced (and
+    rescaled) ones new; the model keeps its values and flags, and the module computes what the one with
+    copies computes."""
+    model, inputs = ZOO["llama"]()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    for keep in (plan.keep, {**plan.keep, "hidden": list(range(20))}):
+        shared = apply_plan(model, Plan(keep), inputs, share_weights=True)
+        held = {n: t.untyped_storage().data_ptr() in storages for n, t in shared.state_dict().items()}
+        if "hidden" in keep:
+            assert not any(n.endswith("norm.weight") and held[n] for n in held)  # sliced, then rescaled
+        else:
+            assert held["model.layers.1.mlp.up_proj.weight"] and held["model.embed_tokens.weight"]
+            assert not held["model.layers.0.mlp.down_proj.weight"] and not held["model.layers.1.self_attn.q_proj.weight"]
+        torch.testing.assert_close(shared(inputs), apply_plan(model, Plan(keep), inputs)(inputs), rtol=0, atol=0)
+    assert model.model.embed_tokens.weight.requires_grad is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -190,6 +190,8 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpo
         before = {n: t.clone() for n, t in model.state_dict().items()}
         scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, progress=False)
         assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+        recomputed = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, recompute=True,
+                                         progress=False)
         sharded = shard_blocks(analysis.captured.module)
         local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
         # no weights in memory: every rank reads its shard of each parameter from the checkpoint
@@ -200,13 +202,16 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpo
         empty.tie_weights()  # init_empty_weights unties them
         loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, example_inputs=batches[0], shard=True,
                                      checkpoint=checkpoint, progress=False)
-        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded)},
+        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded),
+                    "recomputed": dict(recomputed)},
                    Path(out_dir) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
+    """Two gloo ranks scoring half the batches each with sharded blocks give the scores of one process, also
+    with the blocks recomputed in backward and with the weights read from a checkpoint."""
     import time
 
     import torch.multiprocessing as mp
@@ -233,6 +238,7 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
         assert result["scores"].keys() == single.keys()
         for name, value in single.items():
             torch.testing.assert_close(result["scores"][name], value, rtol=1e-4, atol=1e-12)
+            torch.testing.assert_close(result["recomputed"][name], result["scores"][name], rtol=0, atol=0)
         # one submodule per decoder layer, each holding half of its parameters' rows on this rank
         assert result["local"]["submod_1.model_layers_0_mlp_down_proj_weight"] == (32, 128)
         assert result["local"]["submod_2.model_layers_1_self_attn_q_proj_weight"] == (32, 64)
@@ -262,3 +268,59 @@ def test_split_blocks_computes_the_same_with_each_layer_owning_its_parameters() 
     on_root = dict(split.named_parameters(remove_duplicate=False))  # tied to lm_head: on the root
     assert on_root["model.embed_tokens.weight"] is on_root["lm_head.weight"]
     assert len(list(analysis.captured.module.parameters())) == len(list(split.parameters()))
+
+
+def _lm_loss_of_batch(output, batch: torch.Tensor) -> torch.Tensor:
+    from fxgradnas.datasets import causal_lm_loss
+
+    return causal_lm_loss(output, batch)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_recompute_gives_the_scores_without_it(mode: str) -> None:
+    """Activation checkpointing per decoder layer changes what backward keeps, not the mask gradients."""
+    model = _model(_config(tied=True))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 96, (3, 9), generator=generator) for _ in range(3)]
+    analysis = fxgradnas.analyze(model, batches[0])
+    plain = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, mode=mode, progress=False)
+    recomputed = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, mode=mode, progress=False, recompute=True)
+    assert plain.keys() == recomputed.keys() and len(plain) == 5  # hidden, 2 x (heads, channels)
+    for name in plain:
+        assert torch.equal(plain[name], recomputed[name]), name
+    result = fxgradnas.prune(analysis, None, batches, _lm_loss_of_batch, constraint={"params": 0.8}, divisor=4,
+                             progress=False, recompute=True)
+    assert torch.equal(result.scores["model.layers.1.mlp"], plain["model.layers.1.mlp"]) or mode == "sample"
+
+
+def test_recompute_keeps_the_layer_inputs_only() -> None:
+    """With every decoder layer recomputed, a forward saves for backward the activations outside the layers
+    and the layers' inputs only."""
+    from fxgradnas.instrument import GradientRecorder, instrumented
+    from fxgradnas.shard import BLOCKS, Recomputed, recompute_blocks, split_blocks
+
+    analysis = fxgradnas.analyze(_model(_config()), IDS)
+    saved = {}
+    for recompute in (False, True):
+        inst = instrumented(analysis, None, "view")
+        inst.attach(GradientRecorder())
+        for mask in inst.masks.values():
+            mask.requires_grad_(True)
+        split = split_blocks(inst.module)
+        if recompute:
+            split = recompute_blocks(split)
+            assert len(split.meta[BLOCKS]) == 2
+            assert sum(isinstance(m, Recomputed) for m in split.modules()) == 2
+        weights = {t.untyped_storage().data_ptr() for t in split.parameters()}
+        total = []
+
+        def pack(t: torch.Tensor, total: list = total, weights: set = weights) -> torch.Tensor:  # not the weights
+            total.append(0 if t.untyped_storage().data_ptr() in weights else t.numel() * t.element_size())
+            return t
+
+        long_ids = torch.randint(0, 96, (2, 64))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = _lm_loss_of_batch(split(long_ids), long_ids)
+        loss.backward()
+        saved[recompute] = sum(total)
+    assert saved[True] < 0.5 * saved[False]  # 0.19 here
