@@ -303,7 +303,8 @@ def run_prune(args: argparse.Namespace) -> int:
     elif args.data is not None:
         raise UsageError("--data is for MODULE:FACTORY models; a checkpoint calibrates on --calibration text")
     elif not args.calibration and (args.scorer == "gradnas" or compensate or args.heal):
-        raise UsageError("--calibration TEXT is needed for --scorer gradnas, --compensate and --heal")
+        raise UsageError("--calibration TEXT is needed for --scorer gradnas, --compensate (default ls) and --heal "
+                         "(or use --scorer l1 --compensate none)")
     if args.heal < 0:
         raise UsageError(f"--heal takes a number of steps (0: no healing), not {args.heal}")
     if args.heal and source.directory is None and args.data is None:
@@ -586,8 +587,8 @@ def build_parser() -> Parser:
     prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")
     prune.add_argument("--eval-batches", type=positive, metavar="N", default=8, help="evaluation batches per text (default 8)")
     _add_windows(prune)
-    prune.add_argument("--compensate", choices=COMPENSATIONS, default="none",
-                       help="re-fit the layers consuming pruned units: ls (least squares), scale, none (default)")
+    prune.add_argument("--compensate", choices=COMPENSATIONS, default="ls",
+                       help="re-fit the layers consuming pruned units: ls (least squares, default), scale, none")
     prune.add_argument("--rounds", type=positive, metavar="N", default=1,
                        help="prune in N rounds, re-calibrating with the units pruned so far masked (default 1)")
     prune.add_argument("--heal", type=int, metavar="STEPS", default=0,

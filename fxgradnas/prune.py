@@ -129,7 +129,8 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
                                            example_inputs is None and not isinstance(model, Analysis))) if needed]
     if needs_data:
         if data is None:
-            raise ArgumentTypeError(f"{' and '.join(needs_data)} need(s) calibration data; pass data")
+            skip = " (or compensate=None to skip the re-fit)" if compensate is not None else ""
+            raise ArgumentTypeError(f"{' and '.join(needs_data)} need(s) calibration data; pass data{skip}")
         check_data(data)
     if scorer == "gradnas":
         check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
@@ -157,7 +158,7 @@ def prune(
     seed: int = 0,
     check: bool = True,
     progress: bool = True,
-    compensate: str | None = None,
+    compensate: str | None = "ls",
     rounds: int = 1,
     **calibrate_options: Any,
 ) -> PruneResult:
@@ -168,10 +169,11 @@ def prune(
     :func:`fxgradnas.apply_plan`. Every argument is checked before the model is captured. The user's
     model is not modified. ``data`` is read once: with ``example_inputs=None`` its first batch captures
     the model and is scored like the others; at most ``max_batches`` are scored (a warning and
-    ``summary()`` say when batches were left). ``compensate="ls"`` (or ``"scale"``) then re-fits the Linear
-    layers that consume pruned units on the calibration data, layer after layer
-    (:func:`fxgradnas.compensate.compensate`, its defaults; a one-shot iterator is kept in a list for the
-    second pass); ``result.compensation`` reports each layer's error before/after.
+    ``summary()`` say when batches were left). ``compensate="ls"`` (the default; ``"scale"``, or ``None`` for
+    the reference algorithm's plain rewrite) then re-fits the Linear layers that consume pruned units on the
+    calibration data, layer after layer (:func:`fxgradnas.compensate.compensate`, its defaults; a one-shot
+    iterator is kept in a list for the second pass); ``result.compensation`` reports each layer's error
+    before/after. The self-check compares the rewrite with the masked model before this re-fit.
 
     ``rounds`` > 1 prunes iteratively: round r calibrates with the units pruned so far masked and searches
     for ``r / rounds`` of the way from the whole model to the budget; units pruned in earlier rounds score

@@ -100,6 +100,7 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake
         "--calibration TEXT is needed": ["prune", str(fake_checkpoint), "--params", "0.8", "--out", out],
         "not empty": ["prune", str(fake_checkpoint), "--params", "0.8", "--scorer", "l1", "--out", str(tmp_path)],
         "invalid choice": ["prune", str(fake_checkpoint), "--params", "0.8", "--scorer", "magic", "--out", out],
+        "--compensate none": ["prune", "tests.zoo:mlp", "--params", "0.8", "--scorer", "l1", "--out", out],
     }
     for message, argv in cases.items():
         code, _, err = run(argv, capsys)
@@ -137,16 +138,16 @@ def test_prune_a_factory_model_and_reload_it(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_flops_percentage_with_weight_magnitude_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, _ = run(["prune", "tests.zoo:mlp", "--flops", "70%", "--scorer", "l1", "--divisor", "1", "--out",
-                      str(tmp_path)], capsys)
+    code, _, _ = run(["prune", "tests.zoo:mlp", "--flops", "70%", "--scorer", "l1", "--compensate", "none",
+                      "--divisor", "1", "--out", str(tmp_path)], capsys)
     assert code == 0
     flops = json.loads((tmp_path / "report.json").read_text())["sizes"]["flops per example input"]
     assert flops["after"] <= 0.7 * flops["before"]
 
 
 def test_fxgradnas_errors_exit_with_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run(["prune", "tests.zoo:mlp", "--params", "0.01", "--scorer", "l1", "--out", str(tmp_path)],
-                       capsys)
+    code, _, err = run(["prune", "tests.zoo:mlp", "--params", "0.01", "--scorer", "l1", "--compensate", "none",
+                        "--out", str(tmp_path)], capsys)
     assert code == 1
     assert "cannot meet params" in one_line_error(err, after_progress=True)
 

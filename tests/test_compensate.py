@@ -155,10 +155,18 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
 
-    result = fxgradnas.prune(model, None, batches, loss, constraint={"params": 0.7}, divisor=8, progress=False,
-                             compensate="ls")
-    assert result.compensation and "compensate" in result.seconds
+    result = fxgradnas.prune(model, None, batches, loss, constraint={"params": 0.7}, divisor=8, progress=False)
+    assert result.compensation and "compensate" in result.seconds  # "ls" is the default
     assert "reconstruction error" in result.table()
+    plain = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, divisor=8,
+                            progress=False, compensate=None)
+    assert plain.plan.keep == result.plan.keep and not plain.compensation and "compensate" not in plain.seconds
+    refitted = apply_plan(result.analysis, result.plan)
+    compensate(result.analysis, result.plan, refitted, batches, method="ls", progress=False)
+    for (name, a), (_, b), (_, c) in zip(plain.model.named_parameters(), result.model.named_parameters(),
+                                         refitted.named_parameters(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)  # the default is compensate(..., method="ls")'s defaults
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), result.model.parameters()))
     with pytest.raises(ValueError):
         compensate(result.analysis, result.plan, result.model, batches, method="bogus")
     for sequential in (True, False):
@@ -235,3 +243,19 @@ def test_a_consumer_whose_outputs_are_pruned_too(sequential: bool) -> None:
     assert len(reports) == 2 and any(r.applied for r in reports)
     assert {n: p.shape for n, p in fitted.named_parameters()} == {
         n: p.shape for n, p in apply_plan(analysis, plan).named_parameters()}
+
+
+def test_consumers_wider_than_max_width_are_left_as_pruned(setup) -> None:
+    _, analysis, batches, plan = setup
+    widths = {c.weight: c.matrix(analysis.captured.module).shape[1] for c in consumers(analysis, plan)}
+    limit = min(widths.values())
+    wide = {name for name, width in widths.items() if width > limit}
+    assert wide and len(wide) < len(widths)
+    with pytest.warns(UserWarning, match="max_width"):
+        reports = compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=limit, progress=False)
+    assert {r.consumer for r in reports} == set(widths) - wide
+    full = compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=None, progress=False)
+    assert {r.consumer for r in full} == set(widths)
+    for bad in (0, 2.5, True):
+        with pytest.raises(fxgradnas.errors.ArgumentError, match="max_width"):
+            compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=bad, progress=False)

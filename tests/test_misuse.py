@@ -473,7 +473,10 @@ CASES = [
          "depend"),
     Case("losses", "bfloat16-scalar", lambda e: calibrate(e, loss=lambda o, b: ce(o, b).bfloat16()), None),
     Case("losses", "prune-needs-loss", lambda e: prune(e, loss=None), ArgumentTypeError, "loss_fn"),
-    Case("losses", "l1-needs-no-loss", lambda e: prune(e, loss=None, data=None, example=X, scorer="l1"), None),
+    Case("losses", "l1-needs-no-loss", lambda e: prune(e, loss=None, data=None, example=X, scorer="l1",
+                                                        compensate=None), None),
+    Case("data", "default-re-fit-needs-data", lambda e: prune(e, loss=None, data=None, example=X, scorer="l1"),
+         ArgumentTypeError, "compensate=None"),
     # constraints
     *[Case("constraints", f"bad-{value!r}", lambda e, v=value: prune(e, constraint={"params": v}), ConstraintError,
            "ratio|percentage|count")

@@ -28,7 +28,7 @@ def _result() -> fxgradnas.PruneResult:
     """One pruning for both pictures (``plot`` only reads the result)."""
     model, inputs = llama(n_layer=3)
     return fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.6}, scorer="l1", divisor=4,
-                           kinds=("heads", "channels", "hidden"), progress=False)
+                           compensate=None, kinds=("heads", "channels", "hidden"), progress=False)
 
 
 @pytest.mark.parametrize("scores", [False, True])

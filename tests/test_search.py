@@ -197,7 +197,8 @@ def test_channel_choices_round_to_the_divisor() -> None:
 
 def test_prune_result_reports() -> None:
     model, inputs = ZOO["llama"]()
-    result = fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.7}, scorer="l1", divisor=4)
+    result = fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.7}, scorer="l1", divisor=4,
+                             compensate=None)
     assert result.achieved["params"] <= 0.7
     assert "params" in result.summary() and "model.layers.0.mlp" in result.table()
     assert result.plan.fingerprint is not None
@@ -237,9 +238,10 @@ def test_pruning_in_rounds_meets_the_budget_and_keeps_what_it_pruned() -> None:
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
 
     analysis = fxgradnas.analyze(model, batches[0])
-    once = fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, divisor=4, progress=False)
+    once = fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, divisor=4, progress=False,
+                           compensate=None)
     thrice = fxgradnas.prune(analysis, None, iter(batches), loss, constraint={"params": 0.6}, divisor=4,
-                             rounds=3, progress=False)
+                             rounds=3, progress=False, compensate=None)
     assert thrice.achieved["params"] <= 0.6 and thrice.search.budget == once.search.budget
     assert thrice.scores.batches == 3
     earlier = {name: set(torch.nonzero(s == 0).flatten().tolist()) for name, s in thrice.scores.items()}
@@ -249,4 +251,5 @@ def test_pruning_in_rounds_meets_the_budget_and_keeps_what_it_pruned() -> None:
     with pytest.raises(fxgradnas.errors.ArgumentError, match="rounds"):
         fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, rounds=0, progress=False)
     with pytest.raises(fxgradnas.errors.ArgumentError, match="does not calibrate"):
-        fxgradnas.prune(analysis, None, None, None, constraint={"params": 0.6}, scorer="l1", rounds=2)
+        fxgradnas.prune(analysis, None, None, None, constraint={"params": 0.6}, scorer="l1", rounds=2,
+                        compensate=None)
