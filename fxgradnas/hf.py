@@ -269,6 +269,9 @@ def _head_patches(attention: nn.Module, group: Group, kept: tuple[int, ...]) -> 
     for attr in HEAD_WIDTH_ATTRS:
         if getattr(attention, attr, None) == group.size * group.unit_width:
             patch[attr] = heads * group.unit_width
+    shards = getattr(attention, "mp_num", None)  # CodeGen: the fused projection viewed as (shards, q v k)
+    if isinstance(shards, int) and group.unit_shape[0] == shards:
+        patch["mp_num"] = kept[0]
     return patch
 
 

@@ -23,13 +23,10 @@ HF_ONLY = ("write_back", "generate", "save_load")
 
 # (model, check) -> the failure measured by benchmarks/breadth.py (first line, shortened)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ('codegen', 'write_back'): 'relative difference 1.3e+00',
-    ('codegen', 'generate'): 'greedy tokens differ from the masked graph (the written-back model differs)',
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
     ('resnext50_32x4d', 'prune'): 'ConstraintError: the smallest model keeps 68.7% of the params (grouped convs: same channels in every conv group)',
     ('squeezenet1_1', 'prune'): 'ConstraintError: the smallest model keeps 60.5% of the params (expand branches concatenated)',
     ('maxvit_t', 'heads'): 'silent omission: 22 attention ops, no heads group',
-    ('codegen', 'save_load'): 'write_back failed: RewriteError: the written-back CodeGenForCausalLM differs from the pruned module by 1.3 (relative max) on the example inp',
     ('bloom', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
     ('deberta_v2', 'heads'): '2 of 2 heads groups frozen: no rule for aten.gather (disentangled attention: the relative-position terms gather over batch x heads)',
     ('deberta_v2', 'prune'): 'ConstraintError: the smallest model keeps 77.2% of the params',
