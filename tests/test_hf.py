@@ -157,3 +157,26 @@ def test_write_back_copies_the_pruned_modules_weights_unless_sharing_is_asked(sh
         pruned.get_parameter("model.layers.0.mlp.up_proj.weight").mul_(2)
         changed = not torch.equal(_logits(model(**inputs)), _logits(pruned(**inputs)))
     assert changed != share
+
+
+def test_codegen_with_two_heads_per_shard_writes_back_and_reloads(tmp_path) -> None:
+    """CodeGen views its fused projection as 4 shards of (q, v, k): with 8 heads a heads unit is (shard,
+    head in shard); keeping the same heads in 3 of the 4 shards sets ``mp_num`` to 3."""
+    config = transformers.CodeGenConfig(vocab_size=96, n_positions=32, n_embd=128, n_layer=1, n_head=8,
+                                        rotary_dim=8, n_inner=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.CodeGenForCausalLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(0))}
+    analysis = fxgradnas.analyze(model, inputs)
+    heads = analysis.group("transformer.h.0.attn")
+    assert heads.prunable and heads.unit_shape == (4, 2)
+    plan = Plan({heads.name: [0, 1, 4, 5, 6, 7]})  # shards 0, 2 and 3, both heads of each
+    reference = fxgradnas.masked(analysis, plan)
+    structure = write_back(model, analysis, plan)
+    assert model.transformer.h[0].attn.mp_num == 3
+    save_pruned(model, structure, tmp_path)
+    loaded = load_pruned(tmp_path)
+    with torch.no_grad():
+        expected = _logits(reference(**inputs))
+        torch.testing.assert_close(model(**inputs, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(**inputs, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
