@@ -10,6 +10,7 @@ q/k/v projection sliced into its pieces) lays out each part by its own layout, o
 
 from __future__ import annotations
 
+import functools
 from math import prod
 
 import torch
@@ -80,20 +81,32 @@ def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The reverse of :func:`spread`: per-index values along an axis (the last dim of ``values``)
     summed onto the unit axes the layout carries, in unit-axis order; leading dims are kept. An entry that
     carries only some of them counts for every unit along the others."""
+    shape, pieces = _fold_indices(layout)
+    lead = values.shape[:-1]
+    out = values.new_zeros(*lead, *shape)
+    for rows, flat, size, view in pieces:
+        rows, flat = rows.to(values.device), flat.to(values.device)
+        part = values.new_zeros(*lead, size).index_add_(-1, flat, values[..., rows])
+        out = out + part.reshape(*lead, *view)
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _fold_indices(layout: Layout) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor, int, list[int]]]]:
+    """What :func:`fold_to_units` needs of ``layout``, once per layout (it runs at every mask site in every
+    backward): the unit grid's shape and, per set of carried unit axes, the entries that carry it, their
+    flat index in that set's grid, its size and its view onto the whole grid."""
     axes = sorted(layout.unit_axes)
     coords = coordinates(layout, axes[-1] + 1 if axes else 0)
     shape = [int(coords[:, a].max()) + 1 for a in axes]
-    lead = values.shape[:-1]
-    out = values.new_zeros(*lead, *shape)
+    pieces = []
     for rows, carried in _by_carried_axes(coords):
         sizes = [shape[axes.index(a)] for a in carried]
         flat = torch.zeros(len(coords), dtype=torch.long)
         for a, n in zip(carried, sizes, strict=True):
             flat = flat * n + coords[:, a].clamp_min(0)
-        part = values.new_zeros(*lead, prod(sizes)).index_add_(-1, flat[rows], values[..., rows])
-        view = [shape[axes.index(a)] if a in carried else 1 for a in axes]
-        out = out + part.reshape(*lead, *view)
-    return out
+        pieces.append((rows, flat[rows], prod(sizes), [shape[axes.index(a)] if a in carried else 1 for a in axes]))
+    return shape, pieces
 
 
 def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:
