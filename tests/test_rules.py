@@ -556,6 +556,61 @@ def test_gqa_through_sdpa_enable_gqa() -> None:
     assert k.layout.unit_axes == (0,)  # k rows are indexed by the KV head only
 
 
+class EinsumWindows(nn.Module):
+    """MaxViT's attention: q/k/v of every window as (batch, windows, heads, positions, head_dim) and two
+    einsums; a per-head relative bias table indexed by position pairs; an einsum projection by a weight."""
+
+    def __init__(self, heads: int = 3, head_dim: int = 4, positions: int = 3) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        width = heads * head_dim
+        self.qkv = nn.Linear(width, 3 * width)
+        self.bias = nn.Parameter(torch.randn(2 * positions - 1, heads))
+        self.register_buffer("pairs", torch.arange(positions)[:, None] - torch.arange(positions)[None, :]
+                             + positions - 1)
+        self.out = nn.Parameter(torch.randn(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, windows, positions, width)
+        b, g, n, width = x.shape
+        q, k, v = (t.reshape(b, g, n, self.heads, self.head_dim).permute(0, 1, 3, 2, 4)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        att = torch.einsum("bghid,bghjd->bghij", q, k) + self.bias[self.pairs].permute(2, 0, 1)
+        y = torch.einsum("bghij,bghjd->bghid", att.softmax(-1), v).permute(0, 1, 3, 2, 4).reshape(b, g, n, width)
+        return torch.einsum("...i,oi->...o", y, self.out)
+
+
+def test_einsum_attention_over_windows_finds_the_heads(random_plan: Callable) -> None:
+    """einsum between two activations: the shared letters with a fixed size are heads candidates, and only
+    the one that parameters carry (the heads, not the windows) becomes the heads group; an einsum by a
+    weight is a consumer like ``linear`` (its ellipsis spelled out); the pruned module equals the masked one."""
+    heads, head_dim = 3, 4
+    a = analyze(EinsumWindows(heads, head_dim), torch.randn(B, 2, 3, heads * head_dim))
+    (g,) = a.by_kind("heads")
+    assert g.prunable and g.exact and (g.unit_shape, g.unit_width) == ((heads,), head_dim)
+    assert {("qkv.weight", 0), ("bias", 1), ("out", 1)} <= axes(g)
+    fxgradnas.apply_plan(a, random_plan(a))  # self-checked: pruned == masked
+
+
+class EinsumForms(nn.Module):
+    """einsum forms without a rule: a letter summed within one operand, and a diagonal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(D, H), nn.Linear(D, H), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        summed = torch.einsum("bth,btk->bt", self.fc1(x), self.fc2(x))
+        diagonal = torch.einsum("bii->bi", self.fc3(x)[:, :D, :])
+        return summed[..., None] + diagonal[:, None, :]
+
+
+def test_einsum_forms_without_a_rule_freeze_with_the_op_name() -> None:
+    a = analyze(EinsumForms(), tokens())
+    for name in ("fc1.weight", "fc2.weight"):
+        g = group_at(a, name, 0)
+        assert not g.prunable and "einsum" in g.reason
+
+
 def test_multi_query_attention_reports_one_kv_head() -> None:
     """sdpa with Hkv = 1: every query head reads the one KV head."""
     a = analyze(GQA(q_heads=4, kv_heads=1, head_dim=3), torch.randn(B, T, 9))

@@ -566,31 +566,38 @@ def factory(p: Propagation, node: Node) -> AxisSpaces:
 
 
 # --- contractions ----------------------------------------------------------------------------------
-def _contract(p: Propagation, node: Node, a: Node, b: Node, out: AxisSpaces, a_axis: int, b_axis: int,
-              out_of_a: dict[int, int], out_of_b: dict[int, int]) -> None:
-    """``a`` and ``b`` are contracted over ``a_axis``/``b_axis``; ``out_of_x`` maps output axes to
-    the operand axis they come from. Against a weight, the activation side is a consumer site; two
-    activations (attention) freeze their own axes and mark the shared batch axes that have a constant
-    factor as heads (a batch folded with the heads, as BLOOM's ``baddbmm`` has, included)."""
+def _contract(p: Propagation, node: Node, a: Node, b: Node, out: AxisSpaces, a_axis: int | list[int],
+              b_axis: int | list[int], out_of_a: dict[int, int], out_of_b: dict[int, int]) -> None:
+    """``a`` and ``b`` are contracted over ``a_axis``/``b_axis`` (one axis each, or lists of pairs);
+    ``out_of_x`` maps output axes to the operand axis they come from. Against a weight, the activation
+    side is a consumer site (one contracted axis only); two activations (attention) freeze their own
+    axes and mark the shared batch axes that have a constant factor as heads (a batch folded with the
+    heads, as BLOOM's ``baddbmm`` has, included)."""
     da, db = p.of(a), p.of(b)
-    p.same(da[a_axis], db[b_axis])
-    p.records.flops.append([*out, da[a_axis]])
+    a_axes = [a_axis] if isinstance(a_axis, int) else a_axis
+    b_axes = [b_axis] if isinstance(b_axis, int) else b_axis
+    for i, j in zip(a_axes, b_axes, strict=True):
+        p.same(da[i], db[j])
+    p.records.flops.append([*out, *(da[i] for i in a_axes)])
     for j, i in out_of_a.items():
         p.same(out[j], da[i])
     for j, i in out_of_b.items():
         p.same(out[j], db[i])
     wa, wb = p.is_weight(a), p.is_weight(b)
+    if (wa or wb) and not (wa and wb) and len(a_axes) != 1:
+        raise ValueError("a weight contracted over several axes at once")
     if wa and wb:
         p.weightlike.add(node)
     elif wb:
-        p.consumed(a, a_axis)
+        p.consumed(a, a_axes[0])
         p.produced()
     elif wa:
-        p.consumed(b, b_axis)
+        p.consumed(b, b_axes[0])
         p.produced()
     else:
         reason = f"contracted between two activations at {node.name} (per-head width)"
-        p.freeze(da[a_axis], reason)
+        for i in a_axes:
+            p.freeze(da[i], reason)
         free = [j for j in range(len(out)) if (j in out_of_a) != (j in out_of_b)]
         for j in free:
             p.freeze(out[j], reason)
@@ -623,6 +630,59 @@ def matmul(p: Propagation, node: Node) -> AxisSpaces:
     out_a = {j: i for j, i in out_a.items() if p.shape(a)[i] != 1 or out_shape[j] == 1}
     out_b = {j: i for j, i in out_b.items() if p.shape(b)[i] != 1 or out_shape[j] == 1}
     _contract(p, node, a, b, out, a_axis, b_axis, out_a, out_b)
+    return out
+
+
+def _einsum_letters(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """The axis letters of each operand and of the output of an einsum ``equation`` (an ellipsis spelled out
+    as upper-case-free placeholder digits); None for a form the rule does not read (a repeated letter)."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    operands = inputs.split(",")
+    if len(operands) != len(ranks):
+        return None
+    widest = max((rank - len(op.replace("...", "")) for op, rank in zip(operands, ranks, strict=True)
+                  if "..." in op), default=0)
+    ellipsis = "".join(str(d) for d in range(widest))
+    spelled = [op.replace("...", ellipsis[widest - (rank - len(op.replace("...", ""))):])
+               for op, rank in zip(operands, ranks, strict=True)]
+    if not arrow:
+        once = sorted(c for c in set("".join(spelled)) if "".join(spelled).count(c) == 1 and not c.isdigit())
+        output = ellipsis + "".join(once)
+    else:
+        output = output.replace("...", ellipsis)
+    if any(len(set(letters)) != len(letters) for letters in [*spelled, output]):
+        return None
+    return spelled, output
+
+
+@register(aten.einsum)
+def einsum(p: Propagation, node: Node) -> AxisSpaces:
+    """Two operands: letters in both and the output are batch axes, letters in both only are contracted,
+    letters of one operand and the output are its free axes (as a contraction of :func:`_contract`). One
+    operand: a permutation. Other forms (sums over a letter of one operand, diagonals, three operands)
+    have no rule."""
+    equation, operands = node.args[0], list(node.args[1])
+    parsed = _einsum_letters(equation, [p.val(x).dim() for x in operands]) if isinstance(equation, str) else None
+    if parsed is None or len(operands) not in (1, 2):
+        return no_rule(p, node)
+    letters, output = parsed
+    out_shape = _out_shape(p, node)
+    out = p.fresh(out_shape)
+    if len(operands) == 1:
+        if sorted(letters[0]) != sorted(output):
+            return no_rule(p, node)
+        for j, c in enumerate(output):
+            p.same(out[j], p.of(operands[0])[letters[0].index(c)])
+        return out
+    a, b = operands
+    (la, lb), sa, sb = letters, p.shape(a), p.shape(b)
+    if any(c not in output and c not in lb for c in la) or any(c not in output and c not in la for c in lb):
+        return no_rule(p, node)  # a letter summed over within one operand
+    contracted = [c for c in la if c in lb and c not in output]
+    out_a = {j: la.index(c) for j, c in enumerate(output) if c in la and (sa[la.index(c)] != 1 or out_shape[j] == 1)}
+    out_b = {j: lb.index(c) for j, c in enumerate(output) if c in lb and (sb[lb.index(c)] != 1 or out_shape[j] == 1)}
+    _contract(p, node, a, b, out, [la.index(c) for c in contracted], [lb.index(c) for c in contracted], out_a, out_b)
     return out
 
 
