@@ -121,11 +121,12 @@ def timed(fn: Callable[[], Check]) -> Check:
     return result
 
 
-def factory(name: str) -> tuple[str, Callable[..., Any]]:
+def factory(name: str, shallow: bool = False) -> tuple[str, Callable[..., Any]]:
+    """The source and factory of a model; ``shallow``: torchvision's :data:`families.TORCHVISION_SHALLOW`."""
     if name in families.HF_FAMILIES:
         return "hf", families.HF_FAMILIES[name]
     if name in families.TORCHVISION_MODELS:
-        return "torchvision", families.TORCHVISION_MODELS[name]
+        return "torchvision", (families.TORCHVISION_SHALLOW if shallow else families.TORCHVISION_MODELS)[name]
     raise KeyError(f"unknown model {name!r}")
 
 
@@ -415,12 +416,12 @@ def check_torch_pruning(model: nn.Module, inputs: torch.Tensor) -> Check:
 
 
 # --------------------------------------------------------------------------- one model
-def analyse(name: str, seed: int = 0, progress: Callable[[str, Report], None] | None = None
+def analyse(name: str, seed: int = 0, progress: Callable[[str, Report], None] | None = None, shallow: bool = False
             ) -> tuple[Report, Any, nn.Module, Any]:
-    """Build the model, analyse it and fill the report's analysis part."""
+    """Build the model (``shallow``: see :func:`factory`), analyse it and fill the report's analysis part."""
     import fxgradnas
 
-    source, make = factory(name)
+    source, make = factory(name, shallow)
     report = Report(name, source)
     if progress:
         progress("analyze", report)

@@ -8,6 +8,10 @@ keyword arguments (Hugging Face) or an image batch (torchvision). Weights and in
   the family has grouped-query attention), MLP 96, vocab 128; token inputs of batch 3, sequence 7.
   Decoders are ``*ForCausalLM`` (``generate`` works); encoder-decoders get ``decoder_input_ids``.
 - ``TORCHVISION_MODELS``: torchvision classifiers (``weights=None``, 10 classes) on small images.
+- ``TORCHVISION_SHALLOW``: the same architectures with fewer blocks and stages where their classes
+  take a configuration (ResNet, DenseNet, EfficientNet, MobileNet, RegNet, ShuffleNet, ConvNeXt, ViT,
+  Swin, MaxViT): every kind of block the full model has, at a fraction of the capture time; the test
+  suite uses them, ``benchmarks/breadth.py`` the full models.
 
 torchvision's PyPI wheel is a CUDA build: on a CPU-only torch its ``_C`` extension does not load and
 ``import torchvision`` fails on the fake registration of ``torchvision::nms`` / ``qnms``.
@@ -43,7 +47,7 @@ PAD, BOS, EOS = 0, 1, 2
 Example = tuple[nn.Module, Any]
 
 __all__ = [
-    "HF_FAMILIES", "TORCHVISION_MODELS", "Example", "has_torchvision", "has_transformers", "import_torchvision",
+    "HF_FAMILIES", "TORCHVISION_MODELS", "TORCHVISION_SHALLOW", "Example", "has_torchvision", "has_transformers", "import_torchvision",
     "prepare_torchvision",
 ]
 
@@ -481,6 +485,67 @@ def _tv(name: str, image: int = 64, batch: int = 2, **kwargs: Any) -> Callable[.
     return factory
 
 
+def _shallow(build: Callable[[Any], nn.Module], image: int = 64, batch: int = 2) -> Callable[..., Example]:
+    """A factory for ``build(torchvision.models)`` (10 classes) on ``batch`` images of ``image`` x ``image``."""
+
+    def factory(seed: int = 0) -> Example:
+        models = import_torchvision().models
+        with _seeded(seed) as gen:
+            return build(models).eval(), torch.randn(batch, 3, image, image, generator=gen)
+
+    return factory
+
+
+def _first_stages(configs: list[Any], stages: int, layers: int = 2) -> list[Any]:
+    """The first ``stages`` stage configs of an EfficientNet/MobileNet setting, at most ``layers`` blocks each."""
+    for config in configs[:stages]:
+        if hasattr(config, "num_layers"):
+            config.num_layers = min(config.num_layers, layers)
+    return configs[:stages]
+
+
+def _efficientnet(name: str, stages: int) -> Callable[[Any], nn.Module]:
+    def build(models: Any) -> nn.Module:
+        from torchvision.models.efficientnet import _efficientnet_conf
+
+        setting, last_channel = _efficientnet_conf(name, width_mult=1.0, depth_mult=1.0)
+        return models.EfficientNet(_first_stages(setting, stages), 0.2, last_channel=last_channel,
+                                   num_classes=CLASSES)
+    return build
+
+
+def _mobilenet_v3(name: str, stages: int) -> Callable[[Any], nn.Module]:
+    def build(models: Any) -> nn.Module:
+        from torchvision.models.mobilenetv3 import _mobilenet_v3_conf
+
+        setting, last_channel = _mobilenet_v3_conf(name)
+        return models.MobileNetV3(setting[:stages], last_channel, num_classes=CLASSES)
+    return build
+
+
+def _resnet(layers: list[int], **kwargs: Any) -> Callable[[Any], nn.Module]:
+    def build(models: Any) -> nn.Module:
+        from torchvision.models.resnet import Bottleneck
+
+        return models.ResNet(Bottleneck, layers, num_classes=CLASSES, **kwargs)
+    return build
+
+
+def _regnet(**params: Any) -> Callable[[Any], nn.Module]:
+    def build(models: Any) -> nn.Module:
+        from torchvision.models.regnet import BlockParams
+
+        return models.RegNet(BlockParams.from_init_params(**params), num_classes=CLASSES)
+    return build
+
+
+def _convnext(models: Any) -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig
+
+    return models.ConvNeXt([CNBlockConfig(96, 192, 2), CNBlockConfig(192, None, 1)], stochastic_depth_prob=0.1,
+                           num_classes=CLASSES)
+
+
 TORCHVISION_MODELS: dict[str, Callable[..., Example]] = {
     "resnet18": _tv("resnet18"),
     "resnet50": _tv("resnet50"),
@@ -506,4 +571,36 @@ TORCHVISION_MODELS: dict[str, Callable[..., Example]] = {
     "vit_b_16": _tv("vit_b_16", image=32, image_size=32),
     "swin_t": _tv("swin_t", image=64),
     "maxvit_t": _tv("maxvit_t", image=224),  # 7x7 windows at stride 32: nothing smaller
+}
+
+
+# Which of the full model's blocks each one keeps: every block kind (downsampling and identity residual
+# blocks, squeeze-excitation, hard-swish, fused and plain MBConv, grouped and depthwise convs, shifted
+# windows, window and grid attention) at least once.
+TORCHVISION_SHALLOW: dict[str, Callable[..., Example]] = {
+    **TORCHVISION_MODELS,
+    "resnet50": _shallow(_resnet([1, 2, 1, 1])),
+    "resnext50_32x4d": _shallow(_resnet([1, 2, 1, 1], groups=32, width_per_group=4)),
+    "wide_resnet50_2": _shallow(_resnet([1, 2, 1, 1], width_per_group=128)),
+    "mobilenet_v2": _shallow(lambda models: models.MobileNetV2(
+        CLASSES, inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2]])),
+    "mobilenet_v3_small": _shallow(_mobilenet_v3("mobilenet_v3_small", 5)),
+    "mobilenet_v3_large": _shallow(_mobilenet_v3("mobilenet_v3_large", 8)),
+    "efficientnet_b0": _shallow(_efficientnet("efficientnet_b0", 3)),
+    "efficientnet_v2_s": _shallow(_efficientnet("efficientnet_v2_s", 4)),
+    "regnet_x_400mf": _shallow(_regnet(depth=6, w_0=24, w_a=24.48, w_m=2.54, group_width=16)),
+    "regnet_y_400mf": _shallow(_regnet(depth=6, w_0=48, w_a=27.89, w_m=2.09, group_width=8, se_ratio=0.25)),
+    "shufflenet_v2_x0_5": _shallow(lambda models: models.ShuffleNetV2([2, 1, 1], [24, 48, 96, 192, 1024],
+                                                                      num_classes=CLASSES)),
+    "densenet121": _shallow(lambda models: models.DenseNet(32, (2, 2), 64, num_classes=CLASSES)),
+    "convnext_tiny": _shallow(_convnext, image=32),
+    "vit_b_16": _shallow(lambda models: models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=256,
+        num_classes=CLASSES), image=32),
+    "swin_t": _shallow(lambda models: models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[7, 7],
+        stochastic_depth_prob=0.2, num_classes=CLASSES)),
+    "maxvit_t": _shallow(lambda models: models.MaxVit(
+        input_size=(56, 56), stem_channels=16, partition_size=7, block_channels=[32, 64], block_layers=[1, 1],
+        head_dim=16, stochastic_depth_prob=0.2, num_classes=CLASSES), image=56),
 }

@@ -321,7 +321,8 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
-    context = mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    context = mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="fork")
     deadline = time.monotonic() + 120
     try:
         while not context.join(timeout=1):

@@ -174,10 +174,6 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpo
 
     import torch.distributed as dist
 
-    from tests.families import prepare_torchvision
-
-    prepare_torchvision()  # a spawned process imports transformers, which imports torchvision if it is on the path
-
     from fxgradnas.shard import shard_blocks
 
     torch.set_num_threads(1)
@@ -217,8 +213,8 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
     import torch.multiprocessing as mp
 
     _model(_config(tied=True)).save_pretrained(tmp_path / "tied", max_shard_size="40KB")
-    context = mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "tied")),
-                       nprocs=2, join=False)
+    args = (2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "tied"))
+    context = mp.start_processes(_sharded_worker, args=args, nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 180
     try:
         while not context.join(timeout=1):
