@@ -3,6 +3,7 @@ steps that need weights, and a plan applied to a sharded safetensors checkpoint 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -35,6 +36,14 @@ def _model(config, device: str = "cpu") -> torch.nn.Module:
 
 
 def _meta_analysis(config) -> fxgradnas.Analysis:
+    """The analysis of the model of ``config`` on the meta device, made once per configuration (shared:
+    the tests only read it)."""
+    return _meta_analysis_of(config.to_json_string())
+
+
+@functools.cache
+def _meta_analysis_of(config_json: str) -> fxgradnas.Analysis:
+    config = transformers.LlamaConfig(**json.loads(config_json))
     return fxgradnas.analyze(_model(config, "meta"), {"input_ids": IDS.to("meta")})
 
 
