@@ -153,6 +153,8 @@ def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
         if group.kind in ("hidden", "experts") or len(group.sites) != 1:  # experts: the site is the router's logits
             continue
         site = group.sites[0]
+        if site.layout.concatenated:
+            continue  # the layer also reads other groups' units (a branch of a concatenation)
         reading = _linear_reading(nodes[site.node])
         if reading is None:
             continue

@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 from .analysis import Analysis, Group, NodeAxis, check_analysis, check_groups, ensure_analysis
 from .capture import ExampleInputs
 from .plan import Plan, check_plan
-from .selection import fold_to_units, keep_grid
+from .selection import fold_to_units, keep_grid, unit_of_entries
 
 SITE_PREFIX = "fxgradnas_mask"
 
@@ -95,6 +95,9 @@ class MaskSite(nn.Module):
         self.order = site.layout.unit_axes
         self.view = tuple(f.size if f.unit_axis is not None else 1 for f in factors)
         self.full = tuple(f.size for f in factors)
+        # a concatenated axis (the input of a layer after a ``cat``): the unit of each entry, -1 for other parts
+        self.register_buffer("entries", unit_of_entries(site.layout, tuple(mask.shape)) if site.layout.concatenated
+                             else None, persistent=False)
         self.layout = site.layout
         self.recorder: GradientRecorder | None = None
         self.identity = False  # the mask is all ones (set when a recorder is attached)
@@ -103,10 +106,13 @@ class MaskSite(nn.Module):
     def spread(self, x: torch.Tensor) -> torch.Tensor:
         """The mask laid out along ``axis``, shaped to broadcast against ``x``."""
         mask = self.mask
-        if self.order != tuple(range(len(self.order))):
-            mask = mask.permute(self.order)
         shape = [1] * x.dim()
         shape[self.axis] = -1
+        if self.entries is not None:
+            ones = torch.ones((), dtype=mask.dtype, device=mask.device)
+            return torch.where(self.entries >= 0, mask.reshape(-1)[self.entries.clamp_min(0)], ones).reshape(shape).to(x.dtype)
+        if self.order != tuple(range(len(self.order))):
+            mask = mask.permute(self.order)
         return mask.reshape(self.view).expand(self.full).reshape(shape).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections import defaultdict
 from collections.abc import Collection
@@ -276,10 +277,27 @@ def _patch_shape_constants(gm: GraphModule, groups: list[Group], per_axis: dict[
         if sizes == [f.size for f in layouts[0][0].factors]:
             continue
         node = nodes[name]
+        _own_size_products(node)
         entry = entry_for(node.target)
         if entry is None or entry.patch is None:
             raise RewriteError(f"no patcher for the size constants of {node.name}")
         apply_edits(entry.patch(node, index, sizes))
+
+
+def _own_size_products(node: Node) -> None:
+    """Give ``node`` its own copy of each symbolic size product in its size lists (``B * H`` of a folded
+    batch-heads axis) that other nodes read too: export computes such a product once for every layer, and
+    layers that keep different head counts need different literals in it."""
+    def own(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(own(v) for v in value)
+        if isinstance(value, Node) and value.target is operator.mul and len(value.users) > 1:
+            with node.graph.inserting_before(node):
+                return node.graph.node_copy(value)
+        return value
+
+    node.args = own(node.args)
+    node.kwargs = {k: own(v) for k, v in node.kwargs.items()}
 
 
 # --- RMSNorm over a pruned residual width ---------------------------------------------------------

@@ -92,6 +92,20 @@ def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4096)
+def unit_of_entries(layout: Layout, shape: tuple[int, ...]) -> torch.Tensor:
+    """The flat unit index (in a grid of ``shape``) of each entry along an axis whose entries carry every unit
+    axis or none (-1: a concatenated part of other units, as another branch of a ``cat``)."""
+    coords = coordinates(layout, len(shape))
+    carried = coords >= 0
+    if not bool((carried.all(dim=1) | ~carried.any(dim=1)).all()):
+        raise ValueError("entries that carry only some of the unit axes")
+    flat = torch.zeros(len(coords), dtype=torch.long)
+    for a, n in enumerate(shape):
+        flat = flat * n + coords[:, a].clamp_min(0)
+    return torch.where(carried.all(dim=1), flat, -1)
+
+
+@functools.lru_cache(maxsize=4096)
 def _fold_indices(layout: Layout) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor, int, list[int]]]]:
     """What :func:`fold_to_units` needs of ``layout``, once per layout (it runs at every mask site in every
     backward): the unit grid's shape and, per set of carried unit axes, the entries that carry it, their
@@ -101,6 +115,8 @@ def _fold_indices(layout: Layout) -> tuple[list[int], list[tuple[torch.Tensor, t
     shape = [int(coords[:, a].max()) + 1 for a in axes]
     pieces = []
     for rows, carried in _by_carried_axes(coords):
+        if not carried:
+            continue  # a part of other units (another branch of a concatenation)
         sizes = [shape[axes.index(a)] for a in carried]
         flat = torch.zeros(len(coords), dtype=torch.long)
         for a, n in zip(carried, sizes, strict=True):

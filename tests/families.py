@@ -477,7 +477,7 @@ def _tv(name: str, image: int = 64, batch: int = 2, **kwargs: Any) -> Callable[.
     def factory(seed: int = 0) -> Example:
         models = import_torchvision().models
         with _seeded(seed) as gen:
-            model = getattr(models, name)(weights=None, num_classes=CLASSES, **kwargs).eval()
+            model = _no_zero_weights(getattr(models, name)(weights=None, num_classes=CLASSES, **kwargs).eval())
             return model, torch.randn(batch, 3, image, image, generator=gen)
 
     factory.__name__ = f"tv_{name}"
@@ -491,9 +491,19 @@ def _shallow(build: Callable[[Any], nn.Module], image: int = 64, batch: int = 2)
     def factory(seed: int = 0) -> Example:
         models = import_torchvision().models
         with _seeded(seed) as gen:
-            return build(models).eval(), torch.randn(batch, 3, image, image, generator=gen)
+            return _no_zero_weights(build(models).eval()), torch.randn(batch, 3, image, image, generator=gen)
 
     return factory
+
+
+def _no_zero_weights(model: nn.Module) -> nn.Module:
+    """Redraw weight matrices initialised to zero (ViT's classifier): an output that is 0 for every input
+    would make pruned == masked hold whatever the rewrite does."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, 0.02)
+    return model
 
 
 def _first_stages(configs: list[Any], stages: int, layers: int = 2) -> list[Any]:

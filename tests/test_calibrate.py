@@ -150,7 +150,7 @@ def test_recompute_says_when_there_is_no_block() -> None:
 
 # --------------------------------------------------------------------------- recorder == autograd
 
-ZOO_CASES = ["llama", "nanogpt", "resnet", "bert", "multihead", pytest.param("hf_llama", marks=pytest.mark.hf)]
+ZOO_CASES = ["llama", "nanogpt", "resnet", "squeezenet", "bert", "multihead", pytest.param("hf_llama", marks=pytest.mark.hf)]
 
 
 @pytest.mark.parametrize("name", ZOO_CASES)

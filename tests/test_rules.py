@@ -263,15 +263,14 @@ def test_op_without_a_rule_freezes_the_channels_it_touches(op: Any, f: Callable)
     ("f", "fc2_in", "word"),
     [
         (lambda h: h[..., ::2], (H + 1) // 2, "sliced"),
-        (lambda h: torch.cat([h, 2 * h], dim=-1), 2 * H, "concatenated"),
         (lambda h: h.softmax(-1), H, "reduced"),
         (lambda h: torch.sort(h, dim=-1).values, H, "reduced"),
         (lambda h: torch.relu(h).topk(3, dim=-1).values, 3, "top-k over the result of aten.relu"),
     ],
-    ids=["slice", "cat", "softmax", "sort", "topk"],
+    ids=["slice", "softmax", "sort", "topk"],
 )
-def test_slice_cat_and_softmax_over_channels_freeze_them(f: Callable, fc2_in: int, word: str) -> None:
-    """slice / cat / softmax / sort / topk: a strided slice, a concatenation, a softmax, a sort or a top-k along the channel axis
+def test_strided_slice_and_softmax_over_channels_freeze_them(f: Callable, fc2_in: int, word: str) -> None:
+    """slice / softmax / sort / topk: a strided slice, a softmax, a sort or a top-k along the channel axis
     ties the channels to their positions (or to each other), so the group is frozen."""
     a = analyze(MLP(f, fc2_in), tokens())
     g = group_at(a, "fc1.weight", 0)
@@ -291,6 +290,37 @@ def test_slice_and_cat_on_other_axes_keep_channels_prunable(f: Callable) -> None
     g = group_at(a, "fc1.weight", 0)
     assert g.prunable and g.size == H
     assert ("fc2.weight", 1) in axes(g)
+
+
+class Branches(nn.Module):
+    """Two branches concatenated along the channels, read by one layer (SqueezeNet's fire module, an
+    Inception block); the second branch's channels are also concatenated with themselves."""
+
+    def __init__(self, a: int = 4, b: int = 6) -> None:
+        super().__init__()
+        self.left, self.right, self.out = nn.Linear(D, a), nn.Linear(D, b), nn.Linear(a + 2 * b, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        right = torch.relu(self.right(x))
+        return self.out(torch.cat([torch.relu(self.left(x)), right, 2 * right], dim=-1))
+
+
+def test_concatenated_branches_keep_their_own_channels(random_plan: Callable) -> None:
+    """cat along a constant axis: the output axis is the concatenation of the inputs' axes, so each branch
+    is its own group over its slice of the reader's columns (the same slice twice for a repeated input); the
+    mask at the reader covers only its group's entries; the pruned module equals the masked one."""
+    a = analyze(Branches(), tokens())
+    left, right = group_at(a, "left.weight", 0), group_at(a, "right.weight", 0)
+    assert left is not right and left.prunable and right.prunable and (left.size, right.size) == (4, 6)
+    assert ("out.weight", 1) in axes(left) and ("out.weight", 1) in axes(right)
+    plan = fxgradnas.Plan({"left": [0, 3], "right": [1, 2, 5]})
+    pruned = fxgradnas.apply_plan(a, plan)  # self-checked: pruned == masked
+    assert pruned.get_parameter("out.weight").shape == (D, 2 + 2 * 3)
+    x = tokens()
+    masked = fxgradnas.masked(a, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x))
+    fxgradnas.apply_plan(a, random_plan(a))
 
 
 def test_channel_dim_that_only_reaches_a_sum_is_not_prunable() -> None:

@@ -36,7 +36,7 @@ def flops_of(module: torch.nn.Module, analysis: fxgradnas.Analysis) -> int:
 
 # torch's FlopCounterMode does not count the CPU scaled_dot_product_attention kernel, so FLOPs are
 # compared on models whose attention is written as matmuls (or that have none).
-FLOP_CASES = ["llama", "mlp", "resnet", pytest.param("hf_llama", marks=pytest.mark.hf)]
+FLOP_CASES = ["llama", "mlp", "resnet", "squeezenet", pytest.param("hf_llama", marks=pytest.mark.hf)]
 
 
 @pytest.mark.parametrize("name", FLOP_CASES)

@@ -482,6 +482,43 @@ def resnet(width: int = 16, blocks: int = 2, num_classes: int = 10, seed: int = 
         return model.eval(), torch.randn(BATCH, 3, 16, 16, generator=gen)
 
 
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze conv, then 1x1 and 3x3 expand convs concatenated."""
+
+    def __init__(self, width: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(width, squeeze, 1), nn.BatchNorm2d(squeeze), nn.ReLU())
+        self.expand1x1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+        self.expand3x3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.squeeze(x)
+        return torch.cat([self.expand1x1(s), self.expand3x3(s)], dim=1)
+
+
+class SqueezeNet(nn.Module):
+    """A stem conv and two fire modules (each reads the previous one's concatenated branches)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU())
+        self.fire1, self.fire2 = Fire(12, 6, 8), Fire(16, 6, 10)
+        self.fc = nn.Linear(20, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fire2(self.fire1(self.stem(x))).mean((2, 3)))
+
+
+def squeezenet(num_classes: int = 10, seed: int = 0) -> Example:
+    """Concatenated conv branches (SqueezeNet's fire modules); input: (3, 3, 16, 16) images."""
+    with _seeded(seed) as gen:
+        model = SqueezeNet(num_classes)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                _randomize_bn(m)
+        return model.eval(), torch.randn(BATCH, 3, 16, 16, generator=gen)
+
+
 # --------------------------------------------------------------------------- MLP / MHA
 
 
@@ -675,6 +712,7 @@ ZOO: dict[str, Callable[..., Example]] = {
     "llama": llama,
     "bert": bert,
     "resnet": resnet,
+    "squeezenet": squeezenet,
     "mlp": mlp,
     "multihead": multihead,
 }

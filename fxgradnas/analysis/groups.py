@@ -303,9 +303,9 @@ class _GroupBuilder:
         if g.prunable:
             g.reason = self.unpatchable(constants, unit_shape)
             g.prunable = not g.reason
-        cut = [site.node for site in g.sites if site.layout.concatenated]
+        cut = [site.node for site in g.sites if _partly_carried(site.layout, len(grid))]
         if g.prunable and cut:
-            g.prunable, g.reason = False, f"its mask site {cut[0]} is a concatenation of pieces"
+            g.prunable, g.reason = False, f"its mask site {cut[0]} concatenates pieces that carry only some unit axes"
         if g.prunable and not g.sites:
             g.prunable, g.reason = False, "no place to put its mask (no weight consumes it)"
         dynamic = [site.node for site in g.sites if any(f.size is None for f in site.layout.factors)]
@@ -337,10 +337,31 @@ class _GroupBuilder:
         return ""
 
 
+def _partly_carried(layout: Layout, axes: int) -> bool:
+    """Whether a concatenated part of the axis carries some but not all of the group's ``axes`` unit axes (a
+    mask over the axis is then not one value per entry of the grid)."""
+    for f in layout.factors:
+        for part in f.parts:
+            if 0 < len(part.unit_axes) < axes or _partly_carried(part, axes):
+                return True
+    return False
+
+
 def _unit_width(g: Group) -> int:
     """Entries of one unit where its mask goes (head_dim for heads, 1 for channels)."""
-    widths = [prod(f.size or 1 for f in site.layout.factors if f.unit_axis is None) for site in g.sites]
-    return max(widths, default=1)
+    return max((_entries_per_unit(site.layout) for site in g.sites), default=1)
+
+
+def _entries_per_unit(layout: Layout) -> int:
+    """Entries of the axis that one unit covers: its factors that are not unit axes (in a concatenation,
+    those of the part that carries the units)."""
+    width = 1
+    for f in layout.factors:
+        if f.parts:
+            width *= max((_entries_per_unit(part) for part in f.parts if part.unit_axes), default=1)
+        elif f.unit_axis is None:
+            width *= f.size or 1
+    return width
 
 
 def _judge_exact(g: Group) -> None:

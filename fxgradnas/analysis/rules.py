@@ -449,18 +449,30 @@ def unbind(p: Propagation, node: Node) -> list[AxisSpaces]:
 
 @register(aten.cat, aten.concat, aten.concatenate)
 def cat(p: Propagation, node: Node) -> AxisSpaces:
+    """Along a constant-sized axis the output axis is the concatenation of the inputs' axes (DenseNet's
+    running features, Inception's and SqueezeNet's branches): each input keeps its own units, as the parts
+    of a fused projection do. A data-sized concatenation (a class token before the patches of a dynamic
+    sequence) freezes the axis."""
     tensors = [t for t in node.args[0] if p.is_tensor(t) and p.val(t).dim() > 0]
     out_shape = _out_shape(p, node)
     dim = p.arg(1, "dim", 0) % len(out_shape)
     out = p.fresh(out_shape)
-    reason = f"concatenated at {node.name}"
-    p.freeze(out[dim], reason)
     for t in tensors:
-        spaces = p.of(t)
-        p.freeze(spaces[dim], reason)
-        for i, s in enumerate(spaces):
+        for i, s in enumerate(p.of(t)):
             if i != dim:
                 p.same(out[i], s)
+    sizes = [p.shape(t)[dim] for t in tensors]
+    if all(isinstance(n, int) for n in sizes) and [n for n in sizes if n > 0]:
+        try:
+            p.same(out[dim], p.spaces.concat([p.of(t)[dim] for t, n in zip(tensors, sizes, strict=True) if n > 0]))
+            return out
+        except ShapeConflict as exc:
+            reason = f"concatenated at {node.name}: {exc}"
+    else:
+        reason = f"concatenated along a data-sized axis at {node.name}"
+    p.freeze(out[dim], reason)
+    for t in tensors:
+        p.freeze(p.of(t)[dim], reason)
     return out
 
 
