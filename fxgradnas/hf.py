@@ -168,6 +168,10 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
     for g in groups:
         if g.kind == "heads":
             patches.setdefault(g.name, {}).update(_head_patches(model.get_submodule(g.name), g, kept[g.name]))
+            # the head count may live on a submodule (DeBERTa's attention.self under the group's attention)
+            for sub, module in model.get_submodule(g.name).named_modules():
+                if sub and any(getattr(module, a, None) == g.size for a in HEAD_COUNT_ATTRS):
+                    patches.setdefault(f"{g.name}.{sub}", {}).update(_head_patches(module, g, kept[g.name]))
     return patches
 
 

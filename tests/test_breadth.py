@@ -27,8 +27,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
     ('resnext50_32x4d', 'prune'): 'ConstraintError: the smallest model keeps 68.7% of the params (grouped convs: same channels in every conv group)',
     ('bloom', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
-    ('deberta_v2', 'heads'): '2 of 2 heads groups frozen: no rule for aten.gather (disentangled attention: the relative-position terms gather over batch x heads)',
-    ('deberta_v2', 'prune'): 'ConstraintError: the smallest model keeps 77.2% of the params',
     ('t5', 'heads'): '1 of 3 heads groups frozen: created with a fixed shape',
 }
 

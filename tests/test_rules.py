@@ -292,6 +292,37 @@ def test_slice_and_cat_on_other_axes_keep_channels_prunable(f: Callable) -> None
     assert ("fc2.weight", 1) in axes(g)
 
 
+class Gathered(nn.Module):
+    """``gather`` along the sequence with an index of the hidden's own shape (per channel), and along the
+    channels (the index picks channels by value)."""
+
+    def __init__(self, along: int) -> None:
+        super().__init__()
+        self.along = along
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H if along == 1 else 3, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        if self.along == 1:
+            idx = (h > 0.1).long().cumsum(1).clamp(max=x.shape[1] - 1)
+        else:
+            idx = (h[..., :3] > 0.1).long()
+        return self.fc2(torch.gather(h, self.along, idx))
+
+
+@pytest.mark.parametrize("along", [1, -1], ids=["sequence", "channels"])
+def test_gather_freezes_the_axis_it_reads_by_value(along: int, random_plan: Callable) -> None:
+    """gather: the axis the index reads by value is frozen; an axis the index spans whole is shared by the
+    input, the index and the output, so channels gathered along the sequence stay one prunable group."""
+    a = analyze(Gathered(along), tokens())
+    g = group_at(a, "fc1.weight", 0)
+    if along == 1:
+        assert g.prunable and ("fc2.weight", 1) in axes(g)
+        fxgradnas.apply_plan(a, random_plan(a))  # self-checked: pruned == masked
+    else:
+        assert not g.prunable and "gathered" in g.reason
+
+
 class Branches(nn.Module):
     """Two branches concatenated along the channels, read by one layer (SqueezeNet's fire module, an
     Inception block); the second branch's channels are also concatenated with themselves."""

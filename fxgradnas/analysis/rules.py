@@ -19,7 +19,7 @@ from torch.fx import Node
 from ..capture import mutated_argument
 from ..errors import RewriteError
 from .registry import Edit, aten_overloads, entry_for, fixed_size, int_arg, register, size_list, with_arg
-from .spaces import ShapeConflict, as_size
+from .spaces import ShapeConflict, as_size, same_size
 from .state import AxisSpaces, Propagation, op_name
 
 aten = torch.ops.aten
@@ -1115,6 +1115,29 @@ def index(p: Propagation, node: Node) -> AxisSpaces:
         return list(spaces[:d]) + [piece] + list(spaces[d + 1:])
     p.freeze(spaces[d], f"indexed by a tensor at {node.name}")
     return list(spaces[:d]) + list(p.of(idx)) + list(spaces[d + 1:])
+
+
+@register(aten.gather)
+def gather(p: Propagation, node: Node) -> AxisSpaces:
+    """``gather(x, d, idx)``: the output has the index's shape; axis ``d`` of ``x`` is read by value (frozen)
+    and the output's axis ``d`` is the index's; on every other axis where the index spans all of ``x``,
+    output, index and ``x`` share the axis (DeBERTa's relative-position terms gathered per query); an axis
+    the index covers only in part is frozen on ``x``."""
+    x, idx = node.args[0], node.args[2]
+    spaces, shape = p.of(x), p.shape(x)
+    d = node.args[1] % max(len(spaces), 1)
+    out = list(p.of(idx))
+    reason = f"gathered by index at {node.name}"
+    p.freeze(spaces[d], reason)
+    for i, s in enumerate(spaces):
+        if i == d:
+            continue
+        if same_size(p.shape(idx)[i], shape[i]):
+            p.same(out[i], s)
+        else:
+            p.freeze(s, reason)
+            p.freeze(out[i], reason)
+    return out
 
 
 @register(aten.index_put)
