@@ -36,7 +36,7 @@ from .selection import tensor_selections
 from .shard import INDEX_FILE, checkpoint_files
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
-HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
 aten = torch.ops.aten
@@ -167,11 +167,8 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
             patches[path] = changed
     for g in groups:
         if g.kind == "heads":
-            patches.setdefault(g.name, {}).update(_head_patches(model.get_submodule(g.name), g, kept[g.name]))
-            # the head count may live on a submodule (DeBERTa's attention.self under the group's attention)
-            for sub, module in model.get_submodule(g.name).named_modules():
-                if sub and any(getattr(module, a, None) == g.size for a in HEAD_COUNT_ATTRS):
-                    patches.setdefault(f"{g.name}.{sub}", {}).update(_head_patches(module, g, kept[g.name]))
+            for path in dict.fromkeys([g.name, *_head_count_holders(model, g)]):
+                patches.setdefault(path, {}).update(_head_patches(model.get_submodule(path), g, kept[g.name]))
     return patches
 
 
@@ -252,6 +249,24 @@ def _weight_offset(analysis: Analysis, tensor_name: str) -> float:
                 return float(other[0])
         break
     return 0.0
+
+
+def _head_count_holders(model: nn.Module, group: Group) -> list[str]:
+    """The modules that hold the head count of a heads group's attentions: for each module owning one of its
+    parameters, the nearest one up the path with a head count attribute equal to the group's heads (DeBERTa's
+    ``attention.self``, each layer's ``EncDecAttention`` of a group that T5's shared zero bias spans)."""
+    found = []
+    for owner in dict.fromkeys(name.rpartition(".")[0] for t in group.params for name in t.names):
+        path = owner
+        while True:
+            module = model.get_submodule(path)
+            if any(getattr(module, a, None) == group.size for a in HEAD_COUNT_ATTRS):
+                found.append(path)
+                break
+            if not path:
+                break
+            path = path.rpartition(".")[0]
+    return found
 
 
 def _head_patches(attention: nn.Module, group: Group, kept: tuple[int, ...]) -> dict[str, Any]:

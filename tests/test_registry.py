@@ -141,6 +141,14 @@ CONSTANT_OPS: dict[Any, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
     aten.rms_norm: (lambda: NormedResidual("rms_norm"), tokens),
     aten.conv2d: (GroupedConv, lambda: torch.randn(B, 3, 9, 9)),
     aten.histc: (zoo.MoE, lambda: torch.randn(B, T, zoo.MOE_WIDTH)),
+    aten.zeros: (lambda: Between(lambda h: h + torch.zeros(h.shape[-1]), H), tokens),
+    aten.ones: (lambda: Between(lambda h: h * torch.ones(h.shape[-1]), H), tokens),
+    aten.full: (lambda: Between(lambda h: h * torch.full((h.shape[-1],), 0.5), H), tokens),
+    aten.empty: (lambda: Between(lambda h: h * torch.empty(h.shape[-1]).fill_(2.0), H), tokens),
+    aten.new_zeros: (lambda: Between(lambda h: h + h.new_zeros(h.shape[-1]), H), tokens),
+    aten.new_ones: (lambda: Between(lambda h: h * h.new_ones(h.shape[-1]), H), tokens),
+    aten.new_full: (lambda: Between(lambda h: h * h.new_full((h.shape[-1],), 0.5), H), tokens),
+    aten.new_empty: (lambda: Between(lambda h: h * h.new_empty(h.shape[-1]).fill_(2.0), H), tokens),
 }
 
 

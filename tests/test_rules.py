@@ -605,6 +605,27 @@ def test_attention_heads_from_matmul_softmax_matmul() -> None:
     assert a.prunable == [g]
 
 
+class ZeroBias(Attention):
+    """T5's cross-attention without a relative bias: a zero bias of shape (1, heads, L, S) made from the head
+    count, added to the scores."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        bias = torch.zeros((1, self.heads, s, s), dtype=x.dtype)
+        y = ((q @ k.transpose(-2, -1)) + bias).softmax(-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+def test_a_filled_tensor_of_the_head_count_is_a_size_constant(random_plan: Callable) -> None:
+    """zeros/ones/full/empty: every entry is the same, so their sizes are size constants the rewrite patches
+    (the heads stay prunable); arange's entries depend on their position, so its axis is frozen."""
+    a = analyze(ZeroBias(3, 5), torch.randn(B, T, 15))
+    (g,) = a.by_kind("heads")
+    assert g.prunable and any(c.node.startswith("zeros") for c in g.shape_constants)
+    fxgradnas.apply_plan(a, random_plan(a))  # self-checked: pruned == masked
+
+
 def test_gqa_through_sdpa_enable_gqa() -> None:
     """sdpa with Hq = Hkv * n_rep: the query-head space is [kv_heads, queries_per_kv]."""
     a = analyze(GQA(q_heads=4, kv_heads=2, head_dim=3), torch.randn(B, T, 9))
