@@ -25,7 +25,6 @@ HF_ONLY = ("write_back", "generate", "save_load")
 # (model, check) -> the failure measured by benchmarks/breadth.py (first line, shortened)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
-    ('resnext50_32x4d', 'prune'): 'ConstraintError: the smallest model keeps 68.7% of the params (grouped convs: same channels in every conv group)',
     ('bloom', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
 }
 
