@@ -258,12 +258,11 @@ def _head_count_holders(model: nn.Module, group: Group) -> list[str]:
     found = []
     for owner in dict.fromkeys(name.rpartition(".")[0] for t in group.params for name in t.names):
         path = owner
-        while True:
-            module = model.get_submodule(path)
-            if any(getattr(module, a, None) == group.size for a in HEAD_COUNT_ATTRS):
-                found.append(path)
-                break
+        for _ in range(3):  # the projection's module, its attention, the attention's wrapper; never the model
             if not path:
+                break
+            if any(getattr(model.get_submodule(path), a, None) == group.size for a in HEAD_COUNT_ATTRS):
+                found.append(path)
                 break
             path = path.rpartition(".")[0]
     return found

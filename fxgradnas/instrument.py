@@ -96,8 +96,8 @@ class MaskSite(nn.Module):
         self.view = tuple(f.size if f.unit_axis is not None else 1 for f in factors)
         self.full = tuple(f.size for f in factors)
         # a concatenated axis (the input of a layer after a ``cat``): the unit of each entry, -1 for other parts
-        self.register_buffer("entries", unit_of_entries(site.layout, tuple(mask.shape)) if site.layout.concatenated
-                             else None, persistent=False)
+        entries = unit_of_entries(site.layout, tuple(mask.shape)).to(mask.device) if site.layout.concatenated else None
+        self.register_buffer("entries", entries, persistent=False)
         self.layout = site.layout
         self.recorder: GradientRecorder | None = None
         self.identity = False  # the mask is all ones (set when a recorder is attached)

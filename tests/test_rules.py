@@ -4,6 +4,7 @@ what the rule guarantees (kinds, unit counts, prunable flags, key words of reaso
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,55 @@ def test_concatenated_branches_keep_their_own_channels(random_plan: Callable) ->
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), masked(x))
     fxgradnas.apply_plan(a, random_plan(a))
+
+
+def test_concatenated_branches_score_per_channel() -> None:
+    """Scores fold a concatenated site back onto each branch's channels (a channel read twice counts
+    twice); calibration's recorder gives what autograd gives for the masks."""
+    from fxgradnas.instrument import instrument
+    from fxgradnas.scores import l1_scores
+
+    a = analyze(Branches(), tokens())
+    l1 = l1_scores(a)
+    assert (l1["left"].shape, l1["right"].shape) == ((4,), (6,))
+    x = tokens()
+    plain = instrument(a)
+    for mask in plain.masks.values():
+        mask.requires_grad_(True)
+    plain.module(x).square().sum().backward()
+    scores = fxgradnas.calibrate(a, [x], lambda out, batch: out.square().sum(), progress=False)
+    for name, mask in plain.masks.items():
+        torch.testing.assert_close(scores[name], mask.grad.reshape(-1) ** 2)
+
+
+def test_mask_site_of_a_concatenation_lives_on_the_masks_device() -> None:
+    from fxgradnas.instrument import MaskSite
+
+    a = analyze(Branches(), tokens())
+    g = a.group("left")
+    (site,) = [s for s in g.sites if s.layout.concatenated]
+    assert MaskSite(g.name, torch.ones(g.unit_shape, device="meta"), site).entries.device.type == "meta"
+
+
+class TwoAttentions(nn.Module):
+    """Two ``nn.MultiheadAttention`` layers: export computes the ``batch * heads`` size of their views once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.MultiheadAttention(16, 4), nn.MultiheadAttention(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.a(x, x, x, need_weights=False)[0]
+        return x + self.b(x, x, x, need_weights=False)[0]
+
+
+def test_a_size_product_shared_by_layers_is_patched_per_layer() -> None:
+    """The rewrite gives each layer its own copy of a shared ``B * H`` product before patching H."""
+    a = analyze(TwoAttentions(), torch.randn(5, B, 16))
+    shared = [n for n in a.captured.module.graph.nodes if n.target is operator.mul and len(n.users) > 2]
+    assert shared, "the example must share the product"
+    pruned = fxgradnas.apply_plan(a, fxgradnas.Plan({"a": [0], "b": [0, 1, 3]}))  # self-checked
+    assert pruned.get_parameter("b.in_proj_weight").shape == (3 * 12, 16)
 
 
 def test_channel_dim_that_only_reaches_a_sum_is_not_prunable() -> None:

@@ -50,7 +50,7 @@ class Layout:
         found: list[int] = []
         for f in self.factors:
             inner = [f.unit_axis] if f.unit_axis is not None else [a for part in f.parts for a in part.unit_axes]
-            found += [a for a in inner if a not in found]
+            found += [a for a in dict.fromkeys(inner) if a not in found]  # parts may repeat a unit axis
         return tuple(found)
 
     @property

@@ -463,13 +463,9 @@ def cat(p: Propagation, node: Node) -> AxisSpaces:
                 p.same(out[i], s)
     sizes = [p.shape(t)[dim] for t in tensors]
     if all(isinstance(n, int) for n in sizes) and [n for n in sizes if n > 0]:
-        try:
-            p.same(out[dim], p.spaces.concat([p.of(t)[dim] for t, n in zip(tensors, sizes, strict=True) if n > 0]))
-            return out
-        except ShapeConflict as exc:
-            reason = f"concatenated at {node.name}: {exc}"
-    else:
-        reason = f"concatenated along a data-sized axis at {node.name}"
+        p.same(out[dim], p.spaces.concat([p.of(t)[dim] for t, n in zip(tensors, sizes, strict=True) if n > 0]))
+        return out
+    reason = f"concatenated along a data-sized axis at {node.name}"
     p.freeze(out[dim], reason)
     for t in tensors:
         p.freeze(p.of(t)[dim], reason)
