@@ -483,22 +483,25 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    check_example_inputs(example_inputs, model)
-    args, kwargs = split_inputs(example_inputs)
-    start = time.perf_counter()
-    training = model.training
-    with _EXPORT_LOCK, eval_mode(model), cache_off(model, kwargs):
-        module, fixed = _export_dynamic(model, args, kwargs, dynamic_shapes)
+    # the lock covers every read of the model: another thread's export swaps its tensors while it traces
+    with _EXPORT_LOCK:
+        check_example_inputs(example_inputs, model)
+        args, kwargs = split_inputs(example_inputs)
+        start = time.perf_counter()
+        training = model.training
+        with eval_mode(model), cache_off(model, kwargs):
+            module, fixed = _export_dynamic(model, args, kwargs, dynamic_shapes)
+        names: dict[int, list[str]] = {}
+        for name, tensor in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]:
+            names.setdefault(id(tensor), []).append(name)
+        model_fingerprint = fingerprint(model)
     follow_training_mode(module)
     module.eval()
     drop_whole_slices(module)
     functionalize(module)
-    names: dict[int, list[str]] = {}
-    for name, tensor in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
-        names.setdefault(id(tensor), []).append(name)
     if fixed:
         warnings.warn(
             f"torch.export fixed {', '.join(fixed)} of {type(model).__name__} to size 1 as in example_inputs "
@@ -512,7 +515,7 @@ def capture(
         args=args,
         kwargs=kwargs,
         names=names,
-        fingerprint=fingerprint(model),
+        fingerprint=model_fingerprint,
         dynamic_dims=_symbolic_dims(module),
         seconds=time.perf_counter() - start,
         training=training,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxgradnas
@@ -137,3 +138,31 @@ def test_heads_folded_with_the_batch_are_found_and_prune_exactly() -> None:
     assert heads.prunable and heads.unit_shape == (4,), a.table()
     pruned = apply_plan(a, Plan({heads.name: [0, 3]}))  # self-checked against the masked model
     assert pruned.qkv.weight.shape[0] == 3 * 2 * HD and pruned.o.weight.shape[1] == 2 * HD
+
+
+class RuntimeFused(nn.Module):
+    """q, k and v weights concatenated at run time into one fused weight, then split unequally
+    (multi-query: q has 3 heads of 4, k and v one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(n, 12) * 0.3) for n in (12, 4, 4))
+        self.o = nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = F.linear(x, torch.cat([self.wq, self.wk, self.wv])).split([12, 4, 4], -1)
+        q = q.view(b, s, 3, 4).transpose(1, 2)
+        k, v = (t.view(b, s, 1, 4).transpose(1, 2) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(b, s, 12)
+        return self.o(y)
+
+
+def test_a_weight_concatenated_at_run_time_is_a_fused_weight() -> None:
+    """cat of weights is a weight whose rows are the parts' rows: the heads own wq's rows and the split
+    sizes are patched (self-checked: pruned == masked)."""
+    a = fxgradnas.analyze(RuntimeFused().eval(), torch.randn(3, 5, 12))
+    (g,) = a.by_kind("heads")
+    assert g.prunable and g.size == 3
+    pruned = fxgradnas.apply_plan(a, fxgradnas.Plan({g.name: [0, 2]}))
+    assert pruned.get_parameter("wq").shape == (8, 12) and pruned.get_parameter("o.weight").shape == (12, 8)

@@ -464,6 +464,8 @@ def cat(p: Propagation, node: Node) -> AxisSpaces:
     sizes = [p.shape(t)[dim] for t in tensors]
     if all(isinstance(n, int) for n in sizes) and [n for n in sizes if n > 0]:
         p.same(out[dim], p.spaces.concat([p.of(t)[dim] for t, n in zip(tensors, sizes, strict=True) if n > 0]))
+        if tensors and all(p.is_weight(t) for t in tensors):
+            p.weightlike.add(node)  # a fused weight built at run time: its rows are the parts' rows
         return out
     reason = f"concatenated along a data-sized axis at {node.name}"
     p.freeze(out[dim], reason)
@@ -693,6 +695,8 @@ def einsum(p: Propagation, node: Node) -> AxisSpaces:
             return no_rule(p, node)
         for j, c in enumerate(output):
             p.same(out[j], p.of(operands[0])[letters[0].index(c)])
+        if p.is_weight(operands[0]):
+            p.weightlike.add(node)
         return out
     a, b = operands
     (la, lb), sa, sb = letters, p.shape(a), p.shape(b)
