@@ -723,6 +723,24 @@ def test_einsum_attention_over_windows_finds_the_heads(random_plan: Callable) ->
     fxgradnas.apply_plan(a, random_plan(a))  # self-checked: pruned == masked
 
 
+class EinsumOfAWeight(nn.Module):
+    """A weight permuted by a one-operand einsum, then contracted with the hidden by another einsum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Parameter(torch.randn(H, D) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bth,dh->btd", torch.relu(self.fc1(x)), torch.einsum("hd->dh", self.fc2))
+
+
+def test_einsum_of_a_weight_is_a_weight(random_plan: Callable) -> None:
+    a = analyze(EinsumOfAWeight(), tokens())
+    g = group_at(a, "fc1.weight", 0)
+    assert g.prunable and ("fc2", 0) in axes(g)
+    fxgradnas.apply_plan(a, random_plan(a))  # self-checked: pruned == masked
+
+
 class EinsumForms(nn.Module):
     """einsum forms without a rule: a letter summed within one operand, and a diagonal."""
 
