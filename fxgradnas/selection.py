@@ -95,14 +95,13 @@ def fold_to_units(values: torch.Tensor, layout: Layout) -> torch.Tensor:
 def unit_of_entries(layout: Layout, shape: tuple[int, ...]) -> torch.Tensor:
     """The flat unit index (in a grid of ``shape``) of each entry along an axis whose entries carry every unit
     axis or none (-1: a concatenated part of other units, as another branch of a ``cat``)."""
-    coords = coordinates(layout, len(shape))
-    carried = coords >= 0
-    if not bool((carried.all(dim=1) | ~carried.any(dim=1)).all()):
+    grid, pieces = _fold_indices(layout)
+    if tuple(grid) != shape or any(size != prod(shape) for _, _, size, _ in pieces):
         raise ValueError("entries that carry only some of the unit axes")
-    flat = torch.zeros(len(coords), dtype=torch.long)
-    for a, n in enumerate(shape):
-        flat = flat * n + coords[:, a].clamp_min(0)
-    return torch.where(carried.all(dim=1), flat, -1)
+    entries = torch.full((len(pieces[0][0]),), -1, dtype=torch.long)
+    for rows, flat, _, _ in pieces:
+        entries[rows] = flat
+    return entries
 
 
 @functools.lru_cache(maxsize=4096)
