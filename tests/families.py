@@ -473,13 +473,7 @@ HF_FAMILIES: dict[str, Callable[..., Example]] = {
 def _tv(name: str, image: int = 64, batch: int = 2, **kwargs: Any) -> Callable[..., Example]:
     """A factory for ``torchvision.models.<name>(weights=None, num_classes=10, **kwargs)`` on
     ``batch`` images of ``image`` x ``image``."""
-
-    def factory(seed: int = 0) -> Example:
-        models = import_torchvision().models
-        with _seeded(seed) as gen:
-            model = _no_zero_weights(getattr(models, name)(weights=None, num_classes=CLASSES, **kwargs).eval())
-            return model, torch.randn(batch, 3, image, image, generator=gen)
-
+    factory = _shallow(lambda models: getattr(models, name)(weights=None, num_classes=CLASSES, **kwargs), image, batch)
     factory.__name__ = f"tv_{name}"
     factory.__doc__ = f"torchvision {name} on ({batch}, 3, {image}, {image}) images"
     return factory
