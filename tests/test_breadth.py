@@ -25,7 +25,6 @@ HF_ONLY = ("write_back", "generate", "save_load")
 # (model, check) -> the failure measured by benchmarks/breadth.py (first line, shortened)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
-    ('mobilenet_v3_large', 'plan_all'): 'pruned vs masked 1.7e-02: the hidden width is masked only where it is written, and the BatchNorm after a depthwise conv inside it shifts a masked zero to a value the next conv reads',
     ('bloom', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
 }
 

@@ -615,6 +615,43 @@ def test_post_sublayer_norms_see_the_masked_value_and_stay_exact() -> None:
     fxgradnas.apply_plan(a, plan)  # the self-check raises unless pruned == masked
 
 
+class ShiftedResidualRead(nn.Module):
+    """MobileNetV3's block without expansion: the residual width itself goes through a depthwise conv,
+    a BatchNorm (a shift: zero becomes its bias) and an activation before the projection reads it."""
+
+    def __init__(self, shift: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, D, 1), nn.Conv2d(D, 2, 1)
+        self.dw, self.proj = nn.Conv2d(D, D, 3, padding=1, groups=D, bias=False), nn.Conv2d(D, D, 1)
+        self.bn = nn.BatchNorm2d(D)
+        self.shift = shift or (lambda y: torch.relu(self.bn(y)))
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.bias.uniform_(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.proj(self.shift(self.dw(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("shift", ["batch_norm", "sigmoid", "relu"])
+def test_residual_reads_behind_a_shift_are_masked_where_they_are_read(shift: str) -> None:
+    """The hidden mask zeroes pruned channels where they are written; an op that maps zero to non-zero
+    (a BatchNorm, a sigmoid) before a weight reads them needs a mask at that read, and only then."""
+    model = ShiftedResidualRead({"sigmoid": torch.sigmoid, "relu": torch.relu}.get(shift)).eval()
+    a = analyze(model, images())
+    g = group_at(a, "proj.weight", 1)
+    assert g.kind == "hidden" and g.prunable and g.exact
+    nodes = {n.name: n for n in a.captured.module.graph.nodes}
+    read_by_proj = {site.node for site in g.sites if any("proj" in str(u.meta.get("nn_module_stack", ""))
+                                                            for u in nodes[site.node].users)}
+    assert bool(read_by_proj) == (shift != "relu")
+    plan = fxgradnas.Plan({g.name: [0, 2, 3]})
+    pruned, x = fxgradnas.apply_plan(a, plan, check=False), images()
+    torch.testing.assert_close(pruned(x), fxgradnas.masked(a, plan)(x))  # the self-check, spelled out
+
+
 class AddToInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ from math import prod
 import torch
 
 from .registry import entry_for
+from .rules import keeps_zero
 from .spaces import is_data_size
 from .state import Propagation, op_name
 
@@ -270,7 +271,10 @@ class _GroupBuilder:
                         tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()
                     )
                     (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
-        records = {"hidden": self.rec.writes, "experts": self.rec.experts}.get(kind, self.rec.consumed)
+        if kind == "hidden":
+            records = self.rec.writes + self.unzeroed_reads(grid)
+        else:
+            records = self.rec.experts if kind == "experts" else self.rec.consumed
         sites = [
             NodeAxis(node, axis, self.layout(space, grid), self.batch_major(node))
             for node, axis, space in records
@@ -316,6 +320,18 @@ class _GroupBuilder:
         if kind == "heads" and len(unit_shape) > 2:
             g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
         return g
+
+    def unzeroed_reads(self, grid: tuple[int, ...]) -> list[tuple[str, int, int]]:
+        """The weight reads of the residual width that its write masks do not leave zero at pruned
+        channels (a BatchNorm's shift, a bias, a sigmoid between the stream and the read): each needs a
+        mask of its own, or the masked model would read values that the pruned one does not have."""
+        writes = {node for node, _, space in self.rec.writes if self.touching(space, grid)}
+        zero: set[torch.fx.Node] = set()
+        for node in self.p.gm.graph.nodes:
+            if node.name in writes or keeps_zero(self.p, node, zero):
+                zero.add(node)
+        return [(name, axis, space) for name, axis, space in self.rec.consumed
+                if self.touching(space, grid) and self.nodes[name] not in zero]
 
     def unpatchable(self, constants: list[NodeAxis], unit_shape: tuple[int, ...]) -> str:
         """Why the rewrite could not shrink one of these size constants ('' when it can): the op has

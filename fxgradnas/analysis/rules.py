@@ -137,6 +137,7 @@ def _out_shape(p: Propagation, node: Node) -> list:
 POINTWISE = [op for op in aten_overloads(torch.Tag.pointwise) if torch.Tag.inplace not in op.tags]
 """Broadcasting elementwise ops, from torch's own ``pointwise`` tags (in-place forms are left to
 :func:`fxgradnas.capture.functionalize`)."""
+_POINTWISE_SET = set(POINTWISE)
 UNTAGGED_POINTWISE = [
     aten.rsub.Tensor, aten.hardswish.default, aten.where.ScalarSelf, aten.where.ScalarOther,
     aten.where.Scalar, aten.masked_fill.Tensor, aten.__and__.Tensor, aten.__and__.Scalar,
@@ -155,6 +156,64 @@ UNARY = [
 # produces a value and its residual write, masking before them equals masking after them
 ZERO_PRESERVING = {aten.mul, aten.div}  # by a scale or a weight
 PASS_THROUGH = {aten._to_copy, aten.to, aten.type_as, aten.clone, aten.alias, aten.dropout, aten.contiguous}
+
+
+ZERO_MOVING = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze,
+    aten.permute, aten.transpose, aten.t, aten.expand, aten.slice, aten.select, aten.narrow, aten.repeat,
+    aten.cat, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.roll, aten.index,
+    aten.index_select, aten.gather, aten.sum, aten.mean, aten.amax, aten.amin, aten.max_pool1d,
+    aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d,
+    aten.adaptive_avg_pool3d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
+    aten.upsample_bilinear2d, *PASS_THROUGH, *VALUE_PRESERVING,
+}
+"""Ops whose output entries are input entries (picked by an index or not), or sums, means or extremes of
+them over other axes: all value inputs zero at a channel, the output is zero there."""
+
+
+def keeps_zero(p: Propagation, node: Node, zero: set[Node]) -> bool:
+    """Whether ``node``'s value is zero wherever its inputs in ``zero`` are (and finite elsewhere): a
+    masked channel stays zero through it. False when unsure, which only costs a mask more."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return node.args[0] in zero
+    packet = getattr(node.target, "overloadpacket", None)
+    inputs = p.tensor_inputs(node)
+    if not inputs or not any(x in zero for x in inputs):
+        return False
+    if packet in ZERO_MOVING or (packet is aten.constant_pad_nd and not _arg(node, 2, "value", 0)):
+        return all(x in zero for x in inputs if p.val(x).is_floating_point())  # not the indices
+    if not p.is_tensor(node):
+        return False
+    same_shape = [x for x in inputs if x in zero and p.shape(x) == p.shape(node)]
+    if packet is aten.mul:
+        return bool(same_shape)
+    if packet is aten.div:
+        return node.args[0] in same_shape
+    if packet in (aten.add, aten.sub):
+        return all(x in zero for x in inputs) and all(isinstance(a, Node) for a in node.args[:2])
+    if packet in CONVOLUTIONS:
+        depthwise = p.shape(inputs[0])[1] == p.shape(node)[1] == _conv_groups(node)
+        return inputs[0] in zero and depthwise and _arg(node, 2, "bias") is None
+    scalars = [*node.args[1:], *node.kwargs.values()]
+    if inputs == [node.args[0]] and node.target in _POINTWISE_SET and not any(isinstance(a, Node) for a in scalars):
+        return _maps_zero_to_zero(p, node)
+    return False
+
+
+def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _maps_zero_to_zero(p: Propagation, node: Node) -> bool:
+    """Evaluate a one-tensor pointwise op (an activation) at zero."""
+    zero = torch.zeros((), dtype=p.val(node.args[0]).dtype)
+    try:
+        out = node.target(zero, *node.args[1:], **node.kwargs)
+    except Exception:  # noqa: BLE001 - an op that cannot run on a scalar is judged unsure
+        return False
+    return isinstance(out, torch.Tensor) and not out.bool().any().item()
 
 
 def _write_site(p: Propagation, x: Node, axis: int) -> Node:
@@ -750,9 +809,16 @@ def _patch_conv_groups(node: Node, index: int, sizes: list[int | None]) -> list[
 
 
 CONV_TRANSPOSE = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+CONVOLUTIONS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, *CONV_TRANSPOSE)
 
 
-@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, *CONV_TRANSPOSE, patch=_patch_conv_groups)
+def _conv_groups(node: Node) -> Any:
+    if node.target.overloadpacket is aten.convolution:
+        return node.args[8]
+    return _arg(node, 6, "groups", 1)
+
+
+@register(*CONVOLUTIONS, patch=_patch_conv_groups)
 def conv(p: Propagation, node: Node) -> AxisSpaces:
     """Channels of input, weight, output and bias; spatial axes are new spaces, never units.
 
@@ -766,10 +832,8 @@ def conv(p: Propagation, node: Node) -> AxisSpaces:
     x, w = node.args[0], node.args[1]
     bias = p.arg(2, "bias")
     packet = node.target.overloadpacket
-    if packet is aten.convolution:
-        transposed, groups = node.args[6], node.args[8]
-    else:
-        transposed, groups = packet in CONV_TRANSPOSE, p.arg(6, "groups", 1)
+    transposed = node.args[6] if packet is aten.convolution else packet in CONV_TRANSPOSE
+    groups = _conv_groups(node)
     if not p.is_weight(w) or not isinstance(groups, int):
         return no_rule(p, node)
     out_shape = _out_shape(p, node)
