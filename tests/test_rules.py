@@ -652,6 +652,30 @@ def test_residual_reads_behind_a_shift_are_masked_where_they_are_read(shift: str
     torch.testing.assert_close(pruned(x), fxgradnas.masked(a, plan)(x))  # the self-check, spelled out
 
 
+class SumOfShifted(nn.Module):
+    """A sum over the residual width of the stream plus a bias: zero-blind only where the stream is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 2)
+        self.shift = nn.Parameter(torch.randn(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = h + self.fc2(h)
+        return self.head(h) + (h + self.shift).sum(-1, keepdim=True)
+
+
+def test_a_sum_over_a_shifted_residual_width_is_approximate() -> None:
+    a = analyze(SumOfShifted(), tokens())
+    g = group_at(a, "head.weight", 1)
+    assert g.kind == "hidden" and not g.exact and "non-zero" in g.exact_reason
+    plan, x = fxgradnas.Plan({g.name: [0, 2, 3]}), tokens()
+    with pytest.warns(UserWarning, match="approximate"):
+        pruned = fxgradnas.apply_plan(a, plan, check=False)
+    assert not torch.allclose(pruned(x), fxgradnas.masked(a, plan)(x), atol=1e-4)  # why it is not exact
+
+
 class AddToInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()

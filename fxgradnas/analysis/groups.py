@@ -271,8 +271,10 @@ class _GroupBuilder:
                         tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()
                     )
                     (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
+        masked, shifted = set(), []
         if kind == "hidden":
-            records = self.rec.writes + self.unzeroed_reads(grid)
+            masked, shifted = self.unzeroed(grid)
+            records = self.rec.writes + [r for r in self.rec.consumed if r[0] in masked]
         else:
             records = self.rec.experts if kind == "experts" else self.rec.consumed
         sites = [
@@ -304,6 +306,8 @@ class _GroupBuilder:
         )
         g.unit_width = _unit_width(g)
         _judge_exact(g)
+        if g.exact and shifted:  # a sum over the residual width of values its masks do not zero
+            g.exact, g.exact_reason = False, f"approximate: {shifted[0]} reduces over values a bias or shift made non-zero"
         if g.prunable:
             g.reason = self.unpatchable(constants, unit_shape)
             g.prunable = not g.reason
@@ -321,17 +325,25 @@ class _GroupBuilder:
             g.prunable, g.reason = False, f"head structure {unit_shape} not understood"
         return g
 
-    def unzeroed_reads(self, grid: tuple[int, ...]) -> list[tuple[str, int, int]]:
-        """The weight reads of the residual width that its write masks do not leave zero at pruned
-        channels (a BatchNorm's shift, a bias, a sigmoid between the stream and the read): each needs a
-        mask of its own, or the masked model would read values that the pruned one does not have."""
+    def unzeroed(self, grid: tuple[int, ...]) -> tuple[set[str], list[str]]:
+        """Where the residual width's write masks do not leave its pruned channels zero: a BatchNorm's
+        shift, a bias or a sigmoid lies between the stream and a read. Returns the weight reads that need
+        a mask of their own (or the masked model would read values the pruned one does not have), and the
+        reductions over the width that still see non-zero values there (the group is then approximate)."""
         writes = {node for node, _, space in self.rec.writes if self.touching(space, grid)}
+        reads = {name for name, _, space in self.rec.consumed if self.touching(space, grid)}
         zero: set[torch.fx.Node] = set()
+        masked: set[str] = set()
         for node in self.p.gm.graph.nodes:
             if node.name in writes or keeps_zero(self.p, node, zero):
                 zero.add(node)
-        return [(name, axis, space) for name, axis, space in self.rec.consumed
-                if self.touching(space, grid) and self.nodes[name] not in zero]
+            elif node.name in reads:  # masked there, zero from there on
+                masked.add(node.name)
+                zero.add(node)
+        shifted = [node for space, _, node in self.rec.reductions if self.touching(space, grid)
+                   and not all(x in zero for x in self.nodes[node].all_input_nodes
+                               if self.p.is_tensor(x) and not self.p.is_weight(x))]
+        return masked, shifted
 
     def unpatchable(self, constants: list[NodeAxis], unit_shape: tuple[int, ...]) -> str:
         """Why the rewrite could not shrink one of these size constants ('' when it can): the op has
@@ -386,7 +398,7 @@ def _judge_exact(g: Group) -> None:
     if not kinds:
         g.exact, g.exact_reason = True, "exact"
         return
-    if g.kind == "hidden":  # masked at every write, its pruned channels are zero everywhere
+    if g.kind == "hidden":  # masked at every write and shifted read: its pruned channels read as zero
         if kinds <= ZERO_BLIND:
             g.exact, g.exact_reason = True, "exact"
         elif kinds <= ZERO_BLIND | {"mean of squares", "rms_norm"}:
