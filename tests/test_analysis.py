@@ -102,10 +102,15 @@ def test_frozen_groups_say_why(case) -> None:
         assert g.reason
 
 
+RECAPTURED = ("llama", "resnet", "squeezenet", "hf_llama", "hf_bert")  # decoders, CNNs, Hugging Face
+
+
 def test_names_are_unique_and_stable(case) -> None:
     name, analysis = case
     names = [g.name for g in analysis.groups]
     assert len(set(names)) == len(names)
+    if name not in RECAPTURED:
+        return
     again = fxgradnas.analyze(*{**ZOO, **HF_ZOO}[name]())  # a fresh capture of a fresh model
     assert again is not analysis
     assert [g.name for g in again.groups] == names

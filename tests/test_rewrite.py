@@ -278,15 +278,16 @@ def test_pruned_module_shares_the_tensors_left_whole_when_asked() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    analysis = fxgradnas.analyze(model, inputs)
     for keep in (plan.keep, {**plan.keep, "hidden": list(range(20))}):
-        shared = apply_plan(model, Plan(keep), inputs, share_weights=True)
+        shared = apply_plan(analysis, Plan(keep), share_weights=True)
         held = {n: t.untyped_storage().data_ptr() in storages for n, t in shared.state_dict().items()}
         if "hidden" in keep:
             assert not any(n.endswith("norm.weight") and held[n] for n in held)  # sliced, then rescaled
         else:
             assert held["model.layers.1.mlp.up_proj.weight"] and held["model.embed_tokens.weight"]
             assert not held["model.layers.0.mlp.down_proj.weight"] and not held["model.layers.1.self_attn.q_proj.weight"]
-        torch.testing.assert_close(shared(inputs), apply_plan(model, Plan(keep), inputs)(inputs), rtol=0, atol=0)
+        torch.testing.assert_close(shared(inputs), apply_plan(analysis, Plan(keep))(inputs), rtol=0, atol=0)
     assert model.model.embed_tokens.weight.requires_grad is False
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
