@@ -18,11 +18,17 @@ calibration text (the calibration domain, held out). Methods (``--methods``):
   ``o_proj``/``down_proj``; a head sums its channels), standardised per layer and module, pruned in
   ascending order across all layers until the budget is met, and the pruned inputs' means folded
   into new output biases;
+- ``obs+ls``: the reference plan's count of MLP channels per layer, but which channels go chosen by
+  greedy optimal brain surgeon on ``down_proj`` (each step removes the column whose loss of output
+  energy, ``|W[:, i]|^2 / [H^-1]_ii`` with ``H`` the input Gram plus the re-fit's ridge, is least, and
+  updates ``W`` and ``H^-1``), then the re-fit: what the consumer's re-fit can absorb instead of the
+  mask gradient;
 - ``<method>+ls``: then the least-squares re-fit of the layers that consume pruned units
   (``--damping``);
 - ``sample``, ``l1``, ``random``: other scorers through the reference search (gradnas per sample,
   weight magnitude, random with ``--random-seeds``);
-- ``heal``: the reference plan then :func:`fxgradnas.heal` (KL to the dense model on stdlib windows,
+- ``heal``: the reference plan (re-fitted first when ``binary+ls`` runs too, as ``prune`` returns it)
+  then :func:`fxgradnas.heal` (KL to the dense model on stdlib windows,
   ``--heal-batch-size`` x 128 tokens a step) for ``--heal-steps`` stages, evaluated after each.
 
 Each row gives the wall time of its own work; methods that share the dense scores include the
@@ -46,7 +52,7 @@ from tabulate import tabulate
 import fxgradnas
 from examples.smollm2 import load_smollm2
 from fxgradnas import hf
-from fxgradnas.compensate import timed_compensation
+from fxgradnas.compensate import DAMPING, InputStatistics, timed_compensation
 from fxgradnas.cost import CostModel
 from fxgradnas.datasets import (
     CALIBRATION_SKIP,
@@ -61,8 +67,8 @@ from fxgradnas.datasets import (
 from fxgradnas.search import group_choices
 from fxgradnas.selection import keep_grid, kept_per_unit_axis
 
-METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "heal",
-           "sample", "l1", "random")
+METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "obs+ls",
+           "heal", "sample", "l1", "random")
 
 
 def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration: list[torch.Tensor],
@@ -144,6 +150,54 @@ def flap_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, calibration:
     return plan, biases
 
 
+def down_proj_statistics(model: torch.nn.Module, calibration: list[torch.Tensor]) -> dict[int, InputStatistics]:
+    """Each layer's ``down_proj`` input statistics over the calibration batches (dense model)."""
+    stats: dict[int, InputStatistics] = {}
+
+    def observe(i: int):
+        def hook(module, inputs):
+            entry = stats.setdefault(i, InputStatistics.empty(inputs[0].shape[-1], inputs[0].device))
+            entry.add(inputs[0])
+        return hook
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(observe(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for batch in calibration:
+            model(batch)
+    for h in handles:
+        h.remove()
+    return stats
+
+
+def obs_removed(weight: torch.Tensor, stats: InputStatistics, count: int, damping: float = DAMPING) -> list[int]:
+    """The ``count`` input columns greedy optimal brain surgeon removes first (``W`` updated each step)."""
+    gram = stats.gram / max(stats.rows, 1)
+    hinv = torch.linalg.inv(gram + damping * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=gram.dtype))
+    w, alive, removed = weight.double().clone(), torch.ones(len(gram), dtype=torch.bool), []
+    for _ in range(count):
+        cost = (w * w).sum(0) / hinv.diagonal().clamp_min(1e-30)
+        cost[~alive] = float("inf")
+        i = int(cost.argmin())
+        removed.append(i)
+        alive[i] = False
+        w -= torch.outer(w[:, i], hinv[i]) / hinv[i, i]
+        hinv -= torch.outer(hinv[:, i], hinv[i]) / hinv[i, i]
+    return removed
+
+
+def obs_plan(model: torch.nn.Module, analysis: fxgradnas.Analysis, plan: fxgradnas.Plan,
+             stats: dict[int, InputStatistics]) -> fxgradnas.Plan:
+    """``plan`` with each MLP group's pruned channels re-chosen by :func:`obs_removed` (same counts)."""
+    keep = dict(plan.keep)
+    for i, layer in enumerate(model.model.layers):
+        name = f"model.layers.{i}.mlp"
+        if name in keep:
+            size = analysis.group(name).size
+            removed = set(obs_removed(layer.mlp.down_proj.weight.detach(), stats[i], size - len(keep[name])))
+            keep[name] = sorted(set(range(size)) - removed)
+    return fxgradnas.Plan(keep)
+
+
 def kept_counts(analysis: fxgradnas.Analysis, plan: fxgradnas.Plan) -> dict[str, tuple[int, ...]]:
     """What the cost model takes for a plan: kept units per unit axis of each group it names."""
     return {g: kept_per_unit_axis(analysis.group(g), keep_grid(analysis.group(g), plan.kept(g))) for g in plan.keep}
@@ -222,19 +276,22 @@ def main() -> None:
         print(tabulate(rows[-1:], headers="keys", floatfmt=".4g"), flush=True)
 
     def refit(label: str, budget: float, plan: fxgradnas.Plan, pruned: torch.nn.Module, achieved: dict,
-              seconds: float) -> None:
+              seconds: float) -> tuple[torch.nn.Module, float] | None:
+        """The re-fitted copy and its seconds (with ``seconds``), when ``<label>+ls`` is asked for."""
         if f"{label}+ls" in args.methods:
             fitted = copy.deepcopy(pruned)
             _, spent = timed_compensation(analysis, plan, fitted, calibration, method="ls", max_batches=args.batches,
                                           progress=False, **compensation)
             record(f"{label} + ls", budget, fitted, achieved, seconds + spent)
+            return fitted, seconds + spent
+        return None
 
     heal_data = batched(token_windows(tokenizer, stdlib_text(), args.seq_len,
                                       sum(args.heal_steps) * args.heal_batch_size), args.heal_batch_size)
     for budget in args.budgets:
         constraint = {"params": budget}
         for searcher in ("binary", "greedy"):
-            wanted = {searcher, f"{searcher}+ls"} | ({"heal"} if searcher == "binary" else set())
+            wanted = {searcher, f"{searcher}+ls"} | ({"heal", "obs+ls"} if searcher == "binary" else set())
             if wanted & set(args.methods):
                 start = time.perf_counter()
                 found = fxgradnas.search(analysis, scores, constraint, searcher=searcher)
@@ -242,16 +299,25 @@ def main() -> None:
                 seconds = time.perf_counter() - start + score_s
                 if searcher in args.methods:
                     record(searcher, budget, pruned, found.achieved, seconds)
-                refit(searcher, budget, found.plan, pruned, found.achieved, seconds)
+                fitted = refit(searcher, budget, found.plan, pruned, found.achieved, seconds)
+                if searcher == "binary" and "obs+ls" in args.methods:
+                    start = time.perf_counter()
+                    plan = obs_plan(model, analysis, found.plan, down_proj_statistics(model, calibration))
+                    obs_pruned = fxgradnas.apply_plan(analysis, plan, check=False)
+                    refit("obs", budget, plan, obs_pruned, achieved_by(analysis, plan),
+                          seconds + time.perf_counter() - start)
                 if searcher == "binary" and "heal" in args.methods and budget in args.heal_budgets:
-                    healed, spent, healed_steps = copy.deepcopy(pruned), seconds, 0
+                    # from what prune returns by default: the re-fitted module when binary+ls ran
+                    label = "binary + ls" if fitted else "binary"
+                    healed, spent = fitted if fitted else (copy.deepcopy(pruned), seconds)
+                    healed_steps = 0
                     for steps in args.heal_steps:
                         report = fxgradnas.heal(healed, model, heal_data, steps=steps, lr=args.heal_lr,
                                                 progress=False)
                         spent += report.seconds
                         heal_data = heal_data[steps:] + heal_data[:steps]  # the next stage reads new windows
                         healed_steps += report.steps
-                        record(f"binary + heal {healed_steps}", budget, healed, found.achieved, spent)
+                        record(f"{label} + heal {healed_steps}", budget, healed, found.achieved, spent)
         if "rounds" in args.methods or "rounds+ls" in args.methods:
             start = time.perf_counter()
             result = fxgradnas.prune(analysis, None, calibration, causal_lm_loss, constraint=constraint,
