@@ -163,9 +163,10 @@ ZERO_MOVING = {
     aten.permute, aten.transpose, aten.t, aten.expand, aten.slice, aten.select, aten.narrow, aten.repeat,
     aten.cat, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.roll, aten.index,
     aten.index_select, aten.gather, aten.sum, aten.mean, aten.amax, aten.amin, aten.max_pool1d,
-    aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d,
-    aten.adaptive_avg_pool3d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
-    aten.upsample_bilinear2d, *PASS_THROUGH, *VALUE_PRESERVING,
+    aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices, aten.avg_pool1d, aten.avg_pool2d,
+    aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+    aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+    *PASS_THROUGH, *VALUE_PRESERVING,
 }
 """Ops whose output entries are input entries (picked by an index or not), or sums, means or extremes of
 them over other axes: all value inputs zero at a channel, the output is zero there."""
@@ -192,7 +193,7 @@ def keeps_zero(p: Propagation, node: Node, zero: set[Node]) -> bool:
     if packet is aten.div:
         return node.args[0] in same_shape
     if packet in (aten.add, aten.sub):
-        return all(x in zero for x in inputs) and all(isinstance(a, Node) for a in node.args[:2])
+        return all(a in zero for a in node.args[:2])  # a constant or a weight added is not zero
     if packet in CONVOLUTIONS:
         depthwise = p.shape(inputs[0])[1] == p.shape(node)[1] == _conv_groups(node)
         return inputs[0] in zero and depthwise and _arg(node, 2, "bias") is None
