@@ -271,7 +271,7 @@ class _GroupBuilder:
                         tuple(self.p.captured.names_of(tensor)), axis, self.layout(space, grid), tensor.numel()
                     )
                     (params if isinstance(tensor, torch.nn.Parameter) else buffers).append(entry)
-        masked, shifted = set(), []
+        shifted: list[str] = []
         if kind == "hidden":
             masked, shifted = self.unzeroed(grid)
             records = self.rec.writes + [r for r in self.rec.consumed if r[0] in masked]

@@ -20,7 +20,7 @@ import torch
 from torch.fx import Node
 
 from ..errors import RewriteError
-from .state import Propagation
+from .state import Propagation, node_arg
 
 Rule = Callable[[Propagation, Node], Any]
 Edit = tuple[Node, tuple, dict[str, Any]]  # a node with its new args and kwargs
@@ -124,7 +124,7 @@ def int_arg(arg: int, keyword: str) -> Patch:
     """Patcher of one int argument (a split size, a repeat count, a conv's ``groups``)."""
 
     def patch(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
-        value = node.args[arg] if len(node.args) > arg else node.kwargs.get(keyword)
+        value = node_arg(node, arg, keyword)
         if not isinstance(value, int):
             raise RewriteError(f"{node.name}: {keyword} is spelled by {value!r}, which fxgradnas cannot patch")
         return [with_arg(node, arg, keyword, fixed_size(node, sizes))]

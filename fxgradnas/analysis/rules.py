@@ -20,7 +20,7 @@ from ..capture import mutated_argument
 from ..errors import RewriteError
 from .registry import Edit, aten_overloads, entry_for, fixed_size, int_arg, register, size_list, with_arg
 from .spaces import ShapeConflict, as_size, same_size
-from .state import AxisSpaces, Propagation, op_name
+from .state import AxisSpaces, Propagation, node_arg, op_name
 
 aten = torch.ops.aten
 
@@ -183,7 +183,7 @@ def keeps_zero(p: Propagation, node: Node, zero: set[Node]) -> bool:
     inputs = p.tensor_inputs(node)
     if not inputs or not any(x in zero for x in inputs):
         return False
-    if packet in ZERO_MOVING or (packet is aten.constant_pad_nd and not _arg(node, 2, "value", 0)):
+    if packet in ZERO_MOVING or (packet is aten.constant_pad_nd and not node_arg(node, 2, "value", 0)):
         return all(x in zero for x in inputs if p.val(x).is_floating_point())  # not the indices
     if not p.is_tensor(node):
         return False
@@ -196,15 +196,11 @@ def keeps_zero(p: Propagation, node: Node, zero: set[Node]) -> bool:
         return all(a in zero for a in node.args[:2])  # a constant or a weight added is not zero
     if packet in CONVOLUTIONS:
         depthwise = p.shape(inputs[0])[1] == p.shape(node)[1] == _conv_groups(node)
-        return inputs[0] in zero and depthwise and _arg(node, 2, "bias") is None
+        return inputs[0] in zero and depthwise and node_arg(node, 2, "bias") is None
     scalars = [*node.args[1:], *node.kwargs.values()]
     if inputs == [node.args[0]] and node.target in _POINTWISE_SET and not any(isinstance(a, Node) for a in scalars):
         return _maps_zero_to_zero(p, node)
     return False
-
-
-def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _maps_zero_to_zero(p: Propagation, node: Node) -> bool:
@@ -551,7 +547,7 @@ def _patch_slice(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
     """Constant 0 spells the start, 1 the end: the entries before the bound, or, for a bound counted
     from the end (negative), the entries from the bound on."""
     arg, keyword = (2, "start") if index == 0 else (3, "end")
-    value = node.args[arg] if len(node.args) > arg else node.kwargs.get(keyword)
+    value = node_arg(node, arg, keyword)
     if not isinstance(value, int):
         raise RewriteError(f"{node.name}: the {keyword} is spelled by {value!r}, which fxgradnas cannot patch")
     size = fixed_size(node, sizes)
@@ -804,9 +800,13 @@ def linear(p: Propagation, node: Node) -> AxisSpaces:
     return out
 
 
+def _groups_index(node: Node) -> int:
+    """Where a convolution's ``groups`` is: argument 8 of ``convolution``, 6 of the others."""
+    return 8 if node.target.overloadpacket is aten.convolution else 6
+
+
 def _patch_conv_groups(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
-    """A convolution's ``groups`` (argument 8 of ``convolution``, 6 of the others)."""
-    return int_arg(8 if node.target.overloadpacket is aten.convolution else 6, "groups")(node, index, sizes)
+    return int_arg(_groups_index(node), "groups")(node, index, sizes)
 
 
 CONV_TRANSPOSE = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
@@ -814,9 +814,7 @@ CONVOLUTIONS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, *CONV_T
 
 
 def _conv_groups(node: Node) -> Any:
-    if node.target.overloadpacket is aten.convolution:
-        return node.args[8]
-    return _arg(node, 6, "groups", 1)
+    return node_arg(node, _groups_index(node), "groups", 1)
 
 
 @register(*CONVOLUTIONS, patch=_patch_conv_groups)

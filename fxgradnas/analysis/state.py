@@ -98,11 +98,8 @@ class Propagation:
         return isinstance(x, Node) and x in self.weightlike
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
-        node = self.node
-        assert node is not None
-        if len(node.args) > index:
-            return node.args[index]
-        return node.kwargs.get(name, default)
+        assert self.node is not None
+        return node_arg(self.node, index, name, default)
 
     # --- declaring facts -----------------------------------------------------------------------
     def fresh(self, shape: list[Size], reason: str | None = None) -> AxisSpaces:
@@ -163,6 +160,11 @@ class Propagation:
     def produced(self) -> None:
         """The current node writes a new activation from a weight (linear, conv, embedding)."""
         self.origin[self.node] = self.node
+
+
+def node_arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of ``node``, passed by position or by keyword as ``name``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def op_name(node: Node) -> str:
