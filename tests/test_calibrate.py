@@ -24,7 +24,7 @@ from fxgradnas.errors import CalibrationError
 from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
 from fxgradnas.scores import Scores, l1_scores, random_scores
 from fxgradnas.selection import keep_grid
-from tests.zoo import HF_ZOO, ZOO
+from tests.zoo import HF_ZOO, ZOO, analysis_of, example_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,11 +53,19 @@ def logits_loss(out: Any, batch: Any) -> torch.Tensor:
     return -logits.float().log_softmax(-1)[..., 0].mean()
 
 
-def zoo(name: str) -> tuple[nn.Module, Any]:
+def shared(name: str) -> tuple[Analysis, Any]:
+    """The session's analysis of zoo model ``name`` and its example inputs (tests that use it change nothing)."""
     if name in HF_ZOO:
         pytest.importorskip("transformers")
-        return HF_ZOO[name]()
-    return ZOO[name]()
+    analysis = analysis_of(name)
+    return analysis, example_of(analysis)
+
+
+def mask_gradients(module: nn.Module, masks: dict[str, torch.Tensor], inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The module's output and d logits_loss / d mask for each mask, by plain autograd (no gradient reaches a
+    parameter's ``.grad``: the model may be shared)."""
+    out = call_with(module, inputs)
+    return out, dict(zip(masks, torch.autograd.grad(logits_loss(out, inputs), list(masks.values())), strict=True))
 
 
 def rows(inputs: Any, index: slice) -> Any:
@@ -118,8 +126,8 @@ def test_generator_of_dict_batches_with_collect_fn() -> None:
 
 
 def test_autocast_bfloat16_is_close() -> None:
-    model, ids = ZOO["llama"]()
-    analysis = analyze(model, ids)
+    analysis = analysis_of("llama")
+    ids = example_of(analysis)
     full = run(analysis, [ids], logits_loss)
     half = run(analysis, [ids], logits_loss, autocast_dtype=torch.bfloat16)
     assert all(v.dtype == torch.float32 for v in half.values())
@@ -130,9 +138,8 @@ def test_autocast_bfloat16_is_close() -> None:
 
 def test_bfloat16_weights_score_in_float32() -> None:
     """A bfloat16 model's mask gradients are multiplied and summed in float32: close to the float32 model's."""
-    model, ids = ZOO["llama"]()
-    full = run(analyze(model, ids), [ids], logits_loss)
-    model = model.to(torch.bfloat16)
+    full = run(analysis_of("llama"), [ids := example_of(analysis_of("llama"))], logits_loss)
+    model = ZOO["llama"]()[0].to(torch.bfloat16)
     half = run(analyze(model, ids), [ids], logits_loss)
     assert all(v.dtype == torch.float32 for v in half.values())
     for k in full:
@@ -155,15 +162,11 @@ ZOO_CASES = ["llama", "nanogpt", "resnet", "squeezenet", "bert", "multihead", py
 
 @pytest.mark.parametrize("name", ZOO_CASES)
 def test_batch_mode_equals_autograd_mask_grad(name: str) -> None:
-    model, inputs = zoo(name)
-    for p in model.parameters():
-        p.requires_grad_(False)  # only mask gradients are compared
-    analysis = analyze(model, inputs)
+    analysis, inputs = shared(name)
     inst = instrument(analysis)  # no recorder: masks are plain tensors that autograd differentiates
     for mask in inst.masks.values():
         mask.requires_grad_(True)
-    logits_loss(call_with(inst.module, inputs), inputs).backward()
-    want = {k: (m.grad**2).reshape(-1) for k, m in inst.masks.items()}
+    want = {k: (g**2).reshape(-1) for k, g in mask_gradients(inst.module, inst.masks, inputs)[1].items()}
     scores = run(analysis, [inputs], logits_loss)
     assert set(scores) == {g.name for g in analysis.prunable}
     assert all(v.abs().max() > 0 for v in want.values())
@@ -175,15 +178,14 @@ def test_recorder_with_masks_not_all_ones_equals_autograd() -> None:
     and records what autograd gives for the mask; the output is the masked model's."""
     model, inputs = ZOO["llama"]()
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # the recorder's backward reaches no parameter
     analysis = analyze(model, inputs)
     gen = torch.Generator().manual_seed(3)
     values = {g.name: torch.rand(g.unit_shape, generator=gen).round(decimals=1) for g in analysis.prunable}
     plain = instrument(analysis)
     for name, mask in plain.masks.items():
         mask.copy_(values[name]).requires_grad_(True)
-    want_out = call_with(plain.module, inputs)
-    logits_loss(want_out, inputs).backward()
+    want_out, want = mask_gradients(plain.module, plain.masks, inputs)
     recorded = instrument(analysis)
     for name, mask in recorded.masks.items():
         mask.copy_(values[name]).requires_grad_(True)
@@ -195,26 +197,22 @@ def test_recorder_with_masks_not_all_ones_equals_autograd() -> None:
     torch.testing.assert_close(out.logits if hasattr(out, "logits") else out,
                                want_out.logits if hasattr(want_out, "logits") else want_out)
     got = recorder.take()
-    for name, mask in plain.masks.items():
-        torch.testing.assert_close(got[name], mask.grad, rtol=1e-5, atol=1e-7)
+    for name in plain.masks:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
 
 
 def test_scores_under_a_plan_are_the_masked_models_mask_gradients() -> None:
     """calibrate(plan=...) masks the plan's pruned units and scores every unit of the chosen groups there,
     a pruned unit by its gradient at zero; groups the plan names but that are not scored stay masked."""
-    model, inputs = ZOO["llama"]()
-    analysis = analyze(model, inputs)
+    analysis, inputs = shared("llama")
     attn, mlp = [g for g in analysis.prunable if g.kind in ("heads", "channels")][:2]
     plan = Plan({attn.name: [0, 1], mlp.name: list(range(0, mlp.size, 3))})
     reference = instrument(analysis, [attn, mlp])
     for g in (attn, mlp):
         reference.masks[g.name].copy_(keep_grid(g, plan.kept(g.name)).float()).requires_grad_(True)
-    for p in reference.module.parameters():
-        p.requires_grad_(False)
-    logits_loss(call_with(reference.module, inputs), inputs).backward()
     got = run(analysis, [inputs], logits_loss, groups=[mlp], plan=plan)
     assert list(got) == [mlp.name]
-    want = reference.masks[mlp.name].grad.reshape(-1) ** 2
+    want = mask_gradients(reference.module, reference.masks, inputs)[1][mlp.name].reshape(-1) ** 2
     pruned = torch.ones(mlp.size, dtype=torch.bool)
     pruned[plan.kept(mlp.name)] = False
     assert want[pruned].abs().max() > 0  # pruned units have a score: what restoring them would change
@@ -228,8 +226,7 @@ def test_scores_under_a_plan_are_the_masked_models_mask_gradients() -> None:
 
 @pytest.mark.parametrize("name", ["mlp", "llama", "resnet"])
 def test_sample_mode_vs_batch_mode(name: str) -> None:
-    model, inputs = zoo(name)  # batch of 3, independent samples (eval mode)
-    analysis = analyze(model, inputs)
+    analysis, inputs = shared(name)  # batch of 3, independent samples (eval mode)
     singles = [rows(inputs, slice(i, i + 1)) for i in range(3)]
     for single in singles:  # batch of 1: one sample is the batch
         assert_scores_close(run(analysis, [single], logits_loss, mode="sample"),
@@ -245,8 +242,7 @@ def test_sample_mode_vs_batch_mode(name: str) -> None:
 def test_sample_mode_leaves_out_groups_with_a_site_shared_by_all_samples() -> None:
     """nanoGPT's hidden group is also masked at the position-embedding output (T, C), which every
     sample shares: per-sample gradients cannot be read there. The other groups are scored."""
-    model, ids = ZOO["nanogpt"]()
-    analysis = analyze(model, ids)
+    analysis, ids = shared("nanogpt")
     with pytest.warns(UserWarning, match="leaves out group"):
         sample = run(analysis, [ids], logits_loss, mode="sample")
     assert "hidden" not in sample and sample
@@ -384,8 +380,7 @@ def test_early_stop_and_max_batches() -> None:
 
 
 def test_deterministic_and_graph_untouched() -> None:
-    model, ids = ZOO["llama"]()
-    analysis = analyze(model, ids)
+    analysis, ids = shared("llama")
     data = [ids, ids.flip(0)]
     first, second = run(analysis, data, logits_loss), run(analysis, data, logits_loss)
     assert first.keys() == second.keys()

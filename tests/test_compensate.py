@@ -209,10 +209,9 @@ def test_reported_error_is_the_first_layers_real_error(name: str) -> None:
     fit is the mean squared output error of the folded weights, centred where there is a bias; GPT-2
     stores its Conv1D weights as (in, out)."""
     pytest.importorskip("transformers")
-    from tests.zoo import HF_ZOO
+    from tests.zoo import analysis_of
 
-    model, inputs = HF_ZOO[name]()
-    analysis = fxgradnas.analyze(model, inputs)
+    analysis = analysis_of(name)
     batches = [{"input_ids": b[:, :7], "use_cache": False} for b in _batches()]
     groups = [g for g in analysis.prunable if g.kind in ("heads", "channels")]
     plan = Plan({g.name: list(range(g.size // 2)) for g in groups})

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from fxgradnas.datasets import batched, causal_lm_loss, perplexity, token_windows  # noqa: E402
 from fxgradnas.hf import load_pruned, save_pruned, write_back  # noqa: E402
-from tests.zoo import HF_ZOO  # noqa: E402
+from tests.zoo import HF_ZOO, analysis_of  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -72,13 +72,13 @@ def test_generate_and_save_load_round_trip(name: str, tmp_path) -> None:
 def test_write_back_carries_compensated_weights(name: str) -> None:
     """``write_back(..., weights=result.model)`` makes the Hugging Face model equal the compensated
     graph module (GPT-2: Conv1D weights stored (in, out))."""
-    model, inputs = HF_ZOO[name]()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (3, 7), generator=gen) for _ in range(4)]
-    result = fxgradnas.prune(model, inputs, batches, causal_lm_loss, constraint={"params": 0.8}, divisor=4,
+    result = fxgradnas.prune(analysis_of(name), None, batches, causal_lm_loss, constraint={"params": 0.8}, divisor=4,
                              progress=False, compensate="ls", collect_fn=lambda b: {"input_ids": b, "use_cache": False})
     applied = [r for r in result.compensation if r.applied]
     assert applied
+    model, inputs = HF_ZOO[name]()  # the same weights as the analysed model (same seed)
     with torch.no_grad():
         write_back(model, result.analysis, result.plan, weights=result.model)
         reference = _logits(result.model(**inputs))

@@ -38,7 +38,7 @@ from fxgradnas.errors import (
 )
 from fxgradnas.rewrite import default_tolerance
 from fxgradnas.search import check_constraint
-from tests.zoo import ZOO
+from tests.zoo import ZOO, analysis_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -368,7 +368,7 @@ def test_bfloat16_self_check_runs_on_fresh_inputs_with_a_dtype_tolerance() -> No
     assert check.tolerance == default_tolerance(pruned) == 8 * torch.finfo(torch.bfloat16).eps
     assert check.fresh is not None and check.fresh <= check.tolerance
     assert "fresh random inputs" in str(check)
-    float32 = fxgradnas.apply_plan(ZOO["llama"]()[0], plan, ids).meta["self_check"]
+    float32 = fxgradnas.apply_plan(analysis_of("llama"), plan).meta["self_check"]
     assert float32.tolerance == 1e-5 and float32.fresh <= 1e-5
 
 

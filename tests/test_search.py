@@ -154,7 +154,6 @@ def test_search_is_scale_invariant(factor: float) -> None:
 
 
 def test_prune_plan_does_not_depend_on_loss_scale() -> None:
-    model, _ = ZOO["llama"]()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (4, 9), generator=gen) for _ in range(4)]
 
@@ -163,7 +162,7 @@ def test_prune_plan_does_not_depend_on_loss_scale() -> None:
             return scale * torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
         return fn
 
-    analysis = fxgradnas.analyze(model, batches[0])
+    analysis = analysis_of("llama")  # dynamic batch and sequence: the (4, 9) batches fit
     plans = [
         fxgradnas.prune(analysis, None, batches, loss(s), constraint={"params": 0.6}, divisor=4, progress=False,
                         check=False).plan.keep
@@ -230,14 +229,13 @@ def test_cost_model_when_the_first_input_is_not_a_tensor() -> None:
 def test_pruning_in_rounds_meets_the_budget_and_keeps_what_it_pruned() -> None:
     """rounds=3: the last round's plan meets the budget, every round re-calibrates under the plan so far
     (the scores of units pruned earlier are zero, so they go first), and a one-shot iterator is read once per round."""
-    model, _ = ZOO["llama"]()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (4, 9), generator=gen) for _ in range(3)]
 
     def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
 
-    analysis = fxgradnas.analyze(model, batches[0])
+    analysis = analysis_of("llama")  # dynamic batch and sequence: the (4, 9) batches fit
     once = fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, divisor=4, progress=False,
                            compensate=None)
     thrice = fxgradnas.prune(analysis, None, iter(batches), loss, constraint={"params": 0.6}, divisor=4,

@@ -23,7 +23,8 @@ from fxgradnas.analysis import REGISTRY, register
 from fxgradnas.analysis.rules import grouped_mm
 from fxgradnas.capture import ExampleInputs
 
-__all__ = ["FUSED_SPLITS", "HF_ZOO", "ZOO", "Example", "FusedAttention", "MoE", "analysis_of", "fused", "looped_mm"]
+__all__ = ["FUSED_SPLITS", "HF_ZOO", "ZOO", "Example", "FusedAttention", "MoE", "analysis_of", "example_of", "fused",
+           "looped_mm"]
 Example = tuple[nn.Module, ExampleInputs]
 
 BATCH = 3
@@ -731,6 +732,14 @@ def analysis_of(name: str, **options: Any) -> fxgradnas.Analysis:
     Shared: a test that changes the model or the analysis makes its own with :func:`fxgradnas.analyze`."""
     factory = ZOO.get(name) or HF_ZOO[name]
     return fxgradnas.analyze(*factory(**options))
+
+
+def example_of(analysis: fxgradnas.Analysis) -> Any:
+    """The example inputs ``analysis`` was captured with, in the form a zoo factory gives them."""
+    args, kwargs = analysis.captured.args, analysis.captured.kwargs
+    if kwargs:
+        return dict(kwargs)
+    return args[0] if len(args) == 1 else args
 
 
 # --------------------------------------------------------------------------- mixture of experts
