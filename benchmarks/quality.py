@@ -63,6 +63,7 @@ from fxgradnas.datasets import (
     CALIBRATION_SKIP,
     batched,
     causal_lm_loss,
+    interleaved,
     perplexity,
     python_docs_text,
     shakespeare_text,
@@ -237,7 +238,7 @@ def text_windows(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor
     windows = [token_windows(tokenizer, part, seq_len, each) for part in parts]
     if any(len(w) < each for w in windows):
         raise ValueError(f"the mixed text holds fewer than {each} windows of {seq_len} tokens per kind")
-    return torch.stack(windows, dim=1).flatten(0, 1)[:count]  # stdlib, docs, plays, stdlib, ...
+    return interleaved(windows)[:count]  # stdlib, docs, plays, stdlib, ...
 
 
 def main() -> None:

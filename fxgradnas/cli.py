@@ -410,13 +410,14 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def _token_batches(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str],
                    eval_texts: dict[str, str]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """Calibration batches (the texts joined) and evaluation batches per text."""
-    from .datasets import batched
+    """Calibration batches (windows of the texts taken in turn) and evaluation batches per text."""
+    from .datasets import batched, interleaved
 
     calibration = []
     if calibration_texts:
         needed = args.batches * args.batch_size
-        ids = windows(tokenizer, "\n\n".join(calibration_texts.values()), args.seq_len, needed, "--calibration")
+        ids = interleaved([windows(tokenizer, text, args.seq_len, needed, "--calibration " + name)
+                           for name, text in calibration_texts.items()])[:needed]
         if len(ids) < needed:
             print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
                   file=sys.stderr)
@@ -581,7 +582,8 @@ def build_parser() -> Parser:
     budget = prune.add_mutually_exclusive_group(required=True)
     budget.add_argument("--params", type=fraction, metavar="RATIO", help="keep this share of the parameters (0.75 or 75%%)")
     budget.add_argument("--flops", type=fraction, metavar="RATIO", help="keep this share of the FLOPs (0.7 or 70%%)")
-    prune.add_argument("--calibration", nargs="+", metavar="TEXT", help="calibration text(s), joined")
+    prune.add_argument("--calibration", nargs="+", metavar="TEXT",
+                       help="calibration text(s): windows of each taken in turn")
     prune.add_argument("--eval", nargs="+", metavar="TEXT", help="text(s) to measure perplexity on, before and after")
     prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")

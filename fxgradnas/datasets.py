@@ -85,6 +85,15 @@ def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = N
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of ``parts`` taken in turn, one from each (a part that runs out is passed over): windows
+    of several texts mixed so that every batch holds each kind of text."""
+    if not parts:
+        raise ValueError("interleaved needs at least one tensor of windows")
+    rows = [part[i] for i in range(max(len(part) for part in parts)) for part in parts if i < len(part)]
+    return torch.stack(rows)
+
+
 def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Consecutive batches of ``batch_size`` windows (the last may be smaller)."""
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]

@@ -3,6 +3,7 @@ saved in a temporary directory, a MODULE:FACTORY model, and the one-line errors 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -106,6 +107,22 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake
         code, _, err = run(argv, capsys)
         assert code == 2, (message, err)
         assert message in one_line_error(err)
+
+
+def test_several_calibration_texts_are_mixed_in_every_batch() -> None:
+    """``--calibration A B``: windows of A and B in turn (not A's windows first, which would leave B out)."""
+    from fxgradnas.cli import _token_batches
+
+    class Letters:  # a token per character
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+            return {"input_ids": [ord(c) for c in text]}
+
+    args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1)
+    calibration, evaluation = _token_batches(args, Letters(), {"a": "a" * 400, "b": "b" * 400}, {"b": "b" * 40})
+    assert [[chr(int(w[0])) for w in batch] for batch in calibration] == [["a", "b"]] * 3
+    assert list(evaluation) == ["b"] and evaluation["b"][0].shape == (2, 4)
+    short, _ = _token_batches(args, Letters(), {"a": "a" * 400, "b": "b" * 9}, {})  # b has 2 windows
+    assert "".join(chr(int(w[0])) for batch in short for w in batch) == "ababaa"
 
 
 def test_exit_code_and_stderr_of_the_process(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from fxgradnas import Plan
 
 transformers = pytest.importorskip("transformers")
 
-from fxgradnas.datasets import batched, causal_lm_loss, perplexity, token_windows  # noqa: E402
+from fxgradnas.datasets import batched, causal_lm_loss, interleaved, perplexity, token_windows  # noqa: E402
 from fxgradnas.hf import load_pruned, save_pruned, write_back  # noqa: E402
 from tests.zoo import HF_ZOO, analysis_of  # noqa: E402
 
@@ -107,6 +107,14 @@ def test_windows_loss_and_perplexity() -> None:
     assert loss.dim() == 0 and 1 < ppl < 1e4
     with pytest.raises(ValueError, match="shorter than one window"):
         token_windows(CharTokenizer(), "abc", seq_len=8)
+
+
+def test_windows_of_several_texts_are_taken_in_turn() -> None:
+    a, b = torch.arange(6).reshape(3, 2), torch.arange(100, 104).reshape(2, 2)
+    assert interleaved([a, b]).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103], [4, 5]]
+    assert torch.equal(interleaved([a]), a)
+    with pytest.raises(ValueError, match="at least one"):
+        interleaved([])
 
 
 @pytest.mark.parametrize("family", ["Gemma2", "Olmo2"])
