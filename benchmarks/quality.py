@@ -31,9 +31,9 @@ calibration text (the calibration domain, held out). Methods (``--methods``):
 - ``heal``: the reference plan (re-fitted first when ``binary+ls`` runs too, as ``prune`` returns it)
   then :func:`fxgradnas.heal` (KL to the dense model, ``--heal-batch-size`` x 128 tokens a step) for
   ``--heal-steps`` stages, evaluated after each. ``--heal-text stdlib`` distils on stdlib source (the
-  calibration text); ``mixed`` on windows taken in turn from stdlib source, the Python language reference past its
-  first :data:`DOCS_SKIP` characters and Shakespeare past :data:`CALIBRATION_SKIP` (all disjoint
-  from the evaluation windows), as one would heal a model meant for more than code.
+  default calibration text); ``mixed`` on windows taken in turn from stdlib source, the Python language
+  reference past its first :data:`DOCS_SKIP` characters and Shakespeare past :data:`CALIBRATION_SKIP`
+  (all disjoint from the evaluation windows), as one would heal a model meant for more than code.
 
 The searches prune heads and MLP channels (``--kinds``; add ``hidden`` for the residual width).
 Each row gives the wall time of its own work; methods that share the dense scores include the

@@ -126,8 +126,7 @@ def test_generator_of_dict_batches_with_collect_fn() -> None:
 
 
 def test_autocast_bfloat16_is_close() -> None:
-    analysis = analysis_of("llama")
-    ids = example_of(analysis)
+    analysis, ids = shared("llama")
     full = run(analysis, [ids], logits_loss)
     half = run(analysis, [ids], logits_loss, autocast_dtype=torch.bfloat16)
     assert all(v.dtype == torch.float32 for v in half.values())
@@ -138,7 +137,8 @@ def test_autocast_bfloat16_is_close() -> None:
 
 def test_bfloat16_weights_score_in_float32() -> None:
     """A bfloat16 model's mask gradients are multiplied and summed in float32: close to the float32 model's."""
-    full = run(analysis_of("llama"), [ids := example_of(analysis_of("llama"))], logits_loss)
+    analysis, ids = shared("llama")
+    full = run(analysis, [ids], logits_loss)
     model = ZOO["llama"]()[0].to(torch.bfloat16)
     half = run(analyze(model, ids), [ids], logits_loss)
     assert all(v.dtype == torch.float32 for v in half.values())
