@@ -213,8 +213,9 @@ def _streaming_statistics(analysis: Analysis, found: list[Consumer], data: Itera
 
 
 def _solve(weight: torch.Tensor, stats: InputStatistics, c: Consumer, method: str, damping: float,
-           use_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
-    """New kept columns, bias shift (or None), and the error ``E|W x - W~ x_K|^2`` before and after."""
+           use_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float, bool]:
+    """New kept columns, bias shift (or None), the error ``E|W x - W~ x_K|^2`` before and after, and
+    whether it went down by more than float64 rounding of the output energy (not so when nothing is pruned)."""
     n = max(stats.rows, 1)
     moment, mean = stats.gram.cpu() / n, stats.total.cpu() / n
     if use_bias:  # centred: the bias shift takes the means
@@ -240,7 +241,8 @@ def _solve(weight: torch.Tensor, stats: InputStatistics, c: Consumer, method: st
         scales = torch.linalg.solve(a + pull * torch.eye(len(a), dtype=a.dtype), b + pull)
         new = w_k * (onehot @ scales)
     shift = weight @ mean - new @ mean[kept] if use_bias else None
-    return new, shift, error(w_k), error(new)
+    before, after = error(w_k), error(new)
+    return new, shift, before, after, after < before - 1e-9 * abs(energy)
 
 
 class _Fitter:
@@ -255,9 +257,8 @@ class _Fitter:
             stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """New kept columns (of ``weight`` as ``(out, in)``) and bias shift (float64, CPU), or None where
         the error did not go down."""
-        new, shift, before, after = _solve(weight.detach().double().cpu(), stats, c, self.method, self.damping,
-                                           self.bias and c.bias is not None)
-        applied = after < before
+        new, shift, before, after, applied = _solve(weight.detach().double().cpu(), stats, c, self.method,
+                                                    self.damping, self.bias and c.bias is not None)
         self.reports.append(LayerReport(c.group.name, c.weight, before, after, applied))
         if not applied:
             return None
