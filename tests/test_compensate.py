@@ -167,6 +167,15 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
         torch.testing.assert_close(b, c, msg=name)  # the default is compensate(..., method="ls")'s defaults
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), result.model.parameters(),
                                                      strict=True))
+    weak = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, divisor=8,
+                           progress=False, damping=0.01)
+    refitted = apply_plan(result.analysis, result.plan)
+    compensate(result.analysis, result.plan, refitted, batches, damping=0.01, progress=False)
+    for (name, b), (_, c) in zip(weak.model.named_parameters(), refitted.named_parameters(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)  # prune's damping is compensate's
+    assert any(not torch.equal(a, b) for a, b in zip(weak.model.parameters(), result.model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="damping must be a non-negative number"):
+        fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None, damping=-1)
     with pytest.raises(ValueError):
         compensate(result.analysis, result.plan, result.model, batches, method="bogus")
     for sequential in (True, False):

@@ -11,7 +11,14 @@ from fxgradnas import Plan
 
 transformers = pytest.importorskip("transformers")
 
-from fxgradnas.datasets import batched, causal_lm_loss, interleaved, perplexity, token_windows  # noqa: E402
+from fxgradnas.datasets import (  # noqa: E402
+    batched,
+    causal_lm_loss,
+    interleaved,
+    perplexity,
+    sampled_windows,
+    token_windows,
+)
 from fxgradnas.hf import load_pruned, save_pruned, write_back  # noqa: E402
 from tests.zoo import HF_ZOO, analysis_of  # noqa: E402
 
@@ -115,6 +122,40 @@ def test_windows_of_several_texts_are_taken_in_turn() -> None:
     assert torch.equal(interleaved([a]), a)
     with pytest.raises(ValueError, match="at least one"):
         interleaved([])
+
+
+def test_sampled_windows_are_seeded_and_touch_neither_the_model_nor_the_global_rng() -> None:
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[2] += 5.0  # end of text far likelier than any other token: suppressed all the same
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    first = sampled_windows(model, 5, 9, batch_size=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert first.shape == (5, 9) and first.dtype == torch.long and first.device.type == "cpu"
+    assert not (first == 2).any() and len({tuple(w.tolist()) for w in first}) == 5
+    assert torch.equal(sampled_windows(model, 5, 9, batch_size=2, progress=False), first)
+    assert not torch.equal(sampled_windows(model, 5, 9, batch_size=2, seed=1, progress=False), first)
+    own = model.generation_config
+    own.update(repetition_penalty=5.0, suppress_tokens=list(range(3, 12)), forced_eos_token_id=2, top_k=2)
+    model.train()
+    assert torch.equal(sampled_windows(model, 5, 9, batch_size=2, progress=False), first)  # none of those apply
+    assert model.generation_config is own and own.top_k == 2 and model.training
+    model.eval()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and not model.training
+    with pytest.raises(TypeError, match="generate"):
+        sampled_windows(torch.nn.Linear(2, 2), 1, 4)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sampled_windows(model, 1, 4, temperature=0)
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        sampled_windows(model, 0, 4)
+    config.bos_token_id = model.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="pass start_token="):
+        sampled_windows(model, 1, 4)
+    assert sampled_windows(model, 1, 4, start_token=3, progress=False).shape == (1, 4)
 
 
 @pytest.mark.parametrize("family", ["Gemma2", "Olmo2"])
