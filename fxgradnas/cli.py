@@ -438,8 +438,10 @@ def _sampled(args: argparse.Namespace, model: Any, tokenizer: Any, share: int) -
 
     start = next((t for t in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
                   if t is not None), None)
+    # four calibration batches at a time: a KV cache of 4 x batch x seq_len tokens is far below the activations
+    # that calibration keeps for backward on one batch, and the CPU samples twice as fast as one batch at a time
     return sampled_windows(model, -(-args.batches * args.batch_size // share), args.seq_len, seed=args.seed,
-                           start_token=start, batch_size=args.batch_size)
+                           start_token=start, batch_size=4 * args.batch_size)
 
 
 def _token_batches(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str | None],
