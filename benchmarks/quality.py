@@ -261,8 +261,9 @@ def main() -> None:
     parser.add_argument("--calibration-text", choices=("stdlib", "mixed"), default="stdlib",
                         help="calibrate (scores and re-fit) on stdlib source or on the mix of --heal-text mixed")
     parser.add_argument("--sampled", type=int, default=0, metavar="N",
-                        help="add N windows the dense model samples itself, taken in turn with the text's "
-                             "(fxgradnas.datasets.sampled_windows): N / batch size more batches")
+                        help="add N windows the dense model samples itself, taken in turn with the text's (the "
+                             "longer part's extra windows come last; fxgradnas.datasets.sampled_windows): N / batch "
+                             "size more batches")
     parser.add_argument("--sampled-seed", type=int, default=0, help="the seed of the sampled windows")
     parser.add_argument("--heal-text", choices=("stdlib", "mixed"), default="stdlib",
                         help="distil on stdlib source or on a mix of code, technical prose and plays")

@@ -359,12 +359,13 @@ def run_prune(args: argparse.Namespace) -> int:
     calibration: list[Any] = []
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = causal_lm_loss
     if source.directory is not None:
-        sampled = None
-        if SAMPLED in calibration_texts:
+        texts = {name: text for name, text in calibration_texts.items() if text is not None}
+        with steps("tokenize", "cutting token windows"):  # first: a text too short is reported before sampling
+            calibration, eval_sets = _token_batches(args, tokenizer, texts, eval_texts)
+        if SAMPLED in calibration_texts and (args.scorer == "gradnas" or compensate or args.heal):
             with steps("sample", "sampling calibration text from the model"):
                 sampled = _sampled(args, model, tokenizer, share=len(calibration_texts))
-        with steps("tokenize", "cutting token windows"):
-            calibration, eval_sets = _token_batches(args, tokenizer, calibration_texts, eval_texts, sampled)
+            calibration, _ = _token_batches(args, tokenizer, calibration_texts, {}, sampled)
         example = calibration[0] if calibration else torch.zeros(1, args.seq_len, dtype=torch.long)
     elif args.data is not None:
         with steps("data", f"calling {args.data}"):
@@ -439,7 +440,7 @@ def _sampled(args: argparse.Namespace, model: Any, tokenizer: Any, share: int) -
     start = next((t for t in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
                   if t is not None), None)
     # four calibration batches at a time: a KV cache of 4 x batch x seq_len tokens is far below the activations
-    # that calibration keeps for backward on one batch, and the CPU samples twice as fast as one batch at a time
+    # that calibration keeps for backward on one batch, and larger batches sample faster
     return sampled_windows(model, -(-args.batches * args.batch_size // share), args.seq_len, seed=args.seed,
                            start_token=start, batch_size=4 * args.batch_size)
 
@@ -516,7 +517,7 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
         "scorer": args.scorer, "mode": args.mode, "recompute": args.recompute,
         "kinds": ", ".join(dict.fromkeys(args.kinds)),
         "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate,
-        "damping": args.damping if args.compensate == "ls" else "-", "heal steps": args.heal,
+        "damping": args.damping if args.compensate != "none" else "-", "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
         "calibration windows": f"{result.scores.batches} batches of {args.batch_size} x {args.seq_len} tokens"
         if result.scores.batches else "-",

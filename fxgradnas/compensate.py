@@ -256,7 +256,7 @@ class _Fitter:
     def fit(self, c: Consumer, weight: torch.Tensor,
             stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """New kept columns (of ``weight`` as ``(out, in)``) and bias shift (float64, CPU), or None where
-        the error did not go down."""
+        the error did not go down by more than float64 rounding."""
         new, shift, before, after, applied = _solve(weight.detach().double().cpu(), stats, c, self.method,
                                                     self.damping, self.bias and c.bias is not None)
         self.reports.append(LayerReport(c.group.name, c.weight, before, after, applied))
@@ -442,8 +442,8 @@ def check_compensation_options(*, method: Any = "ls", damping: Any = DAMPING, ma
         raise ArgumentError(f"max_width must be a positive int or None, not {max_width!r}")
     if method not in METHODS:
         raise ArgumentError(f"compensate must be one of {METHODS} (or None in prune), not {method!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ArgumentError(f"damping must be a non-negative number, not {damping!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+        raise ArgumentError(f"damping must be a finite non-negative number, not {damping!r}")
     check_max_batches(max_batches)
     check_callable(collect_fn, "collect_fn", "batch")
 

@@ -99,14 +99,15 @@ def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
 def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: float = 1.0, seed: int = 0,
                     start_token: int | None = None, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
     """``count`` windows of ``seq_len`` token ids that a Hugging Face causal LM samples itself, each from its
-    start-of-text token (``start_token``, by default the config's ``bos_token_id``), shape
+    start-of-text token (``start_token``, by default the ``bos_token_id`` of its generation config or config), shape
     ``(count, seq_len)`` on the CPU.
 
     Text of the model's own distribution, to mix (:func:`interleaved`) into calibration text narrower
     than what the pruned model will see: scores and the re-fit then also keep what that text needs
     ("self-calibration", Williams et al., 2025). Sampling is plain, at ``temperature`` (the checkpoint's
     own generation settings are set aside), in eval mode, with the end of text suppressed. The same
-    ``seed``, device and dtype give the same windows; the CPU and CUDA random states are left as they were.
+    ``seed``, ``batch_size``, device and dtype give the same windows; the CPU and CUDA random states are left
+    as they were.
     """
     if not callable(getattr(model, "generate", None)) or not hasattr(model, "generation_config"):
         raise ArgumentTypeError(f"sampled_windows needs a model with generate() (a Hugging Face causal LM), "

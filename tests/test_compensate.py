@@ -174,8 +174,10 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     for (name, b), (_, c) in zip(weak.model.named_parameters(), refitted.named_parameters(), strict=True):
         torch.testing.assert_close(b, c, msg=name)  # prune's damping is compensate's
     assert any(not torch.equal(a, b) for a, b in zip(weak.model.parameters(), result.model.parameters(), strict=True))
-    with pytest.raises(ValueError, match="damping must be a non-negative number"):
-        fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None, damping=-1)
+    for bad in (-1, float("inf")):
+        with pytest.raises(ValueError, match="damping must be a finite non-negative number"):
+            fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None,
+                            damping=bad)
     with pytest.raises(ValueError):
         compensate(result.analysis, result.plan, result.model, batches, method="bogus")
     for sequential in (True, False):

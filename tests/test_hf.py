@@ -126,7 +126,8 @@ def test_windows_of_several_texts_are_taken_in_turn() -> None:
 
 def test_sampled_windows_are_seeded_and_touch_neither_the_model_nor_the_global_rng() -> None:
     config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
+                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                                      attention_dropout=0.5)  # so that sampling in train mode would differ
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
