@@ -361,11 +361,11 @@ def run_prune(args: argparse.Namespace) -> int:
     if source.directory is not None:
         texts = {name: text for name, text in calibration_texts.items() if text is not None}
         with steps("tokenize", "cutting token windows"):  # first: a text too short is reported before sampling
-            calibration, eval_sets = _token_batches(args, tokenizer, texts, eval_texts)
+            parts, eval_sets = _token_windows(args, tokenizer, texts, eval_texts)
         if SAMPLED in calibration_texts and (args.scorer == "gradnas" or compensate or args.heal):
             with steps("sample", "sampling calibration text from the model"):
-                sampled = _sampled(args, model, tokenizer, share=len(calibration_texts))
-            calibration, _ = _token_batches(args, tokenizer, calibration_texts, {}, sampled)
+                parts[SAMPLED] = _sampled(args, model, tokenizer, share=len(calibration_texts))
+        calibration = _calibration_batches(args, [parts[name] for name in calibration_texts if name in parts])
         example = calibration[0] if calibration else torch.zeros(1, args.seq_len, dtype=torch.long)
     elif args.data is not None:
         with steps("data", f"calling {args.data}"):
@@ -445,25 +445,31 @@ def _sampled(args: argparse.Namespace, model: Any, tokenizer: Any, share: int) -
                            start_token=start, batch_size=4 * args.batch_size)
 
 
-def _token_batches(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str | None],
-                   eval_texts: dict[str, str], sampled: torch.Tensor | None = None,
-                   ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """Calibration batches (windows of the texts taken in turn; ``sampled`` stands for a text of ``None``)
-    and evaluation batches per text."""
-    from .datasets import batched, interleaved
+def _token_windows(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str],
+                   eval_texts: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Each calibration text's windows (up to all the calibration windows) and evaluation batches per text."""
+    from .datasets import batched
 
-    calibration = []
-    if calibration_texts:
-        needed = args.batches * args.batch_size
-        ids = interleaved([windows(tokenizer, text, args.seq_len, needed, "--calibration " + name) if text is not None
-                           else sampled for name, text in calibration_texts.items()])[:needed]
-        if len(ids) < needed:
-            print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
-                  file=sys.stderr)
-        calibration = batched(ids, args.batch_size)
+    needed = args.batches * args.batch_size
+    calibration = {name: windows(tokenizer, text, args.seq_len, needed, "--calibration " + name)
+                   for name, text in calibration_texts.items()}
     evaluation = {name: batched(windows(tokenizer, text, args.seq_len, args.eval_batches * args.batch_size,
                                         "--eval " + name), args.batch_size) for name, text in eval_texts.items()}
     return calibration, evaluation
+
+
+def _calibration_batches(args: argparse.Namespace, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The calibration batches: windows of ``parts`` taken in turn, as many as ``--batches`` asks for."""
+    from .datasets import batched, interleaved
+
+    if not parts:
+        return []
+    needed = args.batches * args.batch_size
+    ids = interleaved(parts)[:needed]
+    if len(ids) < needed:
+        print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
+              file=sys.stderr)
+    return batched(ids, args.batch_size)
 
 
 def _detailed(steps: dict[str, float], pruning: dict[str, float]) -> dict[str, float]:

@@ -126,20 +126,22 @@ class Letters:
 
 def test_several_calibration_texts_are_mixed_in_every_batch() -> None:
     """``--calibration A B``: windows of A and B in turn (not A's windows first, which would leave B out)."""
-    from fxgradnas.cli import _token_batches
+    from fxgradnas.cli import _calibration_batches, _token_windows
 
     args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1)
-    calibration, evaluation = _token_batches(args, Letters(), {"a": "a" * 400, "b": "b" * 400}, {"b": "b" * 40})
+    parts, evaluation = _token_windows(args, Letters(), {"a": "a" * 400, "b": "b" * 400}, {"b": "b" * 40})
+    calibration = _calibration_batches(args, list(parts.values()))
     assert [[chr(int(w[0])) for w in batch] for batch in calibration] == [["a", "b"]] * 3
     assert list(evaluation) == ["b"] and evaluation["b"][0].shape == (2, 4)
-    short, _ = _token_batches(args, Letters(), {"a": "a" * 400, "b": "b" * 9}, {})  # b has 2 windows
+    parts, _ = _token_windows(args, Letters(), {"a": "a" * 400, "b": "b" * 9}, {})  # b has 2 windows
+    short = _calibration_batches(args, list(parts.values()))
     assert "".join(chr(int(w[0])) for batch in short for w in batch) == "ababaa"
 
 
 def test_calibration_self_interleaves_text_the_model_samples() -> None:
     """``--calibration a self``: every other window is sampled by the model, seeded by ``--seed``."""
     transformers = pytest.importorskip("transformers")
-    from fxgradnas.cli import _sampled, _token_batches
+    from fxgradnas.cli import _calibration_batches, _sampled, _token_windows
     from fxgradnas.datasets import sampled_windows
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -149,7 +151,8 @@ def test_calibration_self_interleaves_text_the_model_samples() -> None:
     args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1, seed=5)
     sampled = _sampled(args, model, Letters(), share=2)
     assert torch.equal(sampled, sampled_windows(model, 3, 4, seed=5, batch_size=8, progress=False))
-    calibration, _ = _token_batches(args, Letters(), {"self": None, "a": "a" * 400}, {}, sampled)
+    parts, _ = _token_windows(args, Letters(), {"a": "a" * 400}, {})
+    calibration = _calibration_batches(args, [sampled, parts["a"]])
     windows = torch.cat(calibration)
     assert windows.shape == (6, 4) and (windows[1::2] == ord("a")).all() and torch.equal(windows[::2], sampled)
 
