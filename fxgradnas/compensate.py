@@ -304,15 +304,18 @@ class _WalkDone(Exception):
 
 
 class _LockstepInterpreter(Interpreter):
-    """Runs the graph on all calibration batches together, node by node (each value in ``env`` is the
-    list of per-batch values; values are freed after their last use). When the walk reaches a consumer it
-    is fitted on the inputs gathered so far, and the rest of the walk runs with its new weights."""
+    """Runs the masked graph on all calibration batches together, node by node (each value in ``env`` is the
+    list of per-batch values; values are freed after their last use). A consumer's input statistics are
+    gathered at its mask site (the unmasked input); when the walk reaches the consumer it is fitted, and the
+    rest of the walk runs with its new weights."""
 
-    def __init__(self, gm: GraphModule, fitter: _Fitter, consumers: dict[str, Consumer],
-                 stats: dict[str, InputStatistics], progress: bool) -> None:
+    def __init__(self, gm: GraphModule, fitter: _Fitter, consumers: dict[str, Consumer], progress: bool) -> None:
         super().__init__(gm)
         self.extra_traceback = False
-        self.fitter, self.consumers, self.stats = fitter, consumers, stats
+        self.fitter, self.consumers = fitter, consumers
+        nodes = {n.name: n for n in gm.graph.nodes}
+        self.observed = {nodes[name].args[c.input_arg].name: c.group.name for name, c in consumers.items()}
+        self.stats: dict[str, InputStatistics] = {}
         self.last = max((i for i, n in enumerate(gm.graph.nodes) if n.name in consumers), default=-1)
         self.bar = tqdm(total=self.last + 1, desc="compensating", unit="node", disable=not progress, leave=False)
         self.count = self.reached = 0
@@ -322,6 +325,10 @@ class _LockstepInterpreter(Interpreter):
         self.reached += 1
         if n.op == "placeholder":
             return super().run_node(n)
+        group = self.observed.get(n.name)
+        if group is not None:  # the consumer's mask site
+            for x in self.env[n.args[0]]:
+                self.stats.setdefault(group, InputStatistics.empty(x.shape[-1], x.device)).add(x)
         c = self.consumers.get(n.name)
         update = self.fitter.fit(c, c.matrix(self.module), self.stats.pop(c.group.name)) if c else None
         if update is not None:
@@ -350,21 +357,16 @@ class _LockstepInterpreter(Interpreter):
 
 def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _Fitter, data: Iterable, *,
                 collect_fn: Callable[[Any], Any] | None, max_batches: int | None, progress: bool) -> None:
-    """Walk the masked graph over all batches together, fitting each consumer when it is reached and
-    running the rest of the walk with its new weights (see the module docstring)."""
-    groups = [c.group for c in found]
+    """Walk the pruned model (every group of the plan masked) over all batches together, fitting each consumer
+    when it is reached and running the rest of the walk with its new weights (see the module docstring)."""
+    groups = [analysis.group(name) for name in plan.keep]
     inst = instrumented(analysis, groups, "view")
-    for g in groups:
-        inst.masks[g.name].copy_(keep_grid(g, plan.kept(g.name)).float())
-    stats: dict[str, InputStatistics] = {}
-    for sites in inst.sites.values():
-        for site in sites:
-            site.observer = _observe_into(stats)
+    inst.set_plan(groups, plan)
     flatten = input_flattener(inst.module)
     batches = [flatten(inputs) for inputs in _batches(analysis, data, collect_fn, max_batches,
                                                         device_of(inst.module), "statistics", False)]
     with torch.no_grad():
-        _LockstepInterpreter(inst.module, fitter, {c.linear: c for c in found}, stats, progress).walk(batches)
+        _LockstepInterpreter(inst.module, fitter, {c.linear: c for c in found}, progress).walk(batches)
 
 
 def _refitted(gm: GraphModule, c: Consumer,

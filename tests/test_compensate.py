@@ -137,6 +137,20 @@ def test_sequential_fits_on_the_inputs_of_the_compensated_pruned_model(setup) ->
     assert before.item() == pytest.approx(reports[later.group.name].error_before, rel=1e-5)
 
 
+def test_sequential_walk_masks_the_groups_it_does_not_refit(setup) -> None:
+    """With the residual width pruned too (no consumer to re-fit), the MLP's statistics come from the
+    pruned model: its reported error is that of its input in the model with the width masked."""
+    _, analysis, batches, _ = setup
+    plan = Plan({"hidden": list(range(24)), "model.layers.1.mlp": list(range(40))})
+    fitted = apply_plan(analysis, plan)
+    (report,) = compensate(analysis, plan, fitted, batches, method="ls", bias=False, progress=False)
+    (c,) = consumers(analysis, plan)
+    x = _outputs_of(fxgradnas.masked(analysis, plan), c.group.sites[0].node, batches)
+    weight = analysis.captured.module.get_parameter(c.weight).double()
+    before = (x @ weight.T - x[:, c.kept] @ weight[:, c.kept].T).pow(2).sum(1).mean()
+    assert before.item() == pytest.approx(report.error_before, rel=1e-5)
+
+
 @pytest.mark.parametrize("sequential", [True, False])
 def test_nothing_pruned_changes_nothing(setup, sequential: bool) -> None:
     _, analysis, batches, _ = setup
