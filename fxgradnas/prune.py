@@ -104,7 +104,7 @@ def _keep_pruned(analysis: Analysis, scores: Scores, plan: Plan) -> Scores:
 
 def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any, scorer: Any,
                      mode: Any, searcher: Any, kinds: Any, divisor: Any, ratios: Any, gqa: Any, collect_fn: Any,
-                     max_batches: Any, seed: Any, compensate: Any, damping: Any,
+                     max_batches: Any, seed: Any, compensate: Any, damping: Any, compensation_data: Any,
                      calibrate_options: dict[str, Any]) -> tuple[str, ...]:
     """Every argument of :func:`prune`, before anything runs; returns ``kinds`` as a tuple."""
     if not isinstance(model, (torch.nn.Module, Analysis)):
@@ -124,8 +124,14 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
         raise ArgumentTypeError(f"seed must be an int, not {seed!r}")
     if example_inputs is not None:
         check_example_inputs(example_inputs)
+    if compensation_data is not None:
+        if compensate is None:
+            raise ArgumentError("compensation_data is what the re-fit reads; with compensate=None there is no re-fit "
+                                "(pass compensate='ls' or leave compensation_data out)")
+        check_data(compensation_data, "compensation_data")
     needs_data = [why for why, needed in (("scorer='gradnas'", scorer == "gradnas"),
-                                          (f"compensate={compensate!r}", compensate is not None),
+                                          (f"compensate={compensate!r}",
+                                           compensate is not None and compensation_data is None),
                                           ("example_inputs=None (the first batch captures the model)",
                                            example_inputs is None and not isinstance(model, Analysis))) if needed]
     if needs_data:
@@ -160,6 +166,7 @@ def prune(
     progress: bool = True,
     compensate: str | None = "ls",
     damping: float = DAMPING,
+    compensation_data: Iterable | None = None,
     rounds: int = 1,
     **calibrate_options: Any,
 ) -> PruneResult:
@@ -175,6 +182,9 @@ def prune(
     calibration data, layer after layer (:func:`fxgradnas.compensate.compensate` with its ridge ``damping``;
     a one-shot iterator is kept in a list for the second pass); ``result.compensation`` reports each layer's error
     before/after. The self-check compares the rewrite with the masked model before this re-fit.
+    ``compensation_data`` (batches of model inputs, read through ``collect_fn``; no loss) gives the re-fit its
+    own data: the scores then choose units on ``data``, and the re-fit reproduces the layers on text as broad as
+    the model will meet, e.g. ``data`` plus what the model samples itself (:func:`fxgradnas.datasets.sampled_windows`).
 
     ``rounds`` > 1 prunes iteratively: round r calibrates with the units pruned so far masked and searches
     for ``r / rounds`` of the way from the whole model to the budget; units pruned in earlier rounds score
@@ -183,14 +193,14 @@ def prune(
     kinds = _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, scorer=scorer, mode=mode,
                              searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
                              collect_fn=collect_fn, max_batches=max_batches, seed=seed, compensate=compensate, damping=damping,
-                             calibrate_options=calibrate_options)
+                             compensation_data=compensation_data, calibrate_options=calibrate_options)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ArgumentError(f"rounds must be an int of at least 1, not {rounds!r}")
     if rounds > 1 and scorer != "gradnas":
         raise ArgumentError(f"rounds={rounds} re-calibrates between rounds; scorer={scorer!r} does not calibrate")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if (compensate is not None or rounds > 1) and is_one_shot(data):  # read more than once
+    if ((compensate is not None and compensation_data is None) or rounds > 1) and is_one_shot(data):  # read twice
         data = list(itertools.islice(data, None if max_batches is None else max_batches + 1))
     if example_inputs is None and not isinstance(model, Analysis):
         first, data = peek(data)
@@ -224,6 +234,7 @@ def prune(
     reports = []
     if compensate is not None:
         reports, seconds["compensate"] = timed_compensation(
-            analysis, found.plan, pruned, data, method=compensate, damping=damping, collect_fn=collect_fn,
+            analysis, found.plan, pruned, data if compensation_data is None else compensation_data, method=compensate,
+            damping=damping, collect_fn=collect_fn,
             max_batches=max_batches, progress=progress)
     return PruneResult(pruned, found.plan, scores, found, analysis, seconds, reports)

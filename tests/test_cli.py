@@ -108,8 +108,12 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake
         "stdlib given twice": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib", "self",
                                "stdlib", "--out", out],
         "--compensate none": ["prune", "tests.zoo:mlp", "--params", "0.8", "--scorer", "l1", "--out", out],
-        "for --calibration only": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib",
-                                   "--eval", "self", "--out", out],
+        "for --calibration and --refit only": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration",
+                                               "stdlib", "--eval", "self", "--out", out],
+        "--compensate none skips the re-fit": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration",
+                                               "stdlib", "--refit", "self", "--compensate", "none", "--out", out],
+        "--refit: self given twice": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib",
+                                      "--refit", "self", "self", "--out", out],
     }
     for message, argv in cases.items():
         code, _, err = run(argv, capsys)
@@ -310,6 +314,39 @@ def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Pa
     assert json.loads((pruned[0] / "plan.json").read_text())["keep"] == result.plan.keep
     assert figures["before"] == pytest.approx(dense, rel=1e-6)
     assert figures["after"] == pytest.approx(perplexity(model, evaluation), rel=1e-6)
+
+
+@pytest.mark.hf
+def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) -> None:
+    """``--calibration a --refit a self``: the scores read the text, the re-fit the text and the model's samples
+    taken in turn: the Python API's ``compensation_data``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fxgradnas import datasets
+    from fxgradnas.hf import write_back
+
+    text_file, eval_file = str(checkpoint / "calibration.txt"), str(checkpoint / "eval.txt")
+    argv = ["prune", str(checkpoint / "model"), "--params", "0.8", "--calibration", text_file, "--refit", text_file,
+            "self", "--eval", eval_file, "--eval-batches", "2", "--damping", "0.1", "--prompt", "", *TINY]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["refit on"] == f"{text_file}, self"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "model")
+    text = datasets.token_windows(tokenizer, (checkpoint / "calibration.txt").read_text(), 16, 4)
+    evaluation = datasets.batched(datasets.token_windows(tokenizer, (checkpoint / "eval.txt").read_text(), 16, 4), 2)
+    after = {}
+    for label, refit in (("text", None), ("text and samples", "samples")):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model").eval()
+        if refit is not None:
+            sampled = datasets.sampled_windows(model, 2, 16, start_token=tokenizer.eos_token_id, batch_size=8, progress=False)
+            refit = datasets.batched(datasets.interleaved([text, sampled])[:4], 2)
+        result = fxgradnas.prune(model, text[:2], datasets.batched(text, 2), datasets.causal_lm_loss, constraint={"params": 0.8},
+                                 divisor=4, max_batches=2, damping=0.1, compensation_data=refit, progress=False)
+        write_back(model, result.analysis, result.plan, weights=result.model)
+        after[label] = datasets.perplexity(model, evaluation)
+    assert report["perplexity"][eval_file]["after"] == pytest.approx(after["text and samples"], rel=1e-6)
+    assert after["text"] != pytest.approx(after["text and samples"], rel=1e-4)
 
 
 @pytest.mark.hf

@@ -188,6 +188,20 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     for (name, b), (_, c) in zip(weak.model.named_parameters(), refitted.named_parameters(), strict=True):
         torch.testing.assert_close(b, c, msg=name)  # prune's damping is compensate's
     assert any(not torch.equal(a, b) for a, b in zip(weak.model.parameters(), result.model.parameters(), strict=True))
+    other = _batches(64)[::-1][:3]
+    broad = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, divisor=8,
+                            progress=False, compensation_data=iter(other))  # one-shot: read once, by the re-fit
+    assert broad.plan.keep == result.plan.keep  # the scores still come from data
+    refitted = apply_plan(result.analysis, result.plan)
+    compensate(result.analysis, result.plan, refitted, other, progress=False)
+    for (name, b), (_, c) in zip(broad.model.named_parameters(), refitted.named_parameters(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)  # the re-fit read compensation_data, not data
+    assert any(not torch.equal(a, b) for a, b in zip(broad.model.parameters(), result.model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="compensate=None there is no re-fit"):
+        fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None,
+                        compensation_data=batches)
+    with pytest.raises(TypeError, match="compensation_data is one tensor"):
+        fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensation_data=batches[0])
     for bad in (-1, float("inf")):
         with pytest.raises(ValueError, match="damping must be a finite non-negative number"):
             fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None,
