@@ -173,7 +173,7 @@ def read_texts(names: Sequence[str], option: str) -> dict[str, str]:
         try:
             texts[name] = Path(name).read_text(encoding="utf-8")
         except FileNotFoundError:
-            sampled = f", or {SAMPLED}: text the model samples" if option == "--calibration" else ""
+            sampled = f", or {SAMPLED}: text the model samples" if option != "--eval" else ""
             raise UsageError(f"{option}: no such file {name!r} (built-in corpora: {', '.join(CORPORA)}{sampled})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{option}: cannot read {name!r} as UTF-8 text: {exc}") from exc
@@ -318,8 +318,8 @@ def run_prune(args: argparse.Namespace) -> int:
     elif args.data is not None:
         raise UsageError("--data is for MODULE:FACTORY models; a checkpoint calibrates on --calibration text")
     elif not args.calibration and (args.scorer == "gradnas" or (compensate and not args.refit) or args.heal):
-        raise UsageError("--calibration TEXT is needed for --scorer gradnas, --compensate (default ls) and --heal "
-                         "(or use --scorer l1 --compensate none)")
+        raise UsageError("--calibration TEXT is needed for --scorer gradnas, --compensate (default ls; or --refit TEXT) "
+                         "and --heal (or use --scorer l1 --compensate none)")
     if args.heal < 0:
         raise UsageError(f"--heal takes a number of steps (0: no healing), not {args.heal}")
     if args.heal and source.directory is None and args.data is None:
@@ -334,8 +334,11 @@ def run_prune(args: argparse.Namespace) -> int:
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise UsageError(f"{option}: {', '.join(twice)} given twice; name each text once")
-    read = read_texts([name for name in args.calibration or [] if name != SAMPLED], "--calibration")
-    read |= read_texts([name for name in args.refit or [] if name != SAMPLED and name not in read], "--refit")
+    refit_only = [name for name in args.refit or [] if name != SAMPLED and name not in (args.calibration or [])]
+    refit_files = [name for name in refit_only if Path(name).exists() or name not in CORPORA]
+    read = read_texts(refit_files, "--refit")  # files first: a mistake is reported before a corpus is read
+    read |= read_texts([name for name in args.calibration or [] if name != SAMPLED], "--calibration")
+    read |= read_texts([name for name in refit_only if name not in refit_files], "--refit")
     calibration_texts = {name: read.get(name) for name in args.calibration or []}  # None: sampled by the model
     refit_texts = {name: read.get(name) for name in args.refit or []}
     eval_texts = read_texts(args.eval or [], "--eval")
@@ -370,7 +373,7 @@ def run_prune(args: argparse.Namespace) -> int:
             parts, eval_sets = _token_windows(args, tokenizer, texts, eval_texts,
                                               {name: "--refit" for name in refit_texts if name not in calibration_texts})
         shares = [len(refit_texts)] if SAMPLED in refit_texts else []
-        if SAMPLED in calibration_texts and (args.scorer == "gradnas" or compensate or args.heal):
+        if SAMPLED in calibration_texts and (args.scorer == "gradnas" or (compensate and not refit_texts) or args.heal):
             shares.append(len(calibration_texts))
         if shares:
             with steps("sample", "sampling calibration text from the model"):

@@ -313,8 +313,10 @@ class _LockstepInterpreter(Interpreter):
         super().__init__(gm)
         self.extra_traceback = False
         self.fitter, self.consumers = fitter, consumers
-        nodes = {n.name: n for n in gm.graph.nodes}
-        self.observed = {nodes[name].args[c.input_arg].name: c.group.name for name, c in consumers.items()}
+        fitted = {c.group.name for c in consumers.values()}  # each has one site: one mask node
+        sites = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        self.observed = {name: site.group for name, site in sites.items()
+                         if isinstance(site, MaskSite) and site.group in fitted}
         self.stats: dict[str, InputStatistics] = {}
         self.last = max((i for i, n in enumerate(gm.graph.nodes) if n.name in consumers), default=-1)
         self.bar = tqdm(total=self.last + 1, desc="compensating", unit="node", disable=not progress, leave=False)
@@ -326,7 +328,7 @@ class _LockstepInterpreter(Interpreter):
         if n.op == "placeholder":
             return super().run_node(n)
         group = self.observed.get(n.name)
-        if group is not None:  # the consumer's mask site
+        if group is not None:  # the consumer's mask site (another group's may follow it)
             for x in self.env[n.args[0]]:
                 self.stats.setdefault(group, InputStatistics.empty(x.shape[-1], x.device)).add(x)
         c = self.consumers.get(n.name)
@@ -359,7 +361,7 @@ def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _
                 collect_fn: Callable[[Any], Any] | None, max_batches: int | None, progress: bool) -> None:
     """Walk the pruned model (every group of the plan masked) over all batches together, fitting each consumer
     when it is reached and running the rest of the walk with its new weights (see the module docstring)."""
-    groups = [analysis.group(name) for name in plan.keep]
+    groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
     inst = instrumented(analysis, groups, "view")
     inst.set_plan(groups, plan)
     flatten = input_flattener(inst.module)

@@ -129,6 +129,9 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
             raise ArgumentError("compensation_data is what the re-fit reads; with compensate=None there is no re-fit "
                                 "(pass compensate='ls' or leave compensation_data out)")
         check_data(compensation_data, "compensation_data")
+        if compensation_data is data and is_one_shot(data):
+            raise ArgumentError("compensation_data is the iterator data is: the scores would use up its batches; "
+                                "leave compensation_data out to re-fit on data (it is then kept in a list)")
     needs_data = [why for why, needed in (("scorer='gradnas'", scorer == "gradnas"),
                                           (f"compensate={compensate!r}",
                                            compensate is not None and compensation_data is None),

@@ -200,6 +200,9 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     with pytest.raises(ValueError, match="compensate=None there is no re-fit"):
         fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None,
                         compensation_data=batches)
+    once = iter(batches)
+    with pytest.raises(ValueError, match="compensation_data is the iterator data is"):
+        fxgradnas.prune(result.analysis, None, once, loss, constraint={"params": 0.7}, compensation_data=once)
     with pytest.raises(TypeError, match="compensation_data is one tensor"):
         fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensation_data=batches[0])
     for bad in (-1, float("inf")):
@@ -297,3 +300,37 @@ def test_consumers_wider_than_max_width_are_left_as_pruned(setup) -> None:
     for bad in (0, 2.5, True):
         with pytest.raises(fxgradnas.errors.ArgumentError, match="max_width"):
             compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=bad, progress=False)
+
+
+class _Bilinear(torch.nn.Module):
+    """``c`` reads the outer product of ``a`` and ``b``: its input is a mask site of both groups."""
+
+    def __init__(self, b_first: bool) -> None:
+        super().__init__()
+        first, second = (("b", 8), ("a", 4)) if b_first else (("a", 4), ("b", 8))
+        for name, width in (first, second):  # the order decides which mask node the Linear reads
+            setattr(self, name, torch.nn.Linear(6, width))
+        self.c, self.e = torch.nn.Linear(32, 5), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        return self.c((a[:, :, None] * b[:, None, :]).flatten(1)) + self.e(b)
+
+
+@pytest.mark.parametrize("b_first", [False, True])
+def test_statistics_are_taken_before_the_fitted_groups_own_mask(b_first: bool) -> None:
+    """With another group's mask site on the same input, the re-fitted group's statistics are still its
+    unmasked input: the error before the re-fit is that of dropping its pruned columns, not zero."""
+    torch.manual_seed(0)
+    model = _Bilinear(b_first).eval()
+    analysis = fxgradnas.analyze(model, torch.randn(16, 6))
+    a = next(g for g in analysis.prunable if g.size == 4)
+    b = next(g for g in analysis.prunable if g.size == 8)
+    plan = Plan({b.name: list(range(8)), a.name: [0, 1]})
+    (c,) = consumers(analysis, plan)
+    batches = [torch.randn(16, 6) for _ in range(4)]
+    (report,) = compensate(analysis, plan, apply_plan(analysis, plan), batches, bias=False, progress=False)
+    x = _outputs_of(fxgradnas.masked(analysis, Plan({})), c.group.sites[0].node, batches)
+    weight = analysis.captured.module.get_parameter(c.weight).double()
+    before = (x @ weight.T - x[:, c.kept] @ weight[:, c.kept].T).pow(2).sum(1).mean()
+    assert report.applied and report.error_before == pytest.approx(before.item(), rel=1e-5)
