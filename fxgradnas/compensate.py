@@ -147,14 +147,20 @@ def _linear_reading(node: Node) -> tuple[Node, Node, Node | None, bool] | None:
 def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
     """The compensable groups of ``plan``: heads/channels whose single site feeds one Linear's input."""
     nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
+    masked_at: dict[str, list[str]] = {}  # node -> the groups the plan prunes with a site there
+    for name in plan.keep:
+        group = analysis.group(name)
+        if not bool(keep_grid(group, plan.kept(name)).all()):
+            for site in group.sites:
+                masked_at.setdefault(site.node, []).append(name)
     found = []
     for name in plan.keep:
         group = analysis.group(name)
         if group.kind in ("hidden", "experts") or len(group.sites) != 1:  # experts: the site is the router's logits
             continue
         site = group.sites[0]
-        if site.layout.concatenated:
-            continue  # the layer also reads other groups' units (a branch of a concatenation)
+        if site.layout.concatenated or len(masked_at.get(site.node, [])) > 1:
+            continue  # the layer also reads other groups' units (a branch of a concatenation, a product)
         reading = _linear_reading(nodes[site.node])
         if reading is None:
             continue

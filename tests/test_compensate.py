@@ -334,3 +334,19 @@ def test_statistics_are_taken_before_the_fitted_groups_own_mask(b_first: bool) -
     weight = analysis.captured.module.get_parameter(c.weight).double()
     before = (x @ weight.T - x[:, c.kept] @ weight[:, c.kept].T).pow(2).sum(1).mean()
     assert report.applied and report.error_before == pytest.approx(before.item(), rel=1e-5)
+
+
+def test_a_layer_whose_input_two_pruned_groups_share_is_left_as_pruned() -> None:
+    """Both groups of the outer product pruned: neither alone decides ``c``'s kept columns, so ``c`` is not
+    re-fitted (and nothing fails)."""
+    torch.manual_seed(0)
+    model = _Bilinear(False).eval()
+    analysis = fxgradnas.analyze(model, torch.randn(16, 6))
+    a = next(g for g in analysis.prunable if g.size == 4)
+    b = next(g for g in analysis.prunable if g.size == 8)
+    plan = Plan({b.name: list(range(4)), a.name: [0, 1]})
+    assert consumers(analysis, plan) == []
+    fitted = apply_plan(analysis, plan)
+    assert compensate(analysis, plan, fitted, [torch.randn(16, 6)], progress=False) == []
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(fitted(x), fxgradnas.masked(analysis, plan)(x))
