@@ -317,15 +317,18 @@ class _Bilinear(torch.nn.Module):
         return self.c((a[:, :, None] * b[:, None, :]).flatten(1)) + self.e(b)
 
 
+def _bilinear_groups(b_first: bool) -> tuple:
+    """The analysis of a seeded :class:`_Bilinear` and its groups of ``a`` (4 units) and ``b`` (8)."""
+    torch.manual_seed(0)
+    analysis = fxgradnas.analyze(_Bilinear(b_first).eval(), torch.randn(16, 6))
+    return (analysis, *(next(g for g in analysis.prunable if g.size == size) for size in (4, 8)))
+
+
 @pytest.mark.parametrize("b_first", [False, True])
 def test_statistics_are_taken_before_the_fitted_groups_own_mask(b_first: bool) -> None:
     """With another group's mask site on the same input, the re-fitted group's statistics are still its
     unmasked input: the error before the re-fit is that of dropping its pruned columns, not zero."""
-    torch.manual_seed(0)
-    model = _Bilinear(b_first).eval()
-    analysis = fxgradnas.analyze(model, torch.randn(16, 6))
-    a = next(g for g in analysis.prunable if g.size == 4)
-    b = next(g for g in analysis.prunable if g.size == 8)
+    analysis, a, b = _bilinear_groups(b_first)
     plan = Plan({b.name: list(range(8)), a.name: [0, 1]})
     (c,) = consumers(analysis, plan)
     batches = [torch.randn(16, 6) for _ in range(4)]
@@ -339,11 +342,7 @@ def test_statistics_are_taken_before_the_fitted_groups_own_mask(b_first: bool) -
 def test_a_layer_whose_input_two_pruned_groups_share_is_left_as_pruned() -> None:
     """Both groups of the outer product pruned: neither alone decides ``c``'s kept columns, so ``c`` is not
     re-fitted (and nothing fails)."""
-    torch.manual_seed(0)
-    model = _Bilinear(False).eval()
-    analysis = fxgradnas.analyze(model, torch.randn(16, 6))
-    a = next(g for g in analysis.prunable if g.size == 4)
-    b = next(g for g in analysis.prunable if g.size == 8)
+    analysis, a, b = _bilinear_groups(False)
     plan = Plan({b.name: list(range(4)), a.name: [0, 1]})
     assert consumers(analysis, plan) == []
     fitted = apply_plan(analysis, plan)
