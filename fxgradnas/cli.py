@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,9 +156,10 @@ class Source:
         return made
 
 
-def read_texts(names: Sequence[str], option: str) -> dict[str, str]:
-    """Each name's text: a file (UTF-8), or else a built-in corpus (:data:`CORPORA`). Files are read
-    first, so a mistake in one is reported before a corpus is fetched."""
+def read_texts(named: Mapping[str, str]) -> dict[str, str]:
+    """Each name's text (``named``: name -> the option that names it, for messages): a file (UTF-8), or else
+    a built-in corpus (:data:`CORPORA`). Files are read first, so a mistake in one is reported before a corpus
+    is fetched; a name given to several options is read once."""
     from . import datasets
 
     corpora = {
@@ -167,23 +168,24 @@ def read_texts(names: Sequence[str], option: str) -> dict[str, str]:
         "python-docs": datasets.python_docs_text,
         "stdlib": datasets.stdlib_text,
     }
-    files = [name for name in names if Path(name).exists() or name not in corpora]
+    files = [name for name in named if Path(name).exists() or name not in corpora]
     texts = {}
     for name in files:
         try:
             texts[name] = Path(name).read_text(encoding="utf-8")
         except FileNotFoundError:
-            sampled = f", or {SAMPLED}: text the model samples" if option != "--eval" else ""
+            option = named[name]
+            sampled = f", or {SAMPLED}: text the model samples" if option in ("--calibration", "--refit") else ""
             raise UsageError(f"{option}: no such file {name!r} (built-in corpora: {', '.join(CORPORA)}{sampled})") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{option}: cannot read {name!r} as UTF-8 text: {exc}") from exc
+            raise UsageError(f"{named[name]}: cannot read {name!r} as UTF-8 text: {exc}") from exc
         if not texts[name].strip():
-            raise UsageError(f"{option}: {name!r} is empty")
-    for name in names:
+            raise UsageError(f"{named[name]}: {name!r} is empty")
+    for name in named:
         if name not in files:
             print(f"-- reading the corpus {name}", file=sys.stderr, flush=True)
             texts[name] = corpora[name]()
-    return {name: texts[name] for name in names}
+    return {name: texts[name] for name in named}
 
 
 def windows(tokenizer: Any, text: str, seq_len: int, count: int, name: str) -> torch.Tensor:
@@ -334,14 +336,15 @@ def run_prune(args: argparse.Namespace) -> int:
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise UsageError(f"{option}: {', '.join(twice)} given twice; name each text once")
-    refit_only = [name for name in args.refit or [] if name != SAMPLED and name not in (args.calibration or [])]
-    refit_files = [name for name in refit_only if Path(name).exists() or name not in CORPORA]
-    read = read_texts(refit_files, "--refit")  # files first: a mistake is reported before a corpus is read
-    read |= read_texts([name for name in args.calibration or [] if name != SAMPLED], "--calibration")
-    read |= read_texts([name for name in refit_only if name not in refit_files], "--refit")
+    named: dict[str, str] = {}  # every text named, by the first option that names it
+    for option, names in (("--calibration", args.calibration), ("--refit", args.refit), ("--eval", args.eval)):
+        for name in names or []:
+            if name != SAMPLED:
+                named.setdefault(name, option)
+    read = read_texts(named)
     calibration_texts = {name: read.get(name) for name in args.calibration or []}  # None: sampled by the model
     refit_texts = {name: read.get(name) for name in args.refit or []}
-    eval_texts = read_texts(args.eval or [], "--eval")
+    eval_texts = {name: read[name] for name in args.eval or []}
 
     import torch
 
@@ -600,7 +603,7 @@ def run_eval(args: argparse.Namespace) -> int:
     source = Source.parse(args.model)
     if source.directory is None:
         raise UsageError("eval reads a checkpoint directory, not a MODULE:FACTORY")
-    texts = read_texts(args.texts, "eval")
+    texts = read_texts(dict.fromkeys(args.texts, "eval"))
     from tabulate import tabulate
 
     from .datasets import batched

@@ -115,7 +115,7 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path: Path, fake
         "--refit: self given twice": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib",
                                       "--refit", "self", "self", "--out", out],
         "--refit: no such file 'nope.txt' (built-in corpora: shakespeare, shakespeare-heldout, python-docs, stdlib, "
-        "or self": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "missing.txt",
+        "or self": ["prune", str(fake_checkpoint), "--params", "0.8", "--calibration", "stdlib",
                     "--refit", "nope.txt", "--out", out],
     }
     for message, argv in cases.items():
