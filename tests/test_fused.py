@@ -1,5 +1,5 @@
 """Fused projections read as pieces: a q/k/v projection sliced (Phi-3), split into unequal pieces
-(GPT-BigCode) or indexed by constant lists (Falcon), and a gate/up projection chunked in two. Each
+(GPT-BigCode), indexed by constant lists (Falcon) or by integers (Falcon in transformers 5.25), and a gate/up projection chunked in two. Each
 piece's heads or channels are units; the rewrite slices the fused rows piece by piece and patches the
 slice bounds and split sizes; what pruning would move but cannot be patched stays frozen, with the op."""
 
@@ -24,6 +24,7 @@ KEEP = {  # the heads each form keeps, and the q/k/v rows that leaves in the fus
     "split": ([2, 3], [*range(8, 16), *range(20, 24), *range(28, 32)]),
     "index": ([1, 3], [*range(4, 8), *range(12, 16), *range(16, 24)]),  # queries 1 and 3, the one k and v
     "grouped": ([0, 2], [*range(0, 4), *range(8, 16), *range(16, 20), *range(24, 32)]),  # one query per KV head
+    "selected": ([0, 2], [*range(0, 4), *range(8, 16), *range(16, 20), *range(24, 32)]),
 }
 
 
@@ -61,6 +62,8 @@ def test_the_patched_bounds_and_sizes_spell_the_kept_pieces() -> None:
     assert constants(grouped, aten.view.default)[0][0][-2:] == [3, HD]  # one query, k and v per KV head
     assert constants(grouped, aten.slice.Tensor)[0][1:3] == (0, -2)  # counted from the end: unchanged
     assert all(c[0][3] == 1 for c in constants(grouped, aten.broadcast_to.default))
+    selected = apply_plan(fxgradnas.analyze(*zoo.fused("selected")), Plan({"qkv": KEEP["selected"][0]}))
+    assert [c[1] for c in constants(selected, aten.select.int)] == [1, -1]  # after the one query; from the end
 
 
 class IndexedFromStart(nn.Module):
@@ -84,6 +87,36 @@ def test_a_constant_index_that_pruning_would_move_freezes_the_heads_naming_the_o
     heads = a.by_kind("heads")[0]
     assert not heads.prunable
     assert "indexed by a constant tensor at index (aten.index)" in heads.reason
+
+
+class SelectedFromStart(IndexedFromStart):
+    """:class:`IndexedFromStart` with k and v read by integer ``select``, which the rewrite patches."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.h + 2, self.hd)
+        q, k, v = qkv[..., :self.h, :], qkv[..., self.h, :], qkv[..., self.h + 1, :]
+        k, v = (t[:, :, None].expand_as(q) for t in (k, v))
+        y = nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_an_integer_index_counted_from_the_start_is_patched_to_the_kept_heads() -> None:
+    model = SelectedFromStart().eval()
+    a = fxgradnas.analyze(model, torch.randn(3, 7, 16))
+    heads = a.by_kind("heads")[0]
+    assert heads.prunable, a.table()
+    plan = Plan({heads.name: [1, 3]})
+    pruned = apply_plan(a, plan)
+    assert relative_difference(masked_view(a, plan), pruned, a) <= 1e-5
+    assert [c[1] for c in constants(pruned, aten.select.int)] == [2, 3]  # after the two kept queries
+    assert torch.equal(pruned.qkv.weight, model.qkv.weight[[*range(4, 8), *range(12, 24)]])
+
+
+def test_an_integer_index_of_a_token_position_freezes_nothing_else() -> None:
+    a = fxgradnas.analyze(Sliced(lambda h: h[:, -1, :].unsqueeze(1), 8).eval(), torch.randn(3, 7, 5))
+    g, = [g for g in a.groups if any(t.name == "fc1.weight" and t.axis == 0 for t in g.params)]
+    assert g.prunable, a.table()
 
 
 class Sliced(nn.Module):

@@ -132,6 +132,7 @@ CONSTANT_OPS: dict[Any, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
     aten.expand: (lambda: Heads("view", "expand"), tokens),
     aten.broadcast_to: (lambda: zoo.fused("grouped")[0], lambda: zoo.fused("grouped")[1]),
     aten.slice: (lambda: zoo.fused("slice")[0], lambda: zoo.fused("slice")[1]),
+    aten.select: (lambda: zoo.fused("selected")[0], lambda: zoo.fused("selected")[1]),
     aten.repeat_interleave.self_int: (lambda: Heads("view", "repeat_interleave"), tokens),
     aten.split: (lambda: Heads("view", "expand"), tokens),
     aten.split_with_sizes: (lambda: Between(lambda h: torch.mul(*h.split([H // 2, H // 2], -1)), H // 2), tokens),

@@ -564,7 +564,7 @@ def multihead(embed: int = 32, heads: int = 4, seed: int = 0) -> Example:
 
 
 # --------------------------------------------------------------------------- fused projections
-FUSED_SPLITS = ("slice", "split", "index", "grouped")
+FUSED_SPLITS = ("slice", "split", "index", "grouped", "selected")
 
 
 class FusedAttention(nn.Module):
@@ -572,7 +572,10 @@ class FusedAttention(nn.Module):
     fused q/k/v output is read: ``slice`` (Phi-3: ``qkv[..., a:b]``), ``split`` (GPT-BigCode: unequal
     ``split``), ``index`` (Falcon-7B: the heads axis of ``view(..., heads + 2, head_dim)`` read as
     ``[:-2]``, ``[[-2]]``, ``[[-1]]``; one KV head) or ``grouped`` (Falcon-40B: ``view(..., kv, q_per_kv + 2,
-    head_dim)`` read the same way, k and v broadcast to the queries). The MLP's gate and up are ``chunk``-ed."""
+    head_dim)`` read the same way, k and v broadcast to the queries) or ``selected`` (Falcon-40B in transformers
+    5.25: ``grouped`` with k and v read by integer ``select``; here k's index counts from the start and v's
+    from the end, ``[..., q_per_kv, :]`` and ``[..., -1, :]``). The MLP's gate and up are
+    ``chunk``-ed."""
 
     def __init__(self, split: str, width: int = 16, heads: int = 4, kv_heads: int = 2, head_dim: int = 4,
                  mlp: int = 12) -> None:
@@ -598,10 +601,15 @@ class FusedAttention(nn.Module):
         if self.split == "index":
             qkv = qkv.view(b, s, self.hq + 2, self.hd)
             q, k, v = qkv[..., :-2, :], qkv[..., [-2], :], qkv[..., [-1], :]
-        else:
+        elif self.split == "grouped":
             qkv = qkv.view(b, s, -1, self.hq // self.hkv + 2, self.hd)
             q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
             q, k, v = (torch.broadcast_to(t, q.shape).flatten(2, 3) for t in (q, k, v))
+        else:
+            qkv = qkv.view(b, s, -1, self.hq // self.hkv + 2, self.hd)
+            q, k, v = qkv[..., :-2, :], qkv[..., self.hq // self.hkv, :], qkv[..., -1, :]
+            k, v = (torch.broadcast_to(t[:, :, :, None], q.shape) for t in (k, v))
+            q, k, v = (t.flatten(2, 3) for t in (q, k, v))
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

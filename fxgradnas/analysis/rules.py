@@ -598,12 +598,40 @@ def slice_(p: Propagation, node: Node) -> AxisSpaces:
     return out
 
 
-@register(aten.select)
+def _patch_select(node: Node, index: int, sizes: list[int | None]) -> list[Edit]:
+    """Constant 0 spells the index: the entries before it, or, for an index counted from the end
+    (negative), the entries from it on."""
+    value = node_arg(node, 2, "index")
+    if not isinstance(value, int):
+        raise RewriteError(f"{node.name}: the index is spelled by {value!r}, which fxgradnas cannot patch")
+    size = fixed_size(node, sizes)
+    return [with_arg(node, 2, "index", -size if value < 0 else size)]
+
+
+@register(aten.select, patch=_patch_select)
 def select(p: Propagation, node: Node) -> AxisSpaces:
-    src, dim = node.args[0], node.args[1]
+    """An integer index of a constant-sized axis reads a one-entry part of it, like a slice of length 1
+    (Falcon's ``grouped[..., -2, :]`` picks each KV group's key): the axis is cut there, the picked entry
+    leaves the output, and the index spells the part before it (see :func:`_patch_select`). An index of a
+    data-sized axis (a token position) freezes the axis."""
+    src = node.args[0]
     spaces = list(p.of(src))
-    dim %= len(spaces)
-    p.freeze(spaces[dim], f"indexed by select at {node.name}")
+    dim = p.arg(1, "dim") % len(spaces)
+    index = p.arg(2, "index")
+    size = p.shape(src)[dim]
+    if p.is_weight(src):
+        p.weightlike.add(node)
+    reason = f"indexed by select at {node.name}"
+    if isinstance(size, int) and isinstance(index, int) and -size <= index < size:
+        first = index + size if index < 0 else index
+        try:
+            p.spaces.cut(spaces[dim], first, first + 1)
+            p.constants([_bound_space(p, spaces[dim], first, index < 0)])
+            del spaces[dim]
+            return spaces
+        except ShapeConflict as exc:
+            reason = f"{reason}: {exc}"
+    p.freeze(spaces[dim], reason)
     del spaces[dim]
     return spaces
 
