@@ -7,6 +7,7 @@ Needs the ``hf`` extra (transformers, safetensors).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import shutil
@@ -39,6 +40,9 @@ STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
+MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+EPS_ATTRS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 aten = torch.ops.aten
 
 
@@ -54,7 +58,15 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     With ``check`` (and every pruned group exact) the written-back model is compared with ``weights``,
     or else with the masked reference, on the captured example inputs (relative max difference at most
     ``tolerance``, default :func:`fxgradnas.rewrite.default_tolerance` of the model's dtype); a mismatch
-    raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``."""
+    raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``.
+
+    Where every layer of the pruned model has the sizes one config can spell (a plan searched with
+    ``uniform=True``), ``model.config`` is given them (``intermediate_size``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``head_dim``, ...) and ``structure["standard"]`` is True: the model
+    :func:`save_pruned` writes then loads with plain ``from_pretrained``. It is True only when a model built
+    from that config has the pruned model's parameter shapes and, with ``check``, its outputs on the example
+    inputs (without ``check`` a pruned hidden width is not called standard: the outputs are what shows
+    whether the family reads its width from the config at run time)."""
     check_analysis(analysis, "write_back")
     check_plan(plan)
     if check:
@@ -80,6 +92,11 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
         "attributes": attributes,
     }
     _set_attributes(model, attributes)
+    values = _standard_values(model.config, selection.groups, selection.kept, norms)
+    structure["standard"] = values is not None and _is_standard(model, analysis, values, run=check)
+    if structure["standard"]:
+        for attr, value in values.items():
+            setattr(model.config, attr, value)
     model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in selection.kept.items()}}
     if expected is not None:
         with cache_off(model, analysis.captured.kwargs):  # outputs_on_example runs it in eval mode
@@ -293,6 +310,75 @@ def _head_patches(attention: nn.Module, group: Group, kept: tuple[int, ...]) -> 
     return patch
 
 
+def _standard_values(config: Any, groups: list[Group], kept: dict[str, tuple[int, ...]],
+                     norms: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """The config entries that spell the pruned sizes, or None where two layers need two values of one
+    entry (or a pruned hidden width with a norm whose eps the config cannot spell)."""
+    values: dict[str, Any] = {}
+
+    def put(attr: str, value: Any) -> bool:
+        return values.setdefault(attr, value) == value
+
+    fits = True
+    for g in groups:
+        count = math.prod(kept[g.name])
+        if g.kind == "heads":
+            kv_before = 1 if g.shared_kv else g.unit_shape[0]
+            kv_after = 1 if g.shared_kv else kept[g.name][0]
+            fits &= all(put(a, count) for a in HEAD_COUNT_ATTRS if getattr(config, a, None) == g.size)
+            fits &= all(put(a, kv_after) for a in KV_COUNT_ATTRS if getattr(config, a, None) == kv_before)
+            fits &= put("head_dim", g.unit_width)
+        elif g.kind == "channels":
+            fits &= all(put(a, count) for a in MLP_WIDTH_ATTRS if getattr(config, a, None) == g.size)
+            if getattr(config, "n_inner", 0) is None and g.size == 4 * config.hidden_size:  # GPT-2's default
+                fits &= put("n_inner", count)
+        elif g.kind == "experts":
+            fits &= all(put(a, count) for a in EXPERT_COUNT_ATTRS if getattr(config, a, None) == g.size)
+        elif g.kind == "hidden":
+            fits &= put("hidden_size", count)
+            heads = getattr(config, "num_attention_heads", None)
+            if getattr(config, "head_dim", None) is None and isinstance(heads, int):
+                values.setdefault("head_dim", config.hidden_size // heads)
+    new_eps = {v for patch in norms.values() for v in patch.values()}
+    old_eps = [a for a in EPS_ATTRS if isinstance(getattr(config, a, None), float)]
+    if new_eps:
+        fits &= len(new_eps) == 1 and len(old_eps) == 1
+        if fits:
+            values[old_eps[0]] = new_eps.pop()
+    return values if fits and values else None
+
+
+def _is_standard(model: nn.Module, analysis: Analysis, values: dict[str, Any], run: bool) -> bool:
+    """Whether ``type(model)`` built from its config with ``values`` is ``model``: the same parameter names and
+    shapes (built on the meta device) and, with ``run``, given ``model``'s tensors, the same outputs on the
+    example inputs."""
+    config = copy.deepcopy(model.config)
+    for attr, value in values.items():
+        setattr(config, attr, value)
+    cls = type(model)
+    try:
+        with torch.device("meta"):
+            fresh = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    except Exception:  # a config this family rejects (e.g. a head count the hidden width must divide)
+        return False
+    shapes = {n: t.shape for n, t in model.state_dict().items()}
+    if {n: t.shape for n, t in fresh.state_dict().items()} != shapes:
+        return False
+    if not run:
+        return "hidden_size" not in values
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # buffers the model computes from its config are its own
+        fresh = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    if any(t.is_meta for t in itertools.chain(fresh.parameters(), fresh.buffers())):
+        return False
+    fresh.eval()
+    with cache_off(model, analysis.captured.kwargs), cache_off(fresh, analysis.captured.kwargs):
+        difference = output_difference(outputs_on_example(model, analysis), outputs_on_example(fresh, analysis))
+    return difference <= default_tolerance(model)
+
+
 def _set_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> None:
     """Set each module's attributes; ``config.name`` sets ``name`` on a copy of the module's config that
     the module alone holds from then on (the pruned layers differ in their sizes)."""
@@ -306,24 +392,28 @@ def _set_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> 
 
 
 def save_pruned(model: nn.Module, structure: dict, directory: str | Path) -> None:
-    """``save_pretrained`` plus the structure :func:`load_pruned` needs (JSON, no pickled code)."""
+    """``save_pretrained`` plus the structure :func:`load_pruned` needs (JSON, no pickled code). A standard
+    structure (``structure["standard"]``, see :func:`write_back`) is saved as the family saves it, under the
+    checkpoint's own tensor names: plain ``from_pretrained`` loads it."""
     directory = Path(directory)
-    # the model's own parameter names: transformers would otherwise rename some back to a legacy checkpoint
+    # otherwise the model's own parameter names: transformers would rename some back to a legacy checkpoint
     # format (GPT-NeoX's embed_out, ViT's vit.encoder.layer, per-expert keys) that only its loader maps
-    model.save_pretrained(directory, save_original_format=False)
+    model.save_pretrained(directory, save_original_format=bool(structure.get("standard")))
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, default=list))
 
 
 def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pruned`: the architecture from its config, shrunk to the
-    saved shapes and attributes, then the saved weights."""
+    saved shapes and attributes, then the saved weights (a standard one: ``from_pretrained``)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     structure = json.loads((directory / STRUCTURE_FILE).read_text())
-    config = AutoConfig.from_pretrained(directory)
     cls = model_class or AutoModelForCausalLM
+    if structure.get("standard"):
+        return cls.from_pretrained(directory).eval()
+    config = AutoConfig.from_pretrained(directory)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     tied = {}
     for name, shape in structure["shapes"].items():

@@ -103,7 +103,8 @@ def _keep_pruned(analysis: Analysis, scores: Scores, plan: Plan) -> Scores:
 
 
 def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any, scorer: Any,
-                     mode: Any, searcher: Any, kinds: Any, divisor: Any, ratios: Any, gqa: Any, collect_fn: Any,
+                     mode: Any, searcher: Any, kinds: Any, divisor: Any, ratios: Any, gqa: Any, uniform: Any,
+                     collect_fn: Any,
                      max_batches: Any, seed: Any, compensate: Any, damping: Any, compensation_data: Any,
                      calibrate_options: dict[str, Any]) -> tuple[str, ...]:
     """Every argument of :func:`prune`, before anything runs; returns ``kinds`` as a tuple."""
@@ -114,7 +115,8 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
     check_constraint(constraint)
     if scorer not in SCORERS:
         raise ArgumentError(f"scorer must be one of {SCORERS}, not {scorer!r}")
-    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa)
+    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
+                                 uniform=uniform)
     unknown = sorted(set(calibrate_options) - set(CALIBRATE_OPTIONS))
     if unknown:
         raise ArgumentTypeError(f"prune got unknown option(s) {', '.join(unknown)}; the calibration options it passes "
@@ -162,6 +164,7 @@ def prune(
     divisor: int = 32,
     ratios: tuple[float, ...] = RATIOS,
     gqa: str = "both",
+    uniform: bool = False,
     collect_fn: Callable[[Any], Any] | None = None,
     max_batches: int | None = 128,
     seed: int = 0,
@@ -192,9 +195,13 @@ def prune(
     ``rounds`` > 1 prunes iteratively: round r calibrates with the units pruned so far masked and searches
     for ``r / rounds`` of the way from the whole model to the budget; units pruned in earlier rounds score
     zero, so they go first (``data`` is read once per round; ``result.scores`` are the last round's).
+
+    ``uniform=True`` keeps one count per kind and unit shape (every MLP the same width, every attention the
+    same heads and KV heads; see :func:`fxgradnas.search`), so that a Hugging Face model written back
+    (:func:`fxgradnas.hf.write_back`) has a standard config: plain ``from_pretrained`` loads it.
     """
     kinds = _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, scorer=scorer, mode=mode,
-                             searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
+                             searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa, uniform=uniform,
                              collect_fn=collect_fn, max_batches=max_batches, seed=seed, compensate=compensate, damping=damping,
                              compensation_data=compensation_data, calibrate_options=calibrate_options)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -227,7 +234,7 @@ def prune(
         base = cost_model.base[metric]
         target = base - (base - budget) * round_ // rounds  # the budget itself in the last round
         found = search(analysis, scores, {metric: target}, searcher=searcher, kinds=kinds, divisor=divisor,
-                       ratios=ratios, gqa=gqa, cost_model=cost_model)
+                       ratios=ratios, gqa=gqa, uniform=uniform, cost_model=cost_model)
         plan = found.plan
         seconds["search"] += time.perf_counter() - start
     found.plan.fingerprint = analysis.captured.fingerprint

@@ -104,7 +104,7 @@ def parse_constraint(constraint: Any, base: dict[str, int]) -> tuple[str, int]:
 
 
 def check_search_options(*, searcher: Any = "binary", kinds: Any = ("heads", "channels", "experts"), divisor: Any = 32,
-                         ratios: Any = RATIOS, gqa: Any = "both") -> tuple[str, ...]:
+                         ratios: Any = RATIOS, gqa: Any = "both", uniform: Any = False) -> tuple[str, ...]:
     """Raise ArgumentError/ArgumentTypeError for a search option fxgradnas cannot use; returns ``kinds`` as
     a tuple."""
     if searcher not in SEARCHERS:
@@ -124,6 +124,8 @@ def check_search_options(*, searcher: Any = "binary", kinds: Any = ("heads", "ch
         raise ArgumentError(f"ratios must be a non-empty tuple of floats in (0, 1], not {ratios!r}")
     if gqa not in GQA:
         raise ArgumentError(f"gqa must be one of {GQA}, not {gqa!r}")
+    if not isinstance(uniform, bool):
+        raise ArgumentTypeError(f"uniform must be True or False, not {uniform!r}")
     return kinds
 
 
@@ -177,18 +179,43 @@ def _head_choices(group: Group, scores: torch.Tensor, total: float, gqa: str) ->
     return choices
 
 
-class _State:
-    """Current choice index per group, with the running cost."""
+def uniform_classes(groups: list[Group]) -> dict[str, list[str]]:
+    """Groups that ``uniform=True`` makes keep one count: those of one kind and one unit shape (every MLP of a
+    decoder, every attention with its KV layout), named by their first member."""
+    classes: dict[tuple, list[str]] = {}
+    for g in groups:
+        classes.setdefault((g.kind, g.unit_shape, g.shared_kv), []).append(g.name)
+    return {members[0]: members for members in classes.values()}
 
-    def __init__(self, model: CostModel, options: dict[str, list[Choice]], index: dict[str, int]) -> None:
-        self.model, self.options, self.index = model, options, dict(index)
+
+def _shared_choices(options: dict[str, list[Choice]], members: list[str]) -> list[Choice]:
+    """The choices every member offers (by kept counts), each losing the members' degradations summed;
+    smallest first, as one group's choices are."""
+    by_kept = [{c.kept: c for c in options[g]} for g in members]
+    shared = [kept for kept in by_kept[0] if all(kept in other for other in by_kept[1:])]
+    choices = [Choice(kept, by_kept[0][kept].units, sum(b[kept].degradation for b in by_kept)) for kept in shared]
+    choices.sort(key=lambda c: (math.prod(c.kept), -c.degradation))
+    return choices
+
+
+class _State:
+    """Current choice index per slot (a group, or a class of groups that keep one count), with the running cost."""
+
+    def __init__(self, model: CostModel, options: dict[str, list[Choice]], index: dict[str, int],
+                 members: dict[str, list[str]]) -> None:
+        self.model, self.options, self.index, self.members = model, options, dict(index), members
         self.costs = model.evaluate(self.kept())
 
     def kept(self) -> dict[str, tuple[int, ...]]:
-        return {g: self.options[g][i].kept for g, i in self.index.items()}
+        return {g: self.options[s][i].kept for s, i in self.index.items() for g in self.members[s]}
+
+    def _delta(self, metric: str, slot: str, kept: dict[str, tuple[int, ...]], new: tuple[int, ...]) -> int:
+        if len(self.members[slot]) == 1:
+            return self.model.delta(metric, slot, kept, new)
+        return self.model.evaluate({**kept, **dict.fromkeys(self.members[slot], new)})[metric] - self.costs[metric]
 
     def grow(self, metric: str, budget: int) -> int:
-        """Grow groups one choice at a time, best degradation saved per cost first, while it fits."""
+        """Grow slots one choice at a time, best degradation saved per cost first, while it fits."""
         steps = 0
         while True:
             best = None
@@ -197,7 +224,7 @@ class _State:
                 if i + 1 >= len(self.options[g]):
                     continue
                 here, there = self.options[g][i], self.options[g][i + 1]
-                extra = self.model.delta(metric, g, kept, there.kept)
+                extra = self._delta(metric, g, kept, there.kept)
                 if self.costs[metric] + extra > budget:
                     continue
                 gain = here.degradation - there.degradation
@@ -223,15 +250,19 @@ def search(
     divisor: int = 32,
     ratios: tuple[float, ...] = RATIOS,
     gqa: str = "both",
+    uniform: bool = False,
     cost_model: CostModel | None = None,
 ) -> SearchResult:
     """A plan meeting ``constraint`` with the least total degradation the searcher finds.
 
     ``kinds``: which group kinds are searched (the others stay whole); add ``"hidden"`` to prune
-    the residual width too.
+    the residual width too. ``uniform``: the groups of one kind and unit shape (:func:`uniform_classes`:
+    every MLP, every attention) keep one count, chosen by their degradations summed; each group keeps its
+    own best units. A Hugging Face model pruned so has one size per config entry: a standard checkpoint.
     """
     check_constraint(constraint)
-    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa)
+    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
+                                 uniform=uniform)
     check_analysis(analysis, "search")
     _check_scores(analysis, scores)
     start = time.perf_counter()
@@ -239,21 +270,24 @@ def search(
     metric, budget = parse_constraint(constraint, model.base)
     groups = [g for g in analysis.prunable if g.kind in kinds and g.name in scores]
     options = {g.name: group_choices(g, scores[g.name], ratios=ratios, divisor=divisor, gqa=gqa) for g in groups}
-    smallest = _State(model, options, {g: 0 for g in options})
+    members = uniform_classes(groups) if uniform else {g.name: [g.name] for g in groups}
+    slots = {s: _shared_choices(options, m) if len(m) > 1 else options[s] for s, m in members.items()}
+    smallest = _State(model, slots, {s: 0 for s in slots}, members)
     if smallest.costs[metric] > budget:
         raise ConstraintError(
             f"cannot meet {metric} <= {budget:,} ({budget / model.base[metric]:.1%}): the smallest model "
             f"fxgradnas can make keeps {smallest.costs[metric]:,} {metric} "
-            f"({smallest.costs[metric] / model.base[metric]:.1%}) with kinds={kinds}"
+            f"({smallest.costs[metric] / model.base[metric]:.1%}) with kinds={kinds}{', uniform' if uniform else ''}"
         )
     history: list[dict] = []
     if searcher == "greedy":
         state = smallest
     else:
-        state = _binary(model, options, metric, budget, history)
+        state = _binary(model, slots, members, metric, budget, history)
     grown = state.grow(metric, budget)
     history.append({"step": "grow", "groups grown": grown, **state.costs})
-    choices = {g: options[g][i] for g, i in state.index.items()}
+    kept = state.kept()
+    choices = {g: next(c for c in options[g] if c.kept == kept[g]) for g in options}
     plan = Plan({g: list(c.units) for g, c in choices.items() if len(c.units) < analysis.group(g).size})
     removed = {g: -model.delta("params", g, {}, c.kept) for g, c in choices.items()}
     return SearchResult(plan, choices, state.costs, model.base, (metric, budget), removed, history,
@@ -280,14 +314,14 @@ def _check_scores(analysis: Analysis, scores: Any) -> None:
                                 "gave NaN or infinity?")
 
 
-def _binary(model: CostModel, options: dict[str, list[Choice]], metric: str, budget: int,
-            history: list[dict]) -> _State:
+def _binary(model: CostModel, options: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
+            budget: int, history: list[dict]) -> _State:
     """Smallest threshold (over the sorted distinct degradations) whose configuration fits."""
     levels = sorted({c.degradation for choices in options.values() for c in choices})
 
     def at(threshold: float) -> _State:
         index = {g: next(i for i, c in enumerate(cs) if c.degradation <= threshold) for g, cs in options.items()}
-        return _State(model, options, index)
+        return _State(model, options, index, members)
 
     lo, hi = 0, len(levels) - 1
     while lo < hi:
