@@ -405,7 +405,8 @@ def run_prune(args: argparse.Namespace) -> int:
     with steps("prune", "scoring, searching, rewriting" + (", compensating" if compensate else "")):
         result = fxgradnas.prune(
             analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
-            kinds=kinds, divisor=args.divisor, max_batches=args.batches, seed=args.seed, compensate=compensate,
+            kinds=kinds, divisor=args.divisor, uniform=args.uniform, max_batches=args.batches, seed=args.seed,
+            compensate=compensate,
             damping=args.damping, compensation_data=refit, rounds=args.rounds, recompute=args.recompute)
     result.seconds["analyze"] = steps.seconds["analyze"]
     if args.heal:
@@ -432,8 +433,9 @@ def run_prune(args: argparse.Namespace) -> int:
         with steps("save", f"saving to {out}"):
             save_pruned(model, _merged(source.directory, structure), out)
             tokenizer.save_pretrained(out)
-        files["config.json, *.safetensors, fxgradnas_structure.json, tokenizer"] = \
-            "the pruned model (fxgradnas.hf.load_pruned)"
+        report["checkpoint"] = (STANDARD if structure["standard"] else
+                                f"per-layer sizes: fxgradnas.hf.load_pruned loads it{'' if args.uniform else NOT_UNIFORM}")
+        files["config.json, *.safetensors, fxgradnas_structure.json, tokenizer"] = f"the pruned model ({report['checkpoint']})"
     else:
         after = {"params": parameter_count(result.model)}
         torch.save(result.model.state_dict(), out / FACTORY_WEIGHTS)
@@ -500,6 +502,10 @@ def _detailed(steps: dict[str, float], pruning: dict[str, float]) -> dict[str, f
     return {k: v for step, seconds in steps.items() for k, v in (parts if step == "prune" else {step: seconds}).items()}
 
 
+STANDARD = "standard: transformers' AutoModelForCausalLM.from_pretrained loads it"
+NOT_UNIFORM = "; --uniform prunes every layer alike, for a standard checkpoint that plain transformers loads"
+
+
 def _merged(source: Path, structure: dict) -> dict:
     """The structure to save: a checkpoint pruned before keeps the attribute patches of that pruning."""
     from .hf import STRUCTURE_FILE
@@ -544,7 +550,7 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
         "achieved": ", ".join(f"{k} {v:.2%}" for k, v in result.achieved.items()),
         "scorer": args.scorer, "mode": args.mode, "recompute": args.recompute,
         "kinds": ", ".join(dict.fromkeys(args.kinds)),
-        "divisor": args.divisor, "rounds": args.rounds, "compensate": args.compensate,
+        "divisor": args.divisor, "uniform": args.uniform, "rounds": args.rounds, "compensate": args.compensate,
         "damping": args.damping if args.compensate != "none" else "-", "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
         "refit on": ", ".join(args.refit or args.calibration or []) or args.data or "-"
@@ -576,6 +582,8 @@ def _show_outcome(report: dict) -> None:
     rows += [[f"perplexity {name}", f"{v['before']:.3f}", f"{v['after']:.3f}", f"{v['after'] / v['before']:.2f}x"]
              for name, v in report["perplexity"].items()]
     show("Before / after", tabulate(rows, headers=["", "before", "after", "after/before"], disable_numparse=True))
+    if report.get("checkpoint"):
+        show("Checkpoint", report["checkpoint"])
     if report["generation"]:
         g = report["generation"]
         show("Greedy generation", f"prompt  {g['prompt']!r}\nbefore  {g['before']!r}\nafter   {g['after']!r}")
@@ -646,7 +654,8 @@ def build_parser() -> Parser:
         "prune", help="prune a model to a params or FLOPs budget and write it with plan, report and picture",
         description="Calibrate gradnas scores on text, find the plan that meets the budget, rewrite the model, "
                     "optionally re-fit the layers consuming pruned units, and write into --out: the pruned "
-                    "Hugging Face model (fxgradnas.hf.load_pruned), plan.json, report.md/.json and pruned.png. "
+                    "Hugging Face model (with --uniform a standard checkpoint, else fxgradnas.hf.load_pruned "
+                    "loads it), plan.json, report.md/.json and pruned.png. "
                     f"Text arguments are UTF-8 files or built-in corpora ({corpora}).")
     _add_model(prune)
     budget = prune.add_mutually_exclusive_group(required=True)
@@ -681,6 +690,9 @@ def build_parser() -> Parser:
     prune.add_argument("--recompute", action="store_true",
                        help="calibrate with activation checkpointing per layer: long sequences in less memory")
     prune.add_argument("--divisor", type=positive, metavar="N", default=32, help="channel counts are multiples of it (default 32)")
+    prune.add_argument("--uniform", action="store_true",
+                       help="every layer keeps the same heads, KV heads and MLP width: a standard checkpoint that "
+                            "plain transformers (and serving stacks) load")
     prune.add_argument("--prompt", default="Once upon a time",
                        help="greedy generation before/after in the report ('' for none)")
     prune.add_argument("--new-tokens", type=positive, metavar="N", default=24, help="tokens to generate (default 24)")

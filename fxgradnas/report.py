@@ -119,6 +119,8 @@ def markdown_report(data: dict) -> str:
              for name, v in data["sizes"].items()]
     lines += ["## Sizes", "", tabulate(sizes, headers=["", "before", "after", "after/before"], tablefmt=md,
                                        disable_numparse=True), ""]
+    if data.get("checkpoint"):
+        lines += ["## Checkpoint", "", f"The pruned model is {data['checkpoint']}.", ""]
     if data.get("perplexity"):
         rows = [[text, f"{v['before']:.3f}", f"{v['after']:.3f}", f"{v['after'] / v['before']:.2f}x"]
                 for text, v in data["perplexity"].items()]

@@ -287,6 +287,30 @@ def test_prune_writes_a_loadable_model_plan_report_and_picture(pruned: tuple[Pat
 
 
 @pytest.mark.hf
+def test_uniform_writes_a_standard_checkpoint_and_says_so(checkpoint: Path, pruned: tuple[Path, str],
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fxgradnas.hf import STRUCTURE_FILE
+
+    default = json.loads((pruned[0] / "report.json").read_text())
+    standard = json.loads((pruned[0] / STRUCTURE_FILE).read_text())["standard"]
+    assert default["checkpoint"].startswith("standard" if standard else "per-layer sizes")
+    argv = prune_argv(checkpoint, tmp_path / "out")
+    assert main([*argv[:argv.index("--prompt")], *TINY, "--uniform", "--out", str(tmp_path / "out")]) == 0
+    assert "== Checkpoint\nstandard: transformers' AutoModelForCausalLM.from_pretrained loads it" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["uniform"] is True and report["checkpoint"].startswith("standard")
+    assert "## Checkpoint" in (tmp_path / "out" / "report.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    config = model.config
+    assert (config.intermediate_size, config.num_attention_heads) != (64, 4), "nothing was pruned"
+    assert sum(p.numel() for p in model.parameters()) == report["sizes"]["params"]["after"]
+    ids = torch.tensor([[68, 69, 70]])
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+@pytest.mark.hf
 def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Path, str]) -> None:
     """The same settings through the Python API give the same plan and the same perplexities; ``self``
     is half the calibration windows, sampled from the tokenizer's only special token."""
