@@ -85,7 +85,8 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
             if isinstance(weight, torch.Tensor) and not (weights is not None and rescale.kind == "rms_norm"):
                 _replace(owners, weight, rescale.weight(weight))  # from the graph: already scaled there
             norms[rescale.path] = {rescale.eps_attr: rescale.eps / rescale.ratio}
-        attributes = {**_attribute_patches(model, selection.groups, selection.kept), **norms}
+        attributes = {**_attribute_patches(model, selection.groups, selection.kept),
+                      **_weightless_norms(model, analysis, selection.groups, selection.kept), **norms}
     structure = {
         "plan": json.loads(plan.to_json()),
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
@@ -186,6 +187,25 @@ def _attribute_patches(model: nn.Module, groups: list[Group], kept: dict[str, tu
         if g.kind == "heads":
             for path in dict.fromkeys([g.name, *_head_count_holders(model, g)]):
                 patches.setdefault(path, {}).update(_head_patches(model.get_submodule(path), g, kept[g.name]))
+    return patches
+
+
+def _weightless_norms(model: nn.Module, analysis: Analysis, groups: list[Group],
+                      kept: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
+    """``normalized_shape`` of the norm modules with no weight to read the size from (OLMo's LayerNorm), from
+    the ``layer_norm`` nodes whose shape constant is a pruned group's."""
+    nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
+    patches: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        for constant in g.shape_constants:
+            node = nodes.get(constant.node)
+            if node is None or getattr(node.target, "overloadpacket", None) is not aten.layer_norm:
+                continue
+            path = _innermost_module(node)
+            module = model.get_submodule(path) if path else None
+            if module is not None and getattr(module, "weight", None) is None and \
+                    tuple(getattr(module, "normalized_shape", ())) == (g.size,):
+                patches[path] = {"normalized_shape": (math.prod(kept[g.name]),)}
     return patches
 
 
@@ -353,8 +373,11 @@ def _is_standard(model: nn.Module, analysis: Analysis, values: dict[str, Any], r
     shapes (built on the meta device) and, with ``run``, given ``model``'s tensors, the same outputs on the
     example inputs."""
     config = copy.deepcopy(model.config)
-    for attr, value in values.items():
-        setattr(config, attr, value)
+    try:
+        for attr, value in values.items():
+            setattr(config, attr, value)
+    except AttributeError:  # an entry the config derives (Falcon's head_dim property): not for a config to spell
+        return False
     cls = type(model)
     try:
         with torch.device("meta"):

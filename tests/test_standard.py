@@ -144,3 +144,33 @@ def test_a_hidden_width_the_family_reads_from_its_config_at_run_time_is_not_stan
     structure = write_back(model, analysis, Plan({hidden.name: list(range(0, hidden.size, 2))}))
     assert structure["standard"] is False
     assert model.config.hidden_size == families.HIDDEN
+
+
+def test_a_config_that_derives_the_head_width_is_not_standard_for_pruned_heads() -> None:
+    """Falcon's ``head_dim`` is a property of ``hidden_size / num_attention_heads``: fewer heads cannot be
+    spelled, so the checkpoint keeps its per-layer structure (and nothing raises)."""
+    model, inputs = families.HF_FAMILIES["falcon_new"](0)
+    analysis = fxgradnas.analyze(model, inputs)
+    heads = analysis.by_kind("heads")
+    structure = write_back(model, analysis, Plan({g.name: [0, 1] for g in heads}))
+    assert structure["standard"] is False
+
+
+def test_a_weightless_layer_norm_over_a_pruned_hidden_width_is_resized(tmp_path: Path) -> None:
+    """OLMo's LayerNorm has no weight to slice: its ``normalized_shape`` follows the width (it used to keep
+    the old one, and the written-back model failed)."""
+    model, inputs = families.HF_FAMILIES["olmo"](0)
+    analysis = fxgradnas.analyze(model, inputs)
+    hidden = analysis.by_kind("hidden")[0]
+    plan = Plan({hidden.name: list(range(0, hidden.size, 2))})
+    with pytest.warns(UserWarning, match="approximate"):
+        pruned = fxgradnas.apply_plan(analysis, plan)
+    structure = write_back(model, analysis, plan, weights=pruned)
+    assert model.model.norm.normalized_shape == (hidden.size // 2,)
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs, use_cache=False).logits, pruned(**inputs).logits, atol=1e-5)
+    assert structure["standard"]
+    save_pruned(model, structure, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, use_cache=False).logits, model(**inputs, use_cache=False).logits)
