@@ -318,6 +318,13 @@ def hf_falcon_new(seed: int = 0) -> Example:
                    new_decoder_architecture=True, max_position_embeddings=MAX_POS)
 
 
+def hf_falcon_alibi(seed: int = 0) -> Example:
+    """``hf_falcon_new`` with ``alibi=True``: ALiBi position biases instead of rotary embeddings."""
+    return _causal("FalconConfig", "FalconForCausalLM", seed, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                   num_attention_heads=HEADS, num_kv_heads=KV_HEADS, ffn_hidden_size=MLP,
+                   new_decoder_architecture=True, alibi=True, max_position_embeddings=MAX_POS)
+
+
 def hf_bloom(seed: int = 0) -> Example:
     return _causal("BloomConfig", "BloomForCausalLM", seed, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)
 
@@ -452,6 +459,7 @@ HF_FAMILIES: dict[str, Callable[..., Example]] = {
     "biogpt": hf_biogpt,
     "falcon": hf_falcon,
     "falcon_new": hf_falcon_new,
+    "falcon_alibi": hf_falcon_alibi,
     "bloom": hf_bloom,
     "mpt": hf_mpt,
     "bert": hf_bert,

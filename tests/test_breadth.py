@@ -26,6 +26,9 @@ HF_ONLY = ("write_back", "generate", "save_load")
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ('mpt', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
     ('bloom', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
+    ('falcon_alibi', 'heads'): '1 of 1 heads groups frozen: created with a fixed shape (the ALiBi slopes, shared by every layer)',
+    # with its heads frozen the smallest model keeps more than the 60 % budget
+    ('falcon_alibi', 'prune'): 'ConstraintError: the smallest model keeps 71.7% of the params',
 }
 
 

@@ -18,7 +18,7 @@ import torch
 
 import fxgradnas
 from fxgradnas.cli import CORPORA, MODES, SCORERS, build_parser, fraction, main
-from tests.zoo import mlp
+from tests.zoo import mlp, save_hf_checkpoint
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--batches", "2", "--batch-size", "2", "--seq-len", "16", "--divisor", "4"]
@@ -218,27 +218,11 @@ def test_inspect_a_factory(capsys: pytest.CaptureFixture) -> None:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama (hidden 32, 4 heads on 2 KV heads) with a byte-level tokenizer built
     without the hub, saved with ``save_pretrained``; calibration and evaluation texts beside it."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
+    pytest.importorskip("transformers")
     from fxgradnas.datasets import python_docs_text
 
     directory = tmp_path_factory.mktemp("tiny")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)} | {"<eos>": len(alphabet)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=len(alphabet),
-        eos_token_id=len(alphabet))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
+    save_hf_checkpoint(directory / "model")
     text = python_docs_text(40_000)
     (directory / "calibration.txt").write_text(text[:20_000])
     (directory / "eval.txt").write_text(text[20_000:])

@@ -12,6 +12,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from fxgradnas.analysis.rules import grouped_mm
 from fxgradnas.capture import ExampleInputs
 
 __all__ = ["FUSED_SPLITS", "HF_ZOO", "ZOO", "Example", "FusedAttention", "MoE", "analysis_of", "example_of", "fused",
-           "looped_mm"]
+           "looped_mm", "save_hf_checkpoint"]
 Example = tuple[nn.Module, ExampleInputs]
 
 BATCH = 3
@@ -714,6 +715,31 @@ def hf_llama(n_kv_head: int = 2, attn_implementation: str = "sdpa", seed: int = 
 def hf_qwen2(n_kv_head: int = 2, attn_implementation: str = "sdpa", seed: int = 0) -> Example:
     """Tiny ``Qwen2ForCausalLM`` (4 heads, ``n_kv_head`` KV heads); kwargs ``{"input_ids", "use_cache": False}``."""
     return _hf_decoder("Qwen2Config", "Qwen2ForCausalLM", n_kv_head, attn_implementation, seed)
+
+
+def save_hf_checkpoint(directory: Path, max_position_embeddings: int = 64, intermediate_size: int = 64) -> Path:
+    """A random 2-layer ``LlamaForCausalLM`` (hidden 32, 4 heads on 2 KV heads, MLP ``intermediate_size``) with a byte-level tokenizer
+    built without the hub, saved into ``directory`` with ``save_pretrained``: a checkpoint directory as the
+    command line and ``from_pretrained`` read it."""
+    tf = _transformers()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<eos>": len(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    config = tf.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=max_position_embeddings,
+        bos_token_id=len(alphabet), eos_token_id=len(alphabet))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 ZOO: dict[str, Callable[..., Example]] = {
