@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--heal-batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (the minimum is kept)")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--scores", type=Path, help="keep the dense scores in this file and reuse them")
+    parser.add_argument("--scores", type=Path, help="keep the dense scores in this file and reuse them (groups it "
+                                                    "lacks are calibrated and added)")
     parser.add_argument("--json", type=Path, default=Path("runs/portable.json"))
     args = parser.parse_args()
     layouts = [name for name in args.layouts if all(k in KINDS for k in LAYOUTS[name][0])]
@@ -104,16 +105,17 @@ def main() -> None:
     analysis = fxgradnas.analyze(model, calibration[0])
     kinds = tuple(dict.fromkeys(k for name in layouts for k in LAYOUTS[name][0]))
     searched = [g for g in analysis.prunable if g.kind in kinds]
-    if args.scores and args.scores.exists():
-        scores = fxgradnas.Scores(torch.load(args.scores), scorer="gradnas")
-    else:
+    saved = torch.load(args.scores) if args.scores and args.scores.exists() else {}
+    missing = [g for g in searched if g.name not in saved]  # a mask's gradient does not depend on the others
+    if missing:
         start = time.perf_counter()
-        scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=len(calibration),
-                                     groups=searched, progress=False)
-        print(f"calibrated {len(searched)} groups in {time.perf_counter() - start:.0f} s", flush=True)
+        saved.update(fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=len(calibration),
+                                         groups=missing, progress=False))
+        print(f"calibrated {len(missing)} groups in {time.perf_counter() - start:.0f} s", flush=True)
         if args.scores:
             args.scores.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(scores), args.scores)
+            torch.save(saved, args.scores)
+    scores = fxgradnas.Scores({g.name: saved[g.name] for g in searched}, scorer="gradnas")
     dense_ppl = evaluate(model)
     quality = [{"layout": "dense", "budget": 1.0, "params": 1.0, "flops": 1.0, "standard": "-", **dense_ppl}]
     print(tabulate(quality, headers="keys", floatfmt=".4g"), flush=True)
