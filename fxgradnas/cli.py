@@ -684,7 +684,8 @@ def build_parser() -> Parser:
     prune.add_argument("--heal", type=int, metavar="STEPS", default=0,
                        help="then distil the pruned model from the dense one on the calibration batches (default 0)")
     prune.add_argument("--kinds", nargs="+", default=["heads", "channels", "experts"], metavar="KIND",
-                       help="group kinds to prune: heads, channels, experts, hidden (default heads channels experts)")
+                       help="group kinds to prune: heads, channels, experts, hidden, blocks (whole layers; default heads "
+                            "channels experts)")
     prune.add_argument("--scorer", choices=SCORERS, default="gradnas", help="unit scores (default gradnas)")
     prune.add_argument("--mode", choices=MODES, default="batch", help="gradnas: square per batch or per sample")
     prune.add_argument("--recompute", action="store_true",

@@ -55,7 +55,7 @@ from .batches import (
 from .errors import ArgumentError, ArgumentTypeError
 from .instrument import MaskSite, device_of, instrumented
 from .plan import Plan, check_plan
-from .selection import keep_grid, spread, tensor_selections
+from .selection import keep_grid, removed_blocks, spread, tensor_selections
 
 METHODS = ("scale", "ls")
 # The ridge: chosen on SmolLM2-135M calibrated on Python source and evaluated on prose and Shakespeare
@@ -145,7 +145,8 @@ def _linear_reading(node: Node) -> tuple[Node, Node, Node | None, bool] | None:
 
 
 def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
-    """The compensable groups of ``plan``: heads/channels whose single site feeds one Linear's input."""
+    """The compensable groups of ``plan``: heads/channels whose single site feeds one Linear's input (not in a
+    block the plan removes)."""
     nodes = {n.name: n for n in analysis.captured.module.graph.nodes}
     masked_at: dict[str, list[str]] = {}  # node -> the groups the plan prunes with a site there
     for name in plan.keep:
@@ -153,10 +154,12 @@ def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
         if not bool(keep_grid(group, plan.kept(name)).all()):
             for site in group.sites:
                 masked_at.setdefault(site.node, []).append(name)
+    groups = [analysis.group(name) for name in plan.keep]
+    removed = tuple(path + "." for path in removed_blocks(groups, {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}))
     found = []
     for name in plan.keep:
         group = analysis.group(name)
-        if group.kind in ("hidden", "experts") or len(group.sites) != 1:  # experts: the site is the router's logits
+        if group.kind in ("hidden", "experts", "blocks") or len(group.sites) != 1:  # experts: the site is the router's logits
             continue
         site = group.sites[0]
         if site.layout.concatenated or len(masked_at.get(site.node, [])) > 1:
@@ -165,6 +168,8 @@ def consumers(analysis: Analysis, plan: Plan) -> list[Consumer]:
         if reading is None:
             continue
         linear, weight, bias, transposed = reading
+        if weight.target.startswith(removed):
+            continue  # in a removed block: gone
         rank = nodes[site.node].meta["val"].dim()
         if site.axis % rank != rank - 1:
             continue  # the group is not the Linear's contracted axis

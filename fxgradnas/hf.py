@@ -33,7 +33,7 @@ from .rewrite import (
     slice_tensors,
     tensor_owner,
 )
-from .selection import tensor_selections
+from .selection import removed_blocks, tensor_selections
 from .shard import INDEX_FILE, checkpoint_files
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
@@ -43,6 +43,8 @@ HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
 MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 EPS_ATTRS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+LAYER_INDEX_LISTS = ("mlp_only_layers",)  # config lists of layer indices (other lists named for layers: one per layer)
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")  # a module's own layer number (the KV cache's index)
 aten = torch.ops.aten
 
 
@@ -51,6 +53,7 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     """Prune ``model`` in place to the plan: sliced parameters plus the attribute patches each family
     needs (``num_key_value_groups``, GPT-2 ``split_size``, Linear/Conv1D/norm sizes, RMSNorm rescale
     over a pruned hidden width), so it stays a Hugging Face model (``generate``, ``save_pretrained``).
+    Removed blocks are deleted from their ModuleList and the layers renumbered (:func:`remove_layers`).
     ``weights``: the pruned graph module to take parameter values from (``result.model``, e.g. after
     compensation) instead of the slices of ``model``'s own; they are copied, or with ``share_weights=True``
     the model takes ``weights``' own parameters (no memory, but training one then trains the other).
@@ -61,17 +64,18 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``.
 
     Where every layer of the pruned model has the sizes one config can spell (a plan searched with
-    ``uniform=True``), ``model.config`` is given them (``intermediate_size``, ``num_attention_heads``,
-    ``num_key_value_heads``, ``head_dim``, ...) and ``structure["standard"]`` is True: the model
-    :func:`save_pruned` writes then loads with plain ``from_pretrained``. It is True only when a model built
-    from that config has the pruned model's parameter shapes and, with ``check``, its outputs on the example
-    inputs (without ``check`` a pruned hidden width is not called standard: the outputs are what shows
+    ``uniform=True``, or one that removes blocks only), ``model.config`` is given them (``intermediate_size``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ...) and ``structure["standard"]`` is True:
+    the model :func:`save_pruned` writes then loads with plain ``from_pretrained``. It is True only when a model
+    built from that config has the pruned model's parameter shapes and, with ``check``, its outputs on the
+    example inputs (without ``check`` a pruned hidden width is not called standard: the outputs are what shows
     whether the family reads its width from the config at run time)."""
     check_analysis(analysis, "write_back")
     check_plan(plan)
     if check:
         check_weights(model, "write_back's check (it runs the model; check=False writes the structure only)")
     selection = select(analysis, plan, model)
+    moves = layer_moves(model, selection)  # before the model changes: raises where layers cannot go
     checked = check and all(g.exact for g in selection.groups)
     reference = masked_view(analysis, plan) if weights is None else weights
     expected = outputs_on_example(reference, analysis) if checked else None  # before the model changes
@@ -87,12 +91,14 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
             norms[rescale.path] = {rescale.eps_attr: rescale.eps / rescale.ratio}
         attributes = {**_attribute_patches(model, selection.groups, selection.kept),
                       **_weightless_norms(model, analysis, selection.groups, selection.kept), **norms}
+    _set_attributes(model, attributes)
+    remove_layers(model, moves)
     structure = {
         "plan": json.loads(plan.to_json()),
         "shapes": {n: list(t.shape) for n, t in model.state_dict().items()},
-        "attributes": attributes,
+        "attributes": {_moved(path, moves): values for path, values in attributes.items()
+                       if _moved(path, moves) is not None},
     }
-    _set_attributes(model, attributes)
     values = _standard_values(model.config, selection.groups, selection.kept, norms)
     structure["standard"] = values is not None and _is_standard(model, analysis, values, run=check)
     if structure["standard"]:
@@ -108,6 +114,66 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
                 "(relative max) on the example inputs; this is a bug in fxgradnas, please report it with the model"
             )
     return structure
+
+
+def remove_layers(model: nn.Module, moves: dict[str, str | None]) -> None:
+    """Delete the layers that ``moves`` (:func:`layer_moves`) deletes from their ModuleList and renumber what
+    transformers reads: the layer count, the config's lists with one entry per layer (``layer_types``, ...)
+    and of layer indices (``mlp_only_layers``), each module's ``layer_idx`` (the KV cache's index; GPT-Neo's
+    ``layer_id``)."""
+    config = model.config
+    for parent in dict.fromkeys(path.rpartition(".")[0] for path in moves):
+        layers = model.get_submodule(parent)
+        kept = [i for i in range(len(layers)) if moves.get(f"{parent}.{i}", "") is not None]
+        for new, old in enumerate(kept):
+            for module in layers[old].modules():
+                for attr in LAYER_INDEX_ATTRS:
+                    if getattr(module, attr, None) == old:
+                        setattr(module, attr, new)
+        for key, value in list(vars(config).items()):
+            if key in LAYER_INDEX_LISTS and isinstance(value, (list, tuple)):
+                setattr(config, key, [kept.index(i) for i in value if i in kept])
+            elif ("layer" in key or key.endswith("_types")) and isinstance(value, (list, tuple)) \
+                    and len(value) == len(layers):
+                setattr(config, key, [value[i] for i in kept])
+        if isinstance(getattr(config, "attention_types", None), list) and hasattr(config, "attention_layers"):
+            config.attention_types = [[[kind], 1] for kind in config.attention_layers]  # GPT-Neo's, expanded on load
+        config.num_hidden_layers = len(kept)
+        holder, _, name = parent.rpartition(".")
+        setattr(model.get_submodule(holder), name, nn.ModuleList(layers[i] for i in kept))
+
+
+def layer_moves(model: nn.Module, selection: Selection) -> dict[str, str | None]:
+    """Where each layer of the ModuleLists holding the blocks ``selection`` removes goes once those are deleted:
+    old path -> new path, None for a deleted one (layers that keep their place are left out); RewriteError
+    where they cannot be deleted."""
+    paths = removed_blocks(selection.groups, selection.grids)
+    staying = [(b.path, b.stays) for g in selection.groups for b in g.blocks if b.path in paths and b.stays]
+    if staying:
+        raise RewriteError(f"cannot delete {staying[0][0]}: {', '.join(staying[0][1])} on its residual stream would go "
+                           "with it (use the pruned graph module)")
+    moves: dict[str, str | None] = {}
+    for parent in dict.fromkeys(path.rpartition(".")[0] for path in paths):
+        layers = model.get_submodule(parent)
+        count = getattr(model.config, "num_hidden_layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) != count:
+            raise RewriteError(f"cannot delete layers of {parent} ({type(layers).__name__} of {len(layers)}): "
+                               f"write_back deletes blocks from the ModuleList of config.num_hidden_layers ({count})")
+        new = 0
+        for i in range(len(layers)):
+            path = f"{parent}.{i}"
+            if path in paths or new != i:
+                moves[path] = None if path in paths else f"{parent}.{new}"
+            new += path not in paths
+    return moves
+
+
+def _moved(name: str, moves: dict[str, str | None]) -> str | None:
+    """A module path or tensor name after the layers moved (see :func:`layer_moves`); None under a deleted one."""
+    for old, new in moves.items():
+        if name == old or name.startswith(old + "."):
+            return None if new is None else new + name[len(old):]
+    return name
 
 
 def _take_parameters(source: nn.Module, model: nn.Module, selection: Selection, share: bool) -> set[str]:
@@ -365,7 +431,7 @@ def _standard_values(config: Any, groups: list[Group], kept: dict[str, tuple[int
         fits &= len(new_eps) == 1 and len(old_eps) == 1
         if fits:
             values[old_eps[0]] = new_eps.pop()
-    return values if fits and values else None
+    return values if fits else None
 
 
 def _is_standard(model: nn.Module, analysis: Analysis, values: dict[str, Any], run: bool) -> bool:
@@ -512,15 +578,19 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
                             "(parameter names or shapes differ); analyse the model of this config")
     selection = select(analysis, plan, model)
     rescales = {f"{r.path}.weight": r for r in _norm_rescales(model, analysis, selection.groups, selection.kept)}
+    moves = layer_moves(model, selection)
     structure = write_back(model, analysis, plan, check=False)
     keep = {name: axes for names, axes in tensor_selections(selection.groups, selection.grids).items() for name in names}
     target.mkdir(parents=True, exist_ok=True)
     total = 0
     for shard, (metadata, tensors) in headers.items():
-        total += _write_shard(source / shard, target / shard, metadata, tensors, keep, rescales)
+        kept = {name: tensors[name] for name in tensors if _moved(name, moves) is not None}  # not of deleted layers
+        total += _write_shard(source / shard, target / shard, metadata, kept, keep, rescales, moves)
     if (source / INDEX_FILE).is_file():
         index = json.loads((source / INDEX_FILE).read_text())
         index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        index["weight_map"] = {_moved(name, moves): shard for name, shard in index.get("weight_map", {}).items()
+                               if _moved(name, moves) is not None}
         (target / INDEX_FILE).write_text(json.dumps(index, indent=2))
     for file in source.iterdir():
         if file.is_file() and file.name not in {"config.json", INDEX_FILE, STRUCTURE_FILE, *shards}:
@@ -531,16 +601,18 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
 
 
 def _write_shard(source: Path, target: Path, metadata: dict | None, tensors: dict[str, tuple[str, tuple]],
-                 keep: dict[str, dict[int, torch.Tensor]], rescales: dict[str, _NormRescale]) -> int:
-    """Write ``source``'s tensors, sliced, as the safetensors file ``target``, one block of rows at a time
-    (the header first: every output shape is known); returns the bytes of tensor data written."""
+                 keep: dict[str, dict[int, torch.Tensor]], rescales: dict[str, _NormRescale],
+                 moves: dict[str, str | None]) -> int:
+    """Write ``source``'s tensors, sliced and named as the layers moved (:func:`layer_moves`), as the safetensors
+    file ``target``, one block of rows at a time (the header first: every output shape is known); returns the
+    bytes of tensor data written."""
     from safetensors import safe_open
 
     shapes, offset, header = {}, 0, {"__metadata__": metadata or {"format": "pt"}}
     for name, (dtype, shape) in tensors.items():
         shapes[name] = [int(keep[name][a].sum()) if a in keep.get(name, {}) else n for a, n in enumerate(shape)]
         size = math.prod(shapes[name]) * _ITEMSIZE[dtype]
-        header[name] = {"dtype": dtype, "shape": shapes[name], "data_offsets": [offset, offset + size]}
+        header[_moved(name, moves)] = {"dtype": dtype, "shape": shapes[name], "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

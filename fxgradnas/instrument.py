@@ -2,7 +2,7 @@
 
 A mask has the group's ``unit_shape`` (all ones = the original model). At a site the mask is spread
 over the site's axis by its layout (a head's entry covers its ``head_dim`` entries) and multiplied
-in; a mask entry at 0 removes that unit's whole contribution, which is what pruning does. An experts
+in (a site of one unit, a block's write into the residual stream, multiplies the whole value by its entry); a mask entry at 0 removes that unit's whole contribution, which is what pruning does. An experts
 group's mask is added to the router's logits as ``log(mask)`` instead: a removed expert's logit is -inf, so
 the router never picks it, which is what removing its row does (at mask 1 the gradient is the same). Each site
 is a small :class:`MaskSite` module; with a :class:`GradientRecorder` attached it records
@@ -89,6 +89,7 @@ class MaskSite(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
         self.axis = site.axis
         self.batch_major = site.batch_major
+        self.unit = site.unit
         factors = site.layout.factors
         if any(f.size is None for f in factors):
             raise ValueError(f"mask site {site.node} has a dynamic factor")
@@ -106,6 +107,8 @@ class MaskSite(nn.Module):
     def spread(self, x: torch.Tensor) -> torch.Tensor:
         """The mask laid out along ``axis``, shaped to broadcast against ``x``."""
         mask = self.mask
+        if self.unit is not None:
+            return mask.reshape(-1)[self.unit].to(x.dtype)
         shape = [1] * x.dim()
         shape[self.axis] = -1
         if self.entries is not None:
@@ -125,7 +128,8 @@ class MaskSite(nn.Module):
     def record(self, grad_times_x: torch.Tensor) -> None:
         """Reduce ``grad * x`` to the unit grid (per sample if asked) and hand it to the recorder."""
         recorder = self.recorder
-        g = _widened(grad_times_x).movedim(self.axis, -1)
+        g = _widened(grad_times_x)
+        g = g.movedim(self.axis, -1) if self.unit is None else g.reshape(*g.shape[:1], -1)  # a unit site: all its own
         length = g.shape[-1]
         if recorder.per_sample and recorder.batch_size > 1:
             if not self.batch_major:
@@ -136,7 +140,12 @@ class MaskSite(nn.Module):
             g = g.reshape(recorder.batch_size, -1, length).sum(1)
         else:
             g = g.reshape(-1, length).sum(0, keepdim=True)
-        g = fold_to_units(g, self.layout)
+        if self.unit is None:
+            g = fold_to_units(g, self.layout)
+        else:  # the whole value is the one unit's
+            units = g.new_zeros(g.shape[0], self.mask.numel())
+            units[:, self.unit] = g.sum(-1)
+            g = units
         recorder.add(self.group, g if recorder.per_sample else g[0])
 
 

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from .analysis import Group
     from .prune import PruneResult
 
-KIND_ORDER = ("heads", "channels", "experts", "hidden")
+KIND_ORDER = ("heads", "channels", "experts", "hidden", "blocks")
 KIND_LABELS = {"heads": "attention heads", "channels": "MLP / conv channels", "experts": "experts (mixture of experts)",
-               "hidden": "residual width"}
+               "hidden": "residual width", "blocks": "layers (residual blocks)"}
 KEPT, ORIGINAL, PRUNED = "#1f77b4", "#d9d9d9", "#d62728"
 
 
@@ -44,6 +44,11 @@ def _positions(groups: list[Group]) -> tuple[list[Group], list[str], str]:
 
 
 def _kept(result: PruneResult, g: Group) -> list[int]:
+    """The units the plan keeps (none in a removed block)."""
+    removed = [b.path + "." for blocks in result.analysis.by_kind("blocks") if blocks.name in result.plan.keep
+               for i, b in enumerate(blocks.blocks) if i not in result.plan.keep[blocks.name]]
+    if (g.name + ".").startswith(tuple(removed)):
+        return []
     return result.plan.keep.get(g.name, list(range(g.size)))
 
 
@@ -103,7 +108,7 @@ def _kept_panel(ax: Any, result: PruneResult, groups: list[Group], x: list[int],
     ax.bar(x, original, color=ORIGINAL, width=0.8, label="original")
     bars = ax.bar(x, kept, color=KEPT, width=0.8, label="kept\n(KV heads x queries)" if grouped_query else "kept")
     if len(groups) <= 48:
-        labels = ["x".join(map(str, k)) if grouped_query else str(n) for k, n in zip(per_axis, kept, strict=True)]
+        labels = ["x".join(map(str, k)) if grouped_query and n else str(n) for k, n in zip(per_axis, kept, strict=True)]
         ax.bar_label(bars, labels, fontsize=7 if len(groups) > 16 else 8, padding=1)
     ax.set_ylim(0, max(original) * 1.15)
     same = len(set(original)) == 1

@@ -21,9 +21,11 @@ def _units(g: Group) -> str:
 
 
 def _params(g: Group, limit: int = 3) -> str:
-    """Touched parameter names, relative to the group's module where they live under it."""
+    """Touched parameter names (a blocks group's: its blocks), relative to the group's module where they live
+    under it."""
     prefix = g.name + "."
-    names = [n[len(prefix):] if n.startswith(prefix) else n for n in dict.fromkeys(t.name for t in g.params)]
+    touched = [b.path for b in g.blocks] if g.blocks else [t.name for t in g.params]
+    names = [n[len(prefix):] if n.startswith(prefix) else n for n in dict.fromkeys(touched)]
     shown = ", ".join(names[:limit])
     return f"{shown} +{len(names) - limit}" if len(names) > limit else shown
 

@@ -15,12 +15,13 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .analysis import Analysis, Group, Layout, ensure_analysis, factor_sizes
+from .analysis.blocks import needs
 from .analysis.registry import apply_edits, entry_for
 from .capture import ExampleInputs, check_weights, eval_mode
 from .errors import ArgumentError, RewriteError
 from .instrument import copy_graph_module, masked_view
 from .plan import Plan, check_plan
-from .selection import keep_grid, kept_per_unit_axis, tensor_selections
+from .selection import keep_grid, kept_per_unit_axis, removed_blocks, tensor_selections
 
 aten = torch.ops.aten
 COMPARED_AT_ONCE = 2**20  # entries of an output compared at a time: float64 temporaries of 8 MB
@@ -80,7 +81,8 @@ def apply_plan(
     """A physically smaller module that keeps only the plan's units.
 
     Weights, biases, norm parameters and buffers are sliced; shape constants in view/reshape/
-    expand/unflatten/norm nodes are patched; batch and sequence stay dynamic. The user's model is not
+    expand/unflatten/norm nodes are patched; a removed block's residual adds pass the stream on, and its
+    nodes, parameters and module are gone; batch and sequence stay dynamic. The user's model is not
     modified; memory is the model plus the pruned module (the sliced tensors are taken from the model's, the
     others copied, never the whole model); with ``share_weights=True`` the tensors the plan leaves whole (an
     embedding, the norms of an unpruned width) are the model's own memory instead of copies (less memory, but
@@ -109,10 +111,11 @@ def apply_plan(
                           "differs from the masked one", stacklevel=2)
     pruned = copy_graph_module(analysis.captured.module, "view")  # no copy of the whole model
     slice_tensors(pruned, selection)
-    if not share_weights:
-        own_tensors(pruned, analysis.captured.module)
     _patch_shape_constants(pruned, selection.groups, selection.kept)
     _correct_rms_norms(pruned, selection.groups, selection.kept)
+    remove_blocks(pruned, selection)
+    if not share_weights:
+        own_tensors(pruned, analysis.captured.module)
     pruned.graph.lint()
     pruned.recompile()
     for p in pruned.parameters():
@@ -338,3 +341,42 @@ def _rescale_rms_norm_op(gm: GraphModule, node: Node, ratio: float) -> None:
             scaled = gm.graph.call_function(aten.mul.Tensor, (node, 1 / math.sqrt(ratio)))
         node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
     node.args = tuple(args)
+
+
+# --- removed blocks -------------------------------------------------------------------------------
+def remove_blocks(gm: GraphModule, selection: Selection) -> None:
+    """Make each removed block's residual adds pass their stream operand on, then delete what only removed
+    blocks need (the nodes that nothing else reads any more, the tensors they read, the blocks' modules)."""
+    paths = removed_blocks(selection.groups, selection.grids)
+    if not paths:
+        return
+    units = {b.path: (g.name, i) for g in selection.groups if g.kind == "blocks" for i, b in enumerate(g.blocks)}
+    blocks = [b for g in selection.groups if g.kind == "blocks" for b in g.blocks]
+    need = needs(gm.graph, {add: (branch, units[b.path]) for b in blocks for add, _, branch in b.adds})
+    gone = frozenset(units[path] for path in paths)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    doomed: set[Node] = set()
+    for b in reversed(blocks):  # the last add first: its stream operand may be an add before that goes too
+        if b.path in paths:
+            for add, stream, _ in reversed(b.adds):
+                nodes[add].replace_all_uses_with(nodes[stream])
+                doomed.add(nodes[add])
+    for node in gm.graph.nodes:  # also what nothing needed before (assertions) about a value that goes
+        if node.op == "placeholder":
+            continue
+        if (need[node] and need[node] <= gone) or (need[node] == frozenset() and doomed.intersection(node.all_input_nodes)) \
+                or (node.op == "get_attr" and any(node.target.startswith(path + ".") for path in paths)):
+            doomed.add(node)
+    targets = {n.target for n in doomed if n.op == "get_attr"}
+    for node in reversed(gm.graph.nodes):
+        if node in doomed:
+            gm.graph.erase_node(node)
+    targets -= {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    for target in sorted(targets):
+        prefix, _, attr = target.rpartition(".")
+        owner = gm.get_submodule(prefix)
+        for table in (owner._parameters, owner._buffers, owner.__dict__):
+            table.pop(attr, None)
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        gm.get_submodule(parent)._modules.pop(name, None)

@@ -41,14 +41,16 @@ def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.T
 
 
 def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
-    """Unit score = the L1 norm of every weight slice the unit owns (the magnitude ranking)."""
+    """Unit score = the L1 norm of every weight slice the unit owns (a block's: of its parameters; the
+    magnitude ranking)."""
     check_analysis(analysis, "l1_scores")
     check_groups(analysis, groups)
     model = analysis.captured.model
     check_weights(model, "l1_scores (weight magnitudes)")
     scores = {}
     for g in groups if groups is not None else analysis.prunable:
-        total = torch.zeros(g.unit_shape)
+        total = torch.tensor([float(sum(p.detach().float().abs().sum() for p in model.get_submodule(b.path).parameters()))
+                              for b in g.blocks]) if g.blocks else torch.zeros(g.unit_shape)
         for t in g.params:
             w = model.get_parameter(t.name).detach().float().abs()
             per_index = w.movedim(t.axis, 0).reshape(w.shape[t.axis], -1).sum(1).cpu()

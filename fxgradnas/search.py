@@ -33,7 +33,8 @@ GQA = ("both", "kv", "queries")
 
 @dataclass(frozen=True)
 class Choice:
-    """Keep ``units`` (flat indices); ``kept`` per unit axis; what is lost by pruning the rest."""
+    """Keep ``units`` (flat indices); ``kept`` per unit axis (a blocks group: 1 or 0 per block); what is lost by
+    pruning the rest."""
 
     kept: tuple[int, ...]
     units: tuple[int, ...]
@@ -145,11 +146,14 @@ def group_choices(group: Group, scores: torch.Tensor, *, ratios: tuple[float, ..
     order = torch.argsort(scores, descending=True, stable=True)
     pruned_tail = torch.cumsum(scores[order].flip(0), 0).flip(0)  # pruned_tail[k] = sum of order[k:]
     choices = []
-    # experts: every count from the router's top-k up (few, and each one large)
-    counts = range(group.min_units, group.size + 1) if group.kind == "experts" else _counts(group.size, ratios, divisor)
+    # experts and blocks: every count from the fewest up (few, and each one large)
+    every = group.kind in ("experts", "blocks")
+    counts = range(group.min_units, group.size + 1) if every else _counts(group.size, ratios, divisor)
     for k in counts:
         lost = float(pruned_tail[k]) if k < group.size else 0.0
-        choices.append(Choice((k,), tuple(order[:k].sort().values.tolist()), lost))
+        units = tuple(order[:k].sort().values.tolist())
+        kept = tuple(int(u in units) for u in range(group.size)) if group.kind == "blocks" else (k,)  # per block
+        choices.append(Choice(kept, units, lost))
     return choices
 
 
@@ -181,10 +185,10 @@ def _head_choices(group: Group, scores: torch.Tensor, total: float, gqa: str) ->
 
 def uniform_classes(groups: list[Group]) -> dict[str, list[str]]:
     """Groups that ``uniform=True`` makes keep one count: those of one kind and one unit shape (every MLP of a
-    decoder, every attention with its KV layout), named by their first member."""
+    decoder, every attention with its KV layout), named by their first member; a stack of blocks is its own."""
     classes: dict[tuple, list[str]] = {}
     for g in groups:
-        classes.setdefault((g.kind, g.unit_shape, g.shared_kv), []).append(g.name)
+        classes.setdefault((g.kind, g.unit_shape, g.shared_kv) if g.kind != "blocks" else (g.name,), []).append(g.name)
     return {members[0]: members for members in classes.values()}
 
 
@@ -256,9 +260,10 @@ def search(
     """A plan meeting ``constraint`` with the least total degradation the searcher finds.
 
     ``kinds``: which group kinds are searched (the others stay whole); add ``"hidden"`` to prune
-    the residual width too. ``uniform``: the groups of one kind and unit shape (:func:`uniform_classes`:
-    every MLP, every attention) keep one count, chosen by their degradations summed; each group keeps its
-    own best units. A Hugging Face model pruned so has one size per config entry: a standard checkpoint.
+    the residual width too, ``"blocks"`` to remove whole layers. ``uniform``: the groups of one kind and unit
+    shape (:func:`uniform_classes`: every MLP, every attention) keep one count, chosen by their degradations
+    summed; each group keeps its own best units. A Hugging Face model pruned so has one size per config entry: a
+    standard checkpoint.
     """
     check_constraint(constraint)
     kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,

@@ -126,7 +126,10 @@ def _fold_indices(layout: Layout) -> tuple[list[int], list[tuple[torch.Tensor, t
 
 def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:
     """Kept count along each unit axis when the kept set is a product after re-indexing (every
-    kept KV head keeps the same number of queries); raises PlanError otherwise."""
+    kept KV head keeps the same number of queries); raises PlanError otherwise. A blocks group, whose
+    units differ in size, has one entry per block instead: 1 kept, 0 removed."""
+    if group.kind == "blocks":
+        return tuple(int(k) for k in grid.tolist())
     if grid.dim() == 1:
         return (int(grid.sum()),)
     rows = grid.reshape(grid.shape[0], -1)
@@ -152,3 +155,9 @@ def tensor_selections(groups: list[Group], grids: dict[str, torch.Tensor]) -> di
             axes = keep.setdefault(t.names, {})
             axes[t.axis] = mask if t.axis not in axes else axes[t.axis] & mask
     return keep
+
+
+def removed_blocks(groups: list[Group], grids: dict[str, torch.Tensor]) -> list[str]:
+    """The module paths of the blocks that the kept-unit grids of blocks groups remove."""
+    return [b.path for g in groups if g.kind == "blocks" and g.name in grids
+            for b, kept in zip(g.blocks, grids[g.name].tolist(), strict=True) if not kept]

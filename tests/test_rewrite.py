@@ -39,13 +39,17 @@ def plans(draw: st.DrawFn, analysis: fxgradnas.Analysis) -> Plan:
 
 
 def expected_params(analysis: fxgradnas.Analysis, plan: Plan) -> int:
-    """Parameter count the plan implies: each touched axis shrinks to its kept index count."""
+    """Parameter count the plan implies: each touched axis shrinks to its kept index count; the parameters
+    of a removed block are gone."""
     from fxgradnas.selection import keep_grid, spread
 
     kept_axes: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
+    removed: list[str] = []
     for name in plan.keep:
         g = analysis.group(name)
         grid = keep_grid(g, plan.kept(name))
+        if g.kind == "blocks":
+            removed += [b.path + "." for b, kept in zip(g.blocks, grid.tolist(), strict=True) if not kept]
         for t in g.params:
             axes = kept_axes.setdefault(t.names, {})
             mask = spread(grid, t.layout)
@@ -53,7 +57,7 @@ def expected_params(analysis: fxgradnas.Analysis, plan: Plan) -> int:
     total = 0
     seen = set()
     for name, p in analysis.captured.model.named_parameters():
-        if id(p) in seen:
+        if id(p) in seen or name.startswith(tuple(removed)):
             continue
         seen.add(id(p))
         names = next((k for k in kept_axes if name in k), None)

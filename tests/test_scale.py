@@ -290,7 +290,7 @@ def test_recompute_gives_the_scores_without_it(mode: str) -> None:
     analysis = fxgradnas.analyze(model, batches[0])
     plain = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, mode=mode, progress=False)
     recomputed = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, mode=mode, progress=False, recompute=True)
-    assert plain.keys() == recomputed.keys() and len(plain) == 5  # hidden, 2 x (heads, channels)
+    assert plain.keys() == recomputed.keys() and len(plain) == 6  # hidden, 2 x (heads, channels), blocks
     for name in plain:
         assert torch.equal(plain[name], recomputed[name]), name
     result = fxgradnas.prune(analysis, None, batches, _lm_loss_of_batch, constraint={"params": 0.8}, divisor=4,

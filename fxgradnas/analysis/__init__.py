@@ -73,10 +73,10 @@ class Analysis:
         return [(tensor, [self.walk.spaces.segments(s) for s in spaces])
                 for tensor, spaces in self.walk.records.tensors.values()]
 
-    def multiply_adds(self) -> list[list[list[list[int]]]]:
-        """The segments of each axis of every contraction (linear, matmul, conv, attention): its multiply-adds
-        are the product over those axes of the summed sizes of their segments."""
-        return [[self.walk.spaces.segments(s) for s in spaces] for spaces in self.walk.records.flops]
+    def multiply_adds(self) -> list[tuple[str, list[list[list[int]]]]]:
+        """Every contraction (linear, matmul, conv, attention) by node name, with the segments of each of its
+        axes: its multiply-adds are the product over those axes of the summed sizes of their segments."""
+        return [(node, [self.walk.spaces.segments(s) for s in spaces]) for node, spaces in self.walk.records.flops]
 
     def table(self, tablefmt: str = "simple") -> str:
         return analysis_table(self, tablefmt=tablefmt)

@@ -9,6 +9,8 @@ factor that is a concatenation of parts holding units (a fused projection sliced
 part has its own layout).
 An *experts* group owns the experts of a mixture-of-experts layer: the router's rows and each expert's
 slice of the stacked expert weights; its mask site is the router's logits (a removed expert's is -inf).
+A *blocks* group's units are the residual blocks of one ModuleList or Sequential
+(:mod:`fxgradnas.analysis.blocks`): a unit's mask multiplies every value its block adds to the stream.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from math import prod
 
 import torch
 
+from .blocks import Block, find_blocks
 from .registry import entry_for
 from .rules import keeps_zero
 from .spaces import is_data_size
 from .state import Propagation, op_name
 
-KINDS = ("heads", "channels", "experts", "hidden")
+KINDS = ("heads", "channels", "experts", "hidden", "blocks")
 EXACT_FOR_EXPERTS = {"softmax", "log_softmax", "topk", "cumsum"}  # reductions over experts a -inf logit keeps exact
 ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entries do not change
 
@@ -98,12 +101,15 @@ class NodeAxis:
     """An axis of a graph node's output: a mask site or a shape constant to patch.
 
     ``batch_major``: the node's first axis starts with the batch (per-sample scores can be read).
+    ``unit``: the one unit the whole value belongs to (a block's write into the residual stream; its layout
+    has no factor), else None.
     """
 
     node: str
     axis: int
     layout: Layout
     batch_major: bool = False
+    unit: int | None = None
 
 
 @dataclass
@@ -126,6 +132,7 @@ class Group:
     leaves: tuple[int, ...] = ()
     shared_kv: bool = False  # multi-query attention: every query head reads the one KV head
     min_units: int = 1  # the fewest units a plan may keep (an experts group: the router's top-k)
+    blocks: tuple[Block, ...] = ()  # a blocks group: its units
 
     @property
     def size(self) -> int:
@@ -146,8 +153,9 @@ class Group:
 
     @property
     def params_per_unit(self) -> float:
-        """Parameters on the group's axes, averaged per unit."""
-        return sum(t.numel for t in self.params) / self.size
+        """Parameters on the group's axes (a block's: under its module), averaged per unit."""
+        return sum(t.numel for t in self.params) / self.size if not self.blocks else \
+            sum(b.numel for b in self.blocks) / self.size
 
 
 def build_groups(p: Propagation) -> list[Group]:
@@ -220,6 +228,7 @@ class _GroupBuilder:
             owned.add(leaf)
 
         groups = [self.group(kind, grid, frozen, reductions) for kind, grid in units]
+        groups += self.block_groups()
         fewest = defaultdict(lambda: 1)
         for space, k in self.rec.min_units:
             for leaf in self.leaves(space):
@@ -230,6 +239,26 @@ class _GroupBuilder:
                 g.min_units = max(fewest[leaf] for leaf in g.leaves)
         groups.sort(key=self._first_use)
         _name_groups(groups)
+        return groups
+
+    def block_groups(self) -> list[Group]:
+        """Per ModuleList or Sequential, one group of the blocks that can be removed and one, frozen, of those
+        that cannot."""
+        by_container: dict[str, list[Block]] = defaultdict(list)
+        for b in find_blocks(self.p):
+            by_container[b.path.rpartition(".")[0]].append(b)
+        groups = []
+        for found in by_container.values():
+            removable = tuple(b for b in found if not b.reason)
+            frozen = tuple(b for b in found if b.reason)
+            if removable:
+                sites = [NodeAxis(branch, 0, Layout(()), self.batch_major(branch), unit=i)
+                         for i, b in enumerate(removable) for _, _, branch in b.adds]
+                groups.append(Group("", "blocks", (len(removable),), True, exact_reason="exact", sites=sites,
+                                    blocks=removable))
+            if frozen:
+                reason = "; ".join(f"{b.path}: {b.reason}" for b in frozen)
+                groups.append(Group("", "blocks", (len(frozen),), False, reason, exact=False, blocks=frozen))
         return groups
 
     def _first_use(self, g: Group) -> int:
@@ -438,15 +467,17 @@ def _name_groups(groups: list[Group]) -> None:
     Heads, hidden and prunable groups choose first; a module path shared by several groups of the
     same kind (an MLP stack in one Sequential) is skipped for the producing module of each.
     """
-    hidden = [g for g in groups if g.kind == "hidden"]
     options: dict[int, list[str]] = {}
     for g in groups:
         everything = _common_module([t.name for t in g.params])
         producers = _common_module([t.name for t in g.params if t.axis == 0])
         first_module = _common_module([g.params[0].name]) if g.params else ""
-        options[id(g)] = [c for c in (everything, producers, first_module) if c] or [g.kind]
-    if len(hidden) == 1:
-        options[id(hidden[0])] = ["hidden"]
+        stack = ".".join(filter(None, [g.blocks[0].path.rpartition(".")[0], "blocks"])) if g.blocks else ""
+        options[id(g)] = [c for c in (everything, producers, first_module, stack) if c] or [g.kind]
+    for kind in ("hidden", "blocks"):  # one model-wide group is named by its kind
+        alone = [g for g in groups if g.kind == kind]
+        if len(alone) == 1:
+            options[id(alone[0])] = [kind]
     clash = defaultdict(int)
     for g in groups:
         clash[(options[id(g)][0], g.kind, g.prunable)] += 1
@@ -455,7 +486,8 @@ def _name_groups(groups: list[Group]) -> None:
         opts = options[id(g)]
         if clash[(opts[0], g.kind, g.prunable)] > 1 and len(opts) > 1:
             opts = opts[1:]
-        name = next((o for o in [*opts, f"{opts[0]}.{g.kind}"] if o not in taken), None)
+        kind = [] if opts[0].endswith(f".{g.kind}") else [f"{opts[0]}.{g.kind}"]  # a stack's blocks: named so
+        name = next((o for o in [*opts, *kind] if o not in taken), None)
         k = 2
         while name is None:
             name = f"{opts[0]}#{k}" if f"{opts[0]}#{k}" not in taken else None

@@ -683,7 +683,7 @@ def _contract(p: Propagation, node: Node, a: Node, b: Node, out: AxisSpaces, a_a
     b_axes = [b_axis] if isinstance(b_axis, int) else b_axis
     for i, j in zip(a_axes, b_axes, strict=True):
         p.same(da[i], db[j])
-    p.records.flops.append([*out, *(da[i] for i in a_axes)])
+    p.records.flops.append((node.name, [*out, *(da[i] for i in a_axes)]))
     for j, i in out_of_a.items():
         p.same(out[j], da[i])
     for j, i in out_of_b.items():
@@ -873,7 +873,7 @@ def conv(p: Propagation, node: Node) -> AxisSpaces:
         p.records.internal.append(dw[j])
     p.same(out[0], dx[0])
     cin, cout = p.shape(x)[1], out_shape[1]
-    p.records.flops.append([*(dx if transposed else out), *dw[1:]])
+    p.records.flops.append((node.name, [*(dx if transposed else out), *dw[1:]]))
     conv_groups = p.spaces.new(groups)
     per_in = p.spaces.new(cin // groups) if transposed else dw[1]
     per_out = dw[1] if transposed else p.spaces.new(cout // groups)
@@ -914,8 +914,8 @@ def sdpa(p: Propagation, node: Node) -> AxisSpaces:
     if p.is_tensor(mask):
         _broadcast_into(p, mask, out[:-1] + [dk[-2]], p.shape(q)[:-1] + [p.shape(k)[-2]])
     p.heads(dq[-3], kv_heads=hkv)
-    p.records.flops.append([*dq, dk[-2]])  # q @ k^T
-    p.records.flops.append([*out, dk[-2]])  # weights @ v
+    p.records.flops.append((node.name, [*dq, dk[-2]]))  # q @ k^T
+    p.records.flops.append((node.name, [*out, dk[-2]]))  # weights @ v
     return out
 
 

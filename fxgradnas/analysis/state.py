@@ -36,7 +36,7 @@ class Records:
     writes: list[tuple[str, int, int]] = field(default_factory=list)  # residual-add operand, axis, space
     shape_ops: list[tuple[str, list[int]]] = field(default_factory=list)  # node, spaces of its size constants
     internal: list[int] = field(default_factory=list)  # weight axes that are never units (kernels)
-    flops: list[list[int]] = field(default_factory=list)  # multiply-adds: 2 x product of these axes
+    flops: list[tuple[str, list[int]]] = field(default_factory=list)  # contraction, axes: 2 x their product
     tensors: dict[str, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)  # get_attr
     experts: list[tuple[str, int, int]] = field(default_factory=list)  # router logits, axis, experts space
     min_units: list[tuple[int, int]] = field(default_factory=list)  # space, fewest units a plan may keep
