@@ -116,6 +116,9 @@ def test_prune_checkpoint_streams_shards_and_loads_as_write_back(tied: bool, tmp
 
     reference = transformers.LlamaForCausalLM.from_pretrained(source).eval()
     expected = write_back(reference, fxgradnas.analyze(reference, {"input_ids": IDS}), plan)
+    # the plan is uniform but prunes the hidden width: write_back's run shows a model built from the config is
+    # the pruned one, which prune_checkpoint (no weights loaded) cannot, so it keeps the per-layer structure
+    assert expected.pop("standard") and not structure.pop("standard")
     assert structure == json.loads(json.dumps(expected, default=list))
     assert sorted(p.name for p in target.glob("*.safetensors")) == shards
     index = json.loads((target / "model.safetensors.index.json").read_text())
