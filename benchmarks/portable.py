@@ -97,7 +97,7 @@ def main() -> None:
              "stdlib held-out": stdlib_text(skip=CALIBRATION_SKIP)}
     texts = {k: batched(token_windows(tokenizer, t, args.seq_len, args.eval_windows), 8) for k, t in texts.items()}
     heal_data = batched(text_windows(tokenizer, "stdlib", args.seq_len, args.heal_steps * args.heal_batch_size),
-                        args.heal_batch_size)
+                        args.heal_batch_size) if args.heal_steps else []
 
     def evaluate(module: torch.nn.Module) -> dict[str, float]:
         return {k: perplexity(module, b) for k, b in texts.items()}

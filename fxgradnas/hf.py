@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 from .analysis import Analysis, Group, check_analysis
 from .capture import cache_off, check_weights, fingerprint
 from .errors import ArgumentError, RewriteError
-from .instrument import masked_view
+from .instrument import device_of, masked_view
 from .plan import Plan, check_plan
 from .rewrite import (
     Selection,
@@ -42,6 +42,10 @@ KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
 MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+INDEX_LAYOUT_ATTRS = ("decoder_sparse_step", "first_k_dense_replace", "moe_layers", "interleave_moe_layer_step",
+                      "num_decoder_layers", "decoder_layers", "encoder_layers")
+"""Config entries under which write_back does not delete layers: which layers are sparse (MoE) follows from their
+index, or the encoder and decoder each have a count that ``num_hidden_layers`` does not tell apart."""
 EPS_ATTRS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 LAYER_INDEX_LISTS = ("mlp_only_layers",)  # config lists of layer indices (other lists named for layers: one per layer)
 LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")  # a module's own layer number (the KV cache's index)
@@ -153,6 +157,11 @@ def layer_moves(model: nn.Module, selection: Selection) -> dict[str, str | None]
         raise RewriteError(f"cannot delete {staying[0][0]}: {', '.join(staying[0][1])} on its residual stream would go "
                            "with it (use the pruned graph module)")
     moves: dict[str, str | None] = {}
+    layout = {k: getattr(model.config, k) for k in INDEX_LAYOUT_ATTRS if getattr(model.config, k, None) not in (None, 0, 1, [])}
+    if paths and layout:
+        raise RewriteError(f"cannot delete layers of a {type(model).__name__} whose config derives layers from their "
+                           f"index or counts several stacks ({', '.join(f'{k}={v}' for k, v in layout.items())}): "
+                           "renumbered, the kept layers would be rebuilt differently (use the pruned graph module)")
     for parent in dict.fromkeys(path.rpartition(".")[0] for path in paths):
         layers = model.get_submodule(parent)
         count = getattr(model.config, "num_hidden_layers", None)
@@ -462,9 +471,12 @@ def _is_standard(model: nn.Module, analysis: Analysis, values: dict[str, Any], r
     fresh.load_state_dict(model.state_dict(), assign=True)
     if any(t.is_meta for t in itertools.chain(fresh.parameters(), fresh.buffers())):
         return False
-    fresh.eval()
-    with cache_off(model, analysis.captured.kwargs), cache_off(fresh, analysis.captured.kwargs):
-        difference = output_difference(outputs_on_example(model, analysis), outputs_on_example(fresh, analysis))
+    fresh.to(device_of(model)).eval()  # the buffers it computed itself are on the CPU
+    try:
+        with cache_off(model, analysis.captured.kwargs), cache_off(fresh, analysis.captured.kwargs):
+            difference = output_difference(outputs_on_example(model, analysis), outputs_on_example(fresh, analysis))
+    except Exception:  # the family's model of that config does not run on these inputs: not the pruned model
+        return False
     return difference <= default_tolerance(model)
 
 

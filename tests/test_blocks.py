@@ -313,3 +313,20 @@ def test_prune_checkpoint_deletes_and_renames_the_removed_layers(tmp_path: Path)
     assert loaded.config.num_hidden_layers == 2
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.hf
+def test_layers_whose_kind_the_config_derives_from_their_index_are_not_deleted() -> None:
+    """Qwen3-MoE with ``decoder_sparse_step=2`` makes every second layer sparse: renumbered, a kept dense layer
+    would be rebuilt as a sparse one, so write_back refuses (the pruned graph module still removes it)."""
+    from fxgradnas.hf import write_back
+
+    model, inputs = families._llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", 0, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=2)
+    analysis = fxgradnas.analyze(model, inputs)
+    blocks, = [g for g in analysis.prunable if g.kind == "blocks"]
+    plan = fxgradnas.Plan({blocks.name: [1]})
+    fxgradnas.apply_plan(analysis, plan)  # self-checked
+    with pytest.raises(fxgradnas.errors.RewriteError, match="decoder_sparse_step=2"):
+        write_back(model, analysis, plan)
+    assert len(model.model.layers) == families.LAYERS  # refused before anything changed
