@@ -23,6 +23,11 @@ when torchvision is installed.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -631,3 +636,33 @@ TORCHVISION_SHALLOW: dict[str, Callable[..., Example]] = {
         input_size=(56, 56), stem_channels=16, partition_size=7, block_channels=[32, 64], block_layers=[1, 1],
         head_dim=16, stochastic_depth_prob=0.2, num_classes=CLASSES), image=56),
 }
+
+
+# Run by a fresh interpreter: fxgradnas cannot be imported there (a None entry in sys.modules makes the
+# import fail), so only transformers reads the checkpoints.
+PLAIN_LOADER = textwrap.dedent("""
+    import json, sys
+    sys.modules["fxgradnas"] = None
+    import torch
+    from transformers import AutoModelForCausalLM
+    root, new_tokens = sys.argv[1], int(sys.argv[2])
+    for name in json.load(open(f"{root}/names.json")):
+        model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", dtype=torch.float32).eval()
+        ids = torch.load(f"{root}/{name}/ids.pt")
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    use_cache=True, pad_token_id=0)
+        torch.save({"logits": logits, "tokens": tokens, "layers": model.config.num_hidden_layers},
+                   f"{root}/{name}/loaded.pt")
+    assert not any(m.startswith("fxgradnas") for m in sys.modules if sys.modules[m] is not None)
+""")
+
+def load_with_plain_transformers(root: Path, names: list[str], new_tokens: int) -> dict[str, dict]:
+    """Load each checkpoint ``root/NAME`` (beside its ``ids.pt``) in a fresh interpreter that cannot import
+    fxgradnas: per name its logits on the ids, a cached greedy generation of ``new_tokens`` and its layer count."""
+    (root / "names.json").write_text(json.dumps(names))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(root), str(new_tokens)], check=True, env=env, cwd=root,
+                   timeout=600)
+    return {name: torch.load(root / name / "loaded.pt") for name in names}

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,25 +168,6 @@ def test_the_command_line_prunes_layers(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 # --- Hugging Face ----------------------------------------------------------------------------------
-# Run by a fresh interpreter: fxgradnas cannot be imported there (a None entry in sys.modules makes the
-# import fail), so only transformers reads the checkpoints.
-LOADER = textwrap.dedent("""
-    import json, sys
-    sys.modules["fxgradnas"] = None
-    import torch
-    from transformers import AutoModelForCausalLM
-    root, new_tokens = sys.argv[1], int(sys.argv[2])
-    for name in json.load(open(f"{root}/names.json")):
-        model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", dtype=torch.float32).eval()
-        ids = torch.load(f"{root}/{name}/ids.pt")
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
-            tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                    use_cache=True, pad_token_id=0)
-        torch.save({"logits": logits, "tokens": tokens, "layers": model.config.num_hidden_layers},
-                   f"{root}/{name}/loaded.pt")
-    assert not any(m.startswith("fxgradnas") for m in sys.modules if sys.modules[m] is not None)
-""")
 HF_FAMILIES = {name: lambda seed, name=name: families.HF_FAMILIES[name](seed)
                for name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")}
 HF_FAMILIES["qwen2-sliding"] = lambda seed: families._llama_like(  # layer_types: full, full, sliding, sliding
@@ -242,12 +219,9 @@ def test_hf_layers_removed_save_a_standard_checkpoint_that_plain_transformers_lo
                                       use_cache=True, pad_token_id=0)
         assert torch.equal(tokens, greedy_reference(pruned, ids, NEW_TOKENS)), name  # the cache after renumbering
         expected[name] = (logits, tokens, len(keep))
-    (tmp_path / "names.json").write_text(json.dumps(list(expected)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", LOADER, str(tmp_path), str(NEW_TOKENS)], check=True, env=env, cwd=tmp_path,
-                   timeout=600)
+    results = families.load_with_plain_transformers(tmp_path, list(expected), NEW_TOKENS)
     for name, (logits, tokens, layers) in expected.items():
-        loaded = torch.load(tmp_path / name / "loaded.pt")
+        loaded = results[name]
         assert loaded["layers"] == layers, name
         difference = float((loaded["logits"] - logits).abs().max() / logits.abs().max())
         assert difference < 1e-5, (name, difference)

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,26 +28,6 @@ FAMILIES = {"llama": ("heads", "channels", "hidden"), "qwen2": ("heads", "channe
             "qwen3": ("heads", "channels"), "mistral": ("heads", "channels", "hidden"),
             "gemma": ("heads", "channels"), "gpt2": ("channels",)}
 NEW_TOKENS = 6
-
-# Run by a fresh interpreter: fxgradnas cannot be imported there (a None entry in sys.modules makes the
-# import fail), so only transformers reads the checkpoints.
-LOADER = textwrap.dedent("""
-    import json, sys
-    sys.modules["fxgradnas"] = None
-    import torch
-    from transformers import AutoModelForCausalLM
-    root, new_tokens = sys.argv[1], int(sys.argv[2])
-    for name in json.load(open(f"{root}/names.json")):
-        model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", dtype=torch.float32).eval()
-        ids = torch.load(f"{root}/{name}/ids.pt")
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
-            tokens = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                                    pad_token_id=0)
-        torch.save({"logits": logits, "tokens": tokens}, f"{root}/{name}/loaded.pt")
-    assert not any(m.startswith("fxgradnas") for m in sys.modules if sys.modules[m] is not None)
-""")
-
 
 def _uniform_prune(name: str, seed: int = 0) -> tuple[torch.nn.Module, fxgradnas.SearchResult, dict, Plan,
                                                        torch.fx.GraphModule, torch.Tensor]:
@@ -104,16 +80,15 @@ def test_uniform_checkpoints_load_with_plain_transformers_in_a_process_without_f
         save_pruned(written, structure, tmp_path / name)
         torch.save(ids, tmp_path / name / "ids.pt")
         with torch.no_grad():
-            tokens = written.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=0)
+            tokens = written.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                      use_cache=True, pad_token_id=0)
             expected[name] = (pruned(input_ids=ids).logits, tokens)
         config = json.loads((tmp_path / name / "config.json").read_text())
         widths = {c.kept[0] for g, c in found.choices.items() if g.endswith("mlp")}
         assert [config["n_inner" if name == "gpt2" else "intermediate_size"]] == list(widths), name
-    (tmp_path / "names.json").write_text(json.dumps(list(FAMILIES)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", LOADER, str(tmp_path), str(NEW_TOKENS)], check=True, env=env, cwd=tmp_path, timeout=600)
+    results = families.load_with_plain_transformers(tmp_path, list(FAMILIES), NEW_TOKENS)
     for name, (logits, tokens) in expected.items():
-        loaded = torch.load(tmp_path / name / "loaded.pt")
+        loaded = results[name]
         difference = float((loaded["logits"] - logits).abs().max() / logits.abs().max())
         assert difference < 1e-5, (name, difference)
         assert torch.equal(loaded["tokens"], tokens), name
