@@ -445,30 +445,28 @@ def _standard_values(config: Any, groups: list[Group], kept: dict[str, tuple[int
 
 def _is_standard(model: nn.Module, analysis: Analysis, values: dict[str, Any], run: bool) -> bool:
     """Whether ``type(model)`` built from its config with ``values`` is ``model``: the same parameter names and
-    shapes (built on the meta device) and, with ``run``, given ``model``'s tensors, the same outputs on the
-    example inputs."""
+    shapes (its parameters built on the meta device) and, with ``run``, given ``model``'s tensors, the same
+    outputs on the example inputs."""
     config = copy.deepcopy(model.config)
     try:
         for attr, value in values.items():
             setattr(config, attr, value)
     except AttributeError:  # an entry the config derives (Falcon's head_dim property): not for a config to spell
         return False
+    from accelerate import init_empty_weights
+
     cls = type(model)
-    try:
-        with torch.device("meta"):
+    try:  # parameters on the meta device; the buffers the model computes from its config are its own
+        with init_empty_weights(include_buffers=False):
             fresh = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     except Exception:  # a config this family rejects (e.g. a head count the hidden width must divide)
         return False
-    shapes = {n: t.shape for n, t in model.state_dict().items()}
-    if {n: t.shape for n, t in fresh.state_dict().items()} != shapes:
+    state = model.state_dict()
+    if {n: t.shape for n, t in fresh.state_dict().items()} != {n: t.shape for n, t in state.items()}:
         return False
     if not run:
         return "hidden_size" not in values
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):  # buffers the model computes from its config are its own
-        fresh = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh.load_state_dict(state, assign=True)
     if any(t.is_meta for t in itertools.chain(fresh.parameters(), fresh.buffers())):
         return False
     fresh.to(device_of(model)).eval()  # the buffers it computed itself are on the CPU
