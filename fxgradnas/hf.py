@@ -40,7 +40,8 @@ STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size", "embed_dim", "inner_dim")
-MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "moe_intermediate_size",
+                   "shared_expert_intermediate_size")
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 INDEX_LAYOUT_ATTRS = ("decoder_sparse_step", "first_k_dense_replace", "moe_layers", "interleave_moe_layer_step",
                       "num_decoder_layers", "decoder_layers", "encoder_layers")

@@ -6,6 +6,11 @@ algorithm) finds one threshold ``t``: every group keeps its smallest choice with
 It searches the sorted distinct degradation values rather than a float interval, so the result does
 not depend on the scale of the loss, then grows groups greedily while the budget allows, so the
 budget is used. ``searcher="greedy"`` starts from the smallest choices and only grows.
+
+With whole layers (a ``blocks`` group) one threshold cannot trade a layer for width, so each count of
+kept layers is searched in turn (the widths by the searcher, the layers held) and the plan with the
+least total degradation is kept. The heads and channels of a removed layer stay whole: they cost
+nothing more and lose nothing more.
 """
 
 from __future__ import annotations
@@ -218,6 +223,20 @@ class _State:
             return self.model.delta(metric, slot, kept, new)
         return self.model.evaluate({**kept, **dict.fromkeys(self.members[slot], new)})[metric] - self.costs[metric]
 
+    def lost(self) -> float:
+        """The summed degradation of the current choices."""
+        return sum(self.options[s][i].degradation for s, i in self.index.items())
+
+    def settle(self) -> None:
+        """Keep whole every group whose size changes no cost here (its layer is removed)."""
+        kept = self.kept()
+        for s, i in self.index.items():
+            last = len(self.options[s]) - 1
+            if i < last and len(self.members[s]) == 1 and not any(
+                    self.model.delta(m, s, kept, self.options[s][last].kept) for m in METRICS):
+                self.index[s] = last
+        self.costs = self.model.evaluate(self.kept())
+
     def grow(self, metric: str, budget: int) -> int:
         """Grow slots one choice at a time, best degradation saved per cost first, while it fits."""
         steps = 0
@@ -285,12 +304,10 @@ def search(
             f"({smallest.costs[metric] / model.base[metric]:.1%}) with kinds={kinds}{', uniform' if uniform else ''}"
         )
     history: list[dict] = []
-    if searcher == "greedy":
-        state = smallest
-    else:
-        state = _binary(model, slots, members, metric, budget, history)
-    grown = state.grow(metric, budget)
-    history.append({"step": "grow", "groups grown": grown, **state.costs})
+    state = _searched(model, slots, members, metric, budget, searcher, history, smallest)
+    layers = [s for s in slots if analysis.group(s).kind == "blocks"]
+    if layers:
+        state = _trade_layers(model, slots, members, metric, budget, searcher, state, layers, history)
     kept = state.kept()
     choices = {g: next(c for c in options[g] if c.kept == kept[g]) for g in options}
     plan = Plan({g: list(c.units) for g, c in choices.items() if len(c.units) < analysis.group(g).size})
@@ -319,13 +336,52 @@ def _check_scores(analysis: Analysis, scores: Any) -> None:
                                 "gave NaN or infinity?")
 
 
+def _searched(model: CostModel, slots: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
+              budget: int, searcher: str, history: list[dict], smallest: _State) -> _State:
+    """The searcher's state (binary threshold or the smallest choices), its free groups settled, grown."""
+    state = smallest if searcher == "greedy" else _binary(model, slots, members, metric, budget, history)
+    state.settle()
+    grown = state.grow(metric, budget)
+    history.append({"step": "grow", "groups grown": grown, **state.costs})
+    return state
+
+
+def _trade_layers(model: CostModel, slots: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
+                  budget: int, searcher: str, state: _State, layers: list[str], history: list[dict]) -> _State:
+    """Each blocks slot tried at each of its counts, the others held and the widths searched again; the state
+    with the least total degradation (rounds until no count changes)."""
+    best, tried = state, 0
+    for _ in range(1 if len(layers) == 1 else len(layers) + 1):  # one slot: one round finds its best count
+        start = best
+        for slot in layers:
+            for index in range(len(slots[slot])):
+                if index == best.index[slot]:
+                    continue
+                held = {s: best.index[s] for s in layers if s != slot} | {slot: index}
+                options = {s: [cs[held[s]]] if s in held else cs for s, cs in slots.items()}
+                smallest = _State(model, options, {s: 0 for s in options}, members)
+                if smallest.costs[metric] > budget:
+                    continue
+                found = _searched(model, options, members, metric, budget, searcher, [], smallest)
+                tried += 1
+                candidate = _State(model, slots, {**found.index, **held}, members)
+                if candidate.lost() < best.lost():
+                    best = candidate
+        if best is start:
+            break
+    history.append({"step": "trade layers", "tried": tried, "layers kept": {s: sum(best.options[s][best.index[s]].kept)
+                                                                          for s in layers}, **best.costs})
+    return best
+
+
 def _binary(model: CostModel, options: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
             budget: int, history: list[dict]) -> _State:
     """Smallest threshold (over the sorted distinct degradations) whose configuration fits."""
     levels = sorted({c.degradation for choices in options.values() for c in choices})
 
     def at(threshold: float) -> _State:
-        index = {g: next(i for i, c in enumerate(cs) if c.degradation <= threshold) for g, cs in options.items()}
+        index = {g: next((i for i, c in enumerate(cs) if c.degradation <= threshold), len(cs) - 1)  # held: its one
+                 for g, cs in options.items()}
         return _State(model, options, index, members)
 
     lo, hi = 0, len(levels) - 1

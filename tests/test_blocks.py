@@ -304,3 +304,38 @@ def test_layers_whose_kind_the_config_derives_from_their_index_are_not_deleted()
     with pytest.raises(fxgradnas.errors.RewriteError, match="decoder_sparse_step=2"):
         write_back(model, analysis, plan)
     assert len(model.model.layers) == families.LAYERS  # refused before anything changed
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_the_search_trades_layers_for_width_by_the_least_total_degradation(uniform: bool) -> None:
+    analysis = analysis_of("llama", n_layer=4)
+    widths = ("heads", "channels")
+
+    def lost(result: fxgradnas.SearchResult) -> float:
+        return sum(c.degradation for c in result.choices.values())
+
+    traded = 0
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        scale = 5 if uniform else 1  # a layer's scores against one unit's (a uniform slot sums four)
+        scores = {g.name: torch.rand(g.size, generator=generator) * (scale if g.kind == "blocks" else 1)
+                  for g in analysis.prunable}
+        for budget in (0.5, 0.7):
+            both = fxgradnas.search(analysis, scores, {"params": budget}, kinds=("blocks", *widths), uniform=uniform)
+            assert both.costs["params"] <= both.budget[1]
+            for alone in (widths, ("blocks",)):  # each is one of the candidates the trade compares
+                try:
+                    other = fxgradnas.search(analysis, scores, {"params": budget}, kinds=alone, uniform=uniform)
+                except fxgradnas.ConstraintError:
+                    continue
+                assert lost(both) <= lost(other) + 1e-12
+            kept_layers = sum(both.choices["blocks"].kept)
+            traded += 0 < kept_layers < 4
+            group = analysis.group("blocks")
+            removed = [b.path + "." for b, k in zip(group.blocks, both.choices["blocks"].kept, strict=True) if not k]
+            inside = [g for g in both.choices if analysis.group(g).kind != "blocks" and all(
+                n.startswith(tuple(removed)) for t in analysis.group(g).params for n in t.names)]
+            for g in inside:  # a removed layer's heads and channels stay whole and remove nothing themselves
+                if not uniform:
+                    assert g not in both.plan.keep and both.params_removed[g] == 0, g
+    assert traded

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.hf
 # hidden width, so its heads cannot be spelled by a config)
 FAMILIES = {"llama": ("heads", "channels", "hidden"), "qwen2": ("heads", "channels", "hidden"),
             "qwen3": ("heads", "channels"), "mistral": ("heads", "channels", "hidden"),
-            "gemma": ("heads", "channels"), "gpt2": ("channels",)}
+            "gemma": ("heads", "channels"), "gpt2": ("channels",), "qwen2_moe": ("heads", "channels", "experts"),
+            "qwen3_moe": ("heads", "channels", "experts")}
 NEW_TOKENS = 6
 
 def _uniform_prune(name: str, seed: int = 0) -> tuple[torch.nn.Module, fxgradnas.SearchResult, dict, Plan,
@@ -84,8 +85,10 @@ def test_uniform_checkpoints_load_with_plain_transformers_in_a_process_without_f
                                       use_cache=True, pad_token_id=0)
             expected[name] = (pruned(input_ids=ids).logits, tokens)
         config = json.loads((tmp_path / name / "config.json").read_text())
-        widths = {c.kept[0] for g, c in found.choices.items() if g.endswith("mlp")}
-        assert [config["n_inner" if name == "gpt2" else "intermediate_size"]] == list(widths), name
+        suffix, entry = (".experts", "moe_intermediate_size") if name.endswith("moe") else \
+            ("mlp", "n_inner" if name == "gpt2" else "intermediate_size")
+        widths = {c.kept[0] for g, c in found.choices.items() if g.endswith(suffix)}
+        assert [config[entry]] == list(widths), name
     results = families.load_with_plain_transformers(tmp_path, list(FAMILIES), NEW_TOKENS)
     for name, (logits, tokens) in expected.items():
         loaded = results[name]
