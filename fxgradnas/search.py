@@ -364,9 +364,8 @@ def _trade_layers(model: CostModel, slots: dict[str, list[Choice]], members: dic
                     continue
                 found = _searched(model, options, members, metric, budget, searcher, [], smallest)
                 tried += 1
-                candidate = _State(model, slots, {**found.index, **held}, members)
-                if candidate.lost() < best.lost():
-                    best = candidate
+                if found.lost() < best.lost():  # the held slots' one choice is the same in both
+                    best = _State(model, slots, {**found.index, **held}, members)
         if best is start:
             break
     history.append({"step": "trade layers", "tried": tried, "layers kept": {s: sum(best.options[s][best.index[s]].kept)
