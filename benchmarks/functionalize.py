@@ -3,7 +3,7 @@
     python benchmarks/functionalize.py [--threads 1]
 
 Per model (torchvision resnet50, 2x3x64x64; GPT-2 124M, 3x65 tokens; random weights): export time,
-fxgradnas.capture.functionalize time (in-place ops replaced / kept), torch's run_decompositions({})
+fxgradnas.export_passes.functionalize time (in-place ops replaced / kept), torch's run_decompositions({})
 time, and the forward time (min of 5 interleaved rounds) of the eager model, of the export as it is (in-place ops kept,
 which rules would have to read), after functionalize, and after run_decompositions. Needs torchvision
 and transformers.
@@ -23,7 +23,7 @@ import torch
 from tabulate import tabulate
 from torch.export import Dim
 
-from fxgradnas.capture import drop_whole_slices, functionalize, mutated_argument
+from fxgradnas.export_passes import drop_whole_slices, functionalize, mutated_argument
 
 
 def _import_torchvision() -> Any:

@@ -74,7 +74,7 @@ from fxgradnas.datasets import (
     token_windows,
 )
 from fxgradnas.search import group_choices
-from fxgradnas.selection import keep_grid, kept_per_unit_axis
+from fxgradnas.units import keep_grid, kept_per_unit_axis
 
 DOCS_SKIP = 100_000  # characters of the Python language reference the mix leaves out: evaluation reads < 40k
 METHODS = ("binary", "greedy", "rounds", "per-param", "flap", "binary+ls", "rounds+ls", "flap+ls", "obs+ls",

@@ -24,9 +24,10 @@ from .batches import (
     peek,
     to_device,
 )
-from .capture import check_example_inputs, check_weights
+from .capture import check_example_inputs
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError
-from .instrument import GradientRecorder, device_of, instrumented
+from .instrument import GradientRecorder, instrument
+from .modules import check_weights, device_of
 from .plan import Plan, check_plan
 from .scores import Scores
 from .shard import BLOCKS, recompute_blocks, shard_blocks, split_blocks
@@ -158,7 +159,7 @@ def calibrate(
         check_plan(plan)
         plan.validate(analysis)
     masked = [analysis.group(name) for name in (plan.keep if plan is not None else {})]
-    inst = instrumented(analysis, [*chosen, *(g for g in masked if g not in chosen)], "view")
+    inst = instrument(analysis, [*chosen, *(g for g in masked if g not in chosen)], read_only=True)
     if shard:
         aliases = {n: [o for o in names if o != n] for names in analysis.captured.names.values() for n in names}
         inst.module = shard_blocks(inst.module, checkpoint, aliases)

@@ -53,9 +53,10 @@ from .batches import (
     to_device,
 )
 from .errors import ArgumentError, ArgumentTypeError
-from .instrument import MaskSite, device_of, instrumented
+from .instrument import MaskSite, instrument
+from .modules import device_of
 from .plan import Plan, check_plan
-from .selection import keep_grid, removed_blocks, spread, tensor_selections
+from .units import keep_grid, kept_masks, removed_blocks, spread
 
 METHODS = ("scale", "ls")
 # The ridge: chosen on SmolLM2-135M calibrated on Python source and evaluated on prose and Shakespeare
@@ -211,7 +212,7 @@ def _streaming_statistics(analysis: Analysis, found: list[Consumer], data: Itera
                           collect_fn: Callable[[Any], Any] | None, max_batches: int | None,
                           progress: bool) -> dict[str, InputStatistics]:
     """One forward pass of the dense model accumulating each consumer's input statistics."""
-    inst = instrumented(analysis, [c.group for c in found], "view")
+    inst = instrument(analysis, [c.group for c in found], read_only=True)
     stats: dict[str, InputStatistics] = {}
     for sites in inst.sites.values():
         for site in sites:
@@ -280,7 +281,7 @@ class _Fitter:
         """Write the re-fitted weights into ``pruned``; where the plan also prunes a consumer's outputs
         (a chained channel group, the residual width), only the kept rows."""
         groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
-        sliced = {name: axes for names, axes in tensor_selections(
+        sliced = {name: axes for names, axes in kept_masks(
             groups, {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}).items() for name in names}
         with torch.no_grad():
             for c, new, shift in self.updates.values():
@@ -373,7 +374,7 @@ def _sequential(analysis: Analysis, plan: Plan, found: list[Consumer], fitter: _
     """Walk the pruned model (every group of the plan masked) over all batches together, fitting each consumer
     when it is reached and running the rest of the walk with its new weights (see the module docstring)."""
     groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
-    inst = instrumented(analysis, groups, "view")
+    inst = instrument(analysis, groups, read_only=True)
     inst.set_plan(groups, plan)
     flatten = input_flattener(inst.module)
     batches = [flatten(inputs) for inputs in _batches(analysis, data, collect_fn, max_batches,

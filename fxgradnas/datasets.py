@@ -128,7 +128,7 @@ def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: 
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    from .capture import eval_mode
+    from .modules import eval_mode
 
     ends = _first_set(holders, "eos_token_id")  # an int, a list of ints, or None
     ends = None if ends == [] else ends

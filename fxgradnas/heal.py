@@ -22,9 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import call_with, check_callable, check_data, default_collect, is_one_shot, logits_of, to_device
-from .capture import eval_mode, module_mode
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError, DataError
-from .instrument import device_of
+from .modules import device_of, eval_mode, module_mode
 
 
 @dataclass

@@ -20,21 +20,21 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analysis import Analysis, Group, check_analysis
-from .capture import cache_off, check_weights, fingerprint
 from .errors import ArgumentError, RewriteError
-from .instrument import device_of, masked_view
+from .instrument import masked
+from .modules import cache_off, check_weights, device_of, fingerprint
 from .plan import Plan, check_plan
 from .rewrite import (
-    Selection,
+    ResolvedPlan,
     default_tolerance,
     output_difference,
     outputs_on_example,
-    select,
+    resolve_plan,
     slice_tensors,
     tensor_owner,
 )
-from .selection import removed_blocks, tensor_selections
 from .shard import INDEX_FILE, checkpoint_files
+from .units import kept_masks, removed_blocks
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
@@ -79,23 +79,23 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     check_plan(plan)
     if check:
         check_weights(model, "write_back's check (it runs the model; check=False writes the structure only)")
-    selection = select(analysis, plan, model)
-    moves = layer_moves(model, selection)  # before the model changes: raises where layers cannot go
-    checked = check and all(g.exact for g in selection.groups)
-    reference = masked_view(analysis, plan) if weights is None else weights
+    resolved = resolve_plan(analysis, plan, model)
+    moves = layer_moves(model, resolved)  # before the model changes: raises where layers cannot go
+    checked = check and all(g.exact for g in resolved.groups)
+    reference = masked(analysis, plan, read_only=True) if weights is None else weights
     expected = outputs_on_example(reference, analysis) if checked else None  # before the model changes
     with torch.no_grad():
-        taken = _take_parameters(weights, model, selection, share_weights) if weights is not None else set()
-        slice_tensors(model, selection, skip=taken)
+        taken = _take_parameters(weights, model, resolved, share_weights) if weights is not None else set()
+        slice_tensors(model, resolved, skip=taken)
         owners = _parameter_owners(model)
         norms = {}
-        for rescale in _norm_rescales(model, analysis, selection.groups, selection.kept):
+        for rescale in _norm_rescales(model, analysis, resolved.groups, resolved.kept):
             weight = getattr(model.get_submodule(rescale.path), "weight", None)
             if isinstance(weight, torch.Tensor) and not (weights is not None and rescale.kind == "rms_norm"):
                 _replace(owners, weight, rescale.weight(weight))  # from the graph: already scaled there
             norms[rescale.path] = {rescale.eps_attr: rescale.eps / rescale.ratio}
-        attributes = {**_attribute_patches(model, selection.groups, selection.kept),
-                      **_weightless_norms(model, analysis, selection.groups, selection.kept), **norms}
+        attributes = {**_attribute_patches(model, resolved.groups, resolved.kept),
+                      **_weightless_norms(model, analysis, resolved.groups, resolved.kept), **norms}
     _set_attributes(model, attributes)
     remove_layers(model, moves)
     structure = {
@@ -104,12 +104,12 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
         "attributes": {_moved(path, moves): values for path, values in attributes.items()
                        if _moved(path, moves) is not None},
     }
-    values = _standard_values(model.config, selection.groups, selection.kept, norms)
+    values = _standard_values(model.config, resolved.groups, resolved.kept, norms)
     structure["standard"] = values is not None and _is_standard(model, analysis, values, run=check)
     if structure["standard"]:
         for attr, value in values.items():
             setattr(model.config, attr, value)
-    model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in selection.kept.items()}}
+    model.config.fxgradnas = {"plan": structure["plan"]["keep"], "kept": {k: list(v) for k, v in resolved.kept.items()}}
     if expected is not None:
         with cache_off(model, analysis.captured.kwargs):  # outputs_on_example runs it in eval mode
             difference = output_difference(expected, outputs_on_example(model, analysis))
@@ -148,12 +148,12 @@ def remove_layers(model: nn.Module, moves: dict[str, str | None]) -> None:
         setattr(model.get_submodule(holder), name, nn.ModuleList(layers[i] for i in kept))
 
 
-def layer_moves(model: nn.Module, selection: Selection) -> dict[str, str | None]:
-    """Where each layer of the ModuleLists holding the blocks ``selection`` removes goes once those are deleted:
+def layer_moves(model: nn.Module, resolved: ResolvedPlan) -> dict[str, str | None]:
+    """Where each layer of the ModuleLists holding the blocks ``resolved`` removes goes once those are deleted:
     old path -> new path, None for a deleted one (layers that keep their place are left out); RewriteError
     where they cannot be deleted."""
-    paths = removed_blocks(selection.groups, selection.grids)
-    staying = [(b.path, b.stays) for g in selection.groups for b in g.blocks if b.path in paths and b.stays]
+    paths = removed_blocks(resolved.groups, resolved.grids)
+    staying = [(b.path, b.stays) for g in resolved.groups for b in g.blocks if b.path in paths and b.stays]
     if staying:
         raise RewriteError(f"cannot delete {staying[0][0]}: {', '.join(staying[0][1])} on its residual stream would go "
                            "with it (use the pruned graph module)")
@@ -186,11 +186,11 @@ def _moved(name: str, moves: dict[str, str | None]) -> str | None:
     return name
 
 
-def _take_parameters(source: nn.Module, model: nn.Module, selection: Selection, share: bool) -> set[str]:
+def _take_parameters(source: nn.Module, model: nn.Module, resolved: ResolvedPlan, share: bool) -> set[str]:
     """Give every parameter of ``model`` the value of the same-named parameter of ``source``, whose shape must
-    be the one ``selection`` slices it to (new tensors, or with ``share`` ``source``'s own parameters; tied
+    be the one the resolved plan slices it to (new tensors, or with ``share`` ``source``'s own parameters; tied
     names stay tied); returns the names given."""
-    sliced = {n: axes for names, axes in tensor_selections(selection.groups, selection.grids).items() for n in names}
+    sliced = {n: axes for names, axes in kept_masks(resolved.groups, resolved.grids).items() for n in names}
     owners = _parameter_owners(model)
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -587,11 +587,11 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
     if fingerprint(model) != analysis.captured.fingerprint:
         raise ArgumentError(f"the analysis is of another model than {cls.__name__} built from {source}/config.json "
                             "(parameter names or shapes differ); analyse the model of this config")
-    selection = select(analysis, plan, model)
-    rescales = {f"{r.path}.weight": r for r in _norm_rescales(model, analysis, selection.groups, selection.kept)}
-    moves = layer_moves(model, selection)
+    resolved = resolve_plan(analysis, plan, model)
+    rescales = {f"{r.path}.weight": r for r in _norm_rescales(model, analysis, resolved.groups, resolved.kept)}
+    moves = layer_moves(model, resolved)
     structure = write_back(model, analysis, plan, check=False)
-    keep = {name: axes for names, axes in tensor_selections(selection.groups, selection.grids).items() for name in names}
+    keep = {name: axes for names, axes in kept_masks(resolved.groups, resolved.grids).items() for name in names}
     target.mkdir(parents=True, exist_ok=True)
     total = 0
     for shard, (metadata, tensors) in headers.items():

@@ -11,11 +11,9 @@ is a small :class:`MaskSite` module; with a :class:`GradientRecorder` attached i
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,8 +21,10 @@ from torch.fx import GraphModule
 
 from .analysis import Analysis, Group, NodeAxis, check_analysis, check_groups, ensure_analysis
 from .capture import ExampleInputs
+from .errors import ArgumentError
+from .modules import copy_graph_module, device_of
 from .plan import Plan, check_plan
-from .selection import fold_to_units, keep_grid, unit_of_entries
+from .units import fold_to_units, keep_grid, unit_of_entries
 
 SITE_PREFIX = "fxgradnas_mask"
 
@@ -149,28 +149,6 @@ class MaskSite(nn.Module):
         recorder.add(self.group, g if recorder.per_sample else g[0])
 
 
-def copy_graph_module(gm: GraphModule, tensors: Literal["copy", "share", "view"]) -> GraphModule:
-    """A copy of ``gm`` with its own graph. ``tensors``: "copy" copies parameters and buffers; "share"
-    keeps the very tensors of ``gm``; "view" gives it read-only aliases of them (the same memory, new
-    parameter objects that require no grad, so nothing done with the copy reaches ``gm``'s parameters'
-    flags or ``.grad``; buffers are shared). Tied tensors stay tied."""
-    memo: dict[int, object] = {}
-    if tensors != "copy":
-        for t in gm.buffers():
-            memo[id(t)] = t
-        for p in gm.parameters():
-            memo[id(p)] = p if tensors == "share" else nn.Parameter(p.detach(), requires_grad=False)
-    return quiet_deepcopy(gm, memo)
-
-
-def quiet_deepcopy(value: Any, memo: dict[int, object] | None = None) -> Any:
-    """``copy.deepcopy`` without the FutureWarning that copying torch's own pytree specs raises (about their
-    deprecated LeafSpec)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(value, memo)
-
-
 @dataclass
 class Instrumented:
     """A copy of the captured graph with mask sites; ``masks`` maps group name -> mask tensor."""
@@ -193,23 +171,34 @@ class Instrumented:
                 site.identity = identity
 
 
-def instrument(analysis: Analysis, groups: list[Group] | None = None, *, share_weights: bool = False) -> Instrumented:
+def instrument(analysis: Analysis, groups: list[Group] | None = None, *, share_weights: bool = False,
+               read_only: bool = False) -> Instrumented:
     """Insert an all-ones mask for each group (default: every prunable group) at its sites, in a copy of
     the captured graph; with all masks at one its output equals the original's.
 
     The copy has its own parameters and buffers; with ``share_weights=True`` it holds the model's own
     (no memory, but training the copy trains the model). It starts in the model's mode when captured.
+    With ``read_only=True`` it holds read-only views of the model's tensors (no memory; parameters that
+    require no grad, so nothing done with it reaches the model's) and stays in eval mode: what
+    calibration and compensation read the model with.
     """
     check_analysis(analysis, "instrument")
-    inst = instrumented(analysis, groups, "share" if share_weights else "copy")
-    inst.module.train(analysis.captured.training)
+    inst = _instrument(analysis, groups, _tensors(share_weights, read_only))
+    if not read_only:
+        inst.module.train(analysis.captured.training)
     return inst
 
 
-def instrumented(analysis: Analysis, groups: list[Group] | None, tensors: Literal["copy", "share", "view"]
-                 ) -> Instrumented:
-    """:func:`instrument` with ``tensors`` as :func:`copy_graph_module` takes them, in eval mode; "view" is
-    what calibration and compensation read the model with."""
+def _tensors(share_weights: bool, read_only: bool) -> Literal["copy", "share", "view"]:
+    """How the copy holds the model's tensors, as :func:`~fxgradnas.modules.copy_graph_module` takes it."""
+    if share_weights and read_only:
+        raise ArgumentError("share_weights=True and read_only=True exclude each other: a read-only copy holds "
+                            "views of the model's tensors")
+    return "view" if read_only else "share" if share_weights else "copy"
+
+
+def _instrument(analysis: Analysis, groups: list[Group] | None, tensors: Literal["copy", "share", "view"]
+                ) -> Instrumented:
     check_groups(analysis, groups)
     gm = copy_graph_module(analysis.captured.module, tensors)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -232,40 +221,24 @@ def instrumented(analysis: Analysis, groups: list[Group] | None, tensors: Litera
     return result
 
 
-def device_of(module: nn.Module) -> torch.device:
-    """Where a module's parameters (or buffers) live, the meta device last (a model whose parameters are on
-    meta and buffers on the CPU runs on the CPU once its weights are loaded); the CPU for a module with
-    neither."""
-    tensors = [*module.parameters(), *module.buffers()]
-    tensor = next((t for t in tensors if not t.is_meta), tensors[0] if tensors else None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: ExampleInputs | None = None, *,
-           share_weights: bool = False) -> GraphModule:
+           share_weights: bool = False, read_only: bool = False) -> GraphModule:
     """The reference for a plan: the captured graph with the plan's pruned units masked to zero.
 
     With an empty plan its output equals the model's exactly. The module has its own copies of the
     parameters and buffers; ``share_weights=True`` makes it hold the model's own instead (no memory, but
     an optimizer step on it changes the model). Like the model it follows ``.train()``/``.eval()``
-    (dropout, BatchNorm) and starts in the mode the model was in when captured.
+    (dropout, BatchNorm) and starts in the mode the model was in when captured. ``read_only=True`` gives
+    it read-only views of the model's tensors (no memory) in eval mode: a reference to compare with, not
+    to train.
     """
     check_plan(plan)
+    tensors = _tensors(share_weights, read_only)
     analysis = ensure_analysis(model, example_inputs)
-    module = _masked(analysis, plan, "share" if share_weights else "copy")
-    module.train(analysis.captured.training)
-    return module
-
-
-def masked_view(analysis: Analysis, plan: Plan) -> GraphModule:
-    """:func:`masked` on read-only views of the model's tensors (no memory), in eval mode: a reference to
-    compare with, not to train."""
-    return _masked(analysis, plan, "view")
-
-
-def _masked(analysis: Analysis, plan: Plan, tensors: Literal["copy", "share", "view"]) -> GraphModule:
     plan.validate(analysis)
     groups = [analysis.group(name) for name in plan.keep]
-    inst = instrumented(analysis, groups, tensors)
+    inst = _instrument(analysis, groups, tensors)
     inst.set_plan(groups, plan)
+    if not read_only:
+        inst.module.train(analysis.captured.training)
     return inst.module

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .capture import fingerprint
 from .errors import ArgumentTypeError, PlanError
+from .modules import fingerprint
 
 if TYPE_CHECKING:
     from .analysis import Analysis

@@ -15,17 +15,17 @@ from torch.fx import GraphModule
 from .analysis import Analysis, ensure_analysis
 from .batches import check_callable, check_data, default_collect, is_one_shot, peek, to_device
 from .calibrate import calibrate, check_calibration_options
-from .capture import ExampleInputs, check_example_inputs, check_weights
+from .capture import ExampleInputs, check_example_inputs
 from .compensate import DAMPING, LayerReport, check_compensation_options, timed_compensation
 from .cost import CostModel
 from .errors import ArgumentError, ArgumentTypeError
-from .instrument import device_of
+from .modules import check_weights, device_of
 from .plan import Plan
 from .report import prune_summary, prune_table
 from .rewrite import SelfCheck, apply_plan
 from .scores import Scores, l1_scores, random_scores
 from .search import RATIOS, SearchResult, check_constraint, check_search_options, parse_constraint, search
-from .selection import keep_grid
+from .units import keep_grid
 
 SCORERS = ("gradnas", "l1", "random")
 CALIBRATE_OPTIONS = ("autocast_dtype", "converged_below", "patience", "shard", "recompute")

@@ -17,18 +17,19 @@ from torch.utils import _pytree as pytree
 from .analysis import Analysis, Group, Layout, ensure_analysis, factor_sizes
 from .analysis.blocks import needs
 from .analysis.registry import apply_edits, entry_for
-from .capture import ExampleInputs, check_weights, eval_mode
+from .capture import ExampleInputs
 from .errors import ArgumentError, RewriteError
-from .instrument import copy_graph_module, masked_view
+from .instrument import masked
+from .modules import check_weights, copy_graph_module, eval_mode
 from .plan import Plan, check_plan
-from .selection import keep_grid, kept_per_unit_axis, removed_blocks, tensor_selections
+from .units import keep_grid, kept_masks, kept_per_unit_axis, removed_blocks
 
 aten = torch.ops.aten
 COMPARED_AT_ONCE = 2**20  # entries of an output compared at a time: float64 temporaries of 8 MB
 
 
 @dataclass
-class Selection:
+class ResolvedPlan:
     """A validated plan, per group: its kept-unit grid and kept count along each unit axis."""
 
     groups: list[Group]
@@ -36,13 +37,13 @@ class Selection:
     kept: dict[str, tuple[int, ...]]
 
 
-def select(analysis: Analysis, plan: Plan, model: torch.nn.Module | None = None) -> Selection:
+def resolve_plan(analysis: Analysis, plan: Plan, model: torch.nn.Module | None = None) -> ResolvedPlan:
     """Validate ``plan`` against the analysis (and the fingerprint of ``model``, default the analysed
     model's as captured) and lay out what it keeps; raises PlanError."""
     plan.validate(analysis, model)
     groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
     grids = {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}
-    return Selection(groups, grids, {g.name: kept_per_unit_axis(g, grids[g.name]) for g in groups})
+    return ResolvedPlan(groups, grids, {g.name: kept_per_unit_axis(g, grids[g.name]) for g in groups})
 
 
 @dataclass
@@ -104,23 +105,23 @@ def apply_plan(
         check_weights(model.captured.model if isinstance(model, Analysis) else model,
                       "apply_plan (the rewrite slices the weights)")
     analysis = ensure_analysis(model, example_inputs)
-    selection = select(analysis, plan)
-    for g in selection.groups:
+    resolved = resolve_plan(analysis, plan)
+    for g in resolved.groups:
         if not g.exact:
             warnings.warn(f"pruning group {g.name!r} is approximate ({g.exact_reason}): the pruned module "
                           "differs from the masked one", stacklevel=2)
     pruned = copy_graph_module(analysis.captured.module, "view")  # no copy of the whole model
-    slice_tensors(pruned, selection)
-    _patch_shape_constants(pruned, selection.groups, selection.kept)
-    _correct_rms_norms(pruned, selection.groups, selection.kept)
-    remove_blocks(pruned, selection)
+    slice_tensors(pruned, resolved)
+    _patch_shape_constants(pruned, resolved.groups, resolved.kept)
+    _correct_rms_norms(pruned, resolved.groups, resolved.kept)
+    remove_blocks(pruned, resolved)
     if not share_weights:
         own_tensors(pruned, analysis.captured.module)
     pruned.graph.lint()
     pruned.recompile()
     for p in pruned.parameters():
         p.requires_grad_(True)
-    if check and all(g.exact for g in selection.groups):
+    if check and all(g.exact for g in resolved.groups):
         result = self_check(analysis, plan, pruned, tolerance if tolerance is not None else default_tolerance(pruned))
         pruned.meta["self_check"] = result
         worst = max(result.example, result.fresh or 0.0)
@@ -135,7 +136,7 @@ def apply_plan(
 
 def self_check(analysis: Analysis, plan: Plan, pruned: GraphModule, tolerance: float) -> SelfCheck:
     """:class:`SelfCheck` of ``pruned`` against the masked reference of ``plan``, in eval mode."""
-    reference = masked_view(analysis, plan)
+    reference = masked(analysis, plan, read_only=True)
     example = relative_difference(reference, pruned, analysis)
     args, kwargs = fresh_inputs(analysis.captured.args, analysis.captured.kwargs)
     try:
@@ -230,11 +231,11 @@ def tensor_owner(gm: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] 
     return None
 
 
-def slice_tensors(module: torch.nn.Module, selection: Selection, skip: Collection[str] = ()) -> None:
-    """Index-select every parameter/buffer axis the selection touches, in ``module`` (the captured graph
+def slice_tensors(module: torch.nn.Module, resolved: ResolvedPlan, skip: Collection[str] = ()) -> None:
+    """Index-select every parameter/buffer axis the resolved plan touches, in ``module`` (the captured graph
     module or the user's own model: the names are the same), except the tensors named in ``skip``; tied
     names get the one new tensor."""
-    for names, axes in tensor_selections(selection.groups, selection.grids).items():
+    for names, axes in kept_masks(resolved.groups, resolved.grids).items():
         if any(n in skip for n in names):
             continue
         owners = [o for o in (tensor_owner(module, n) for n in names) if o is not None]
@@ -344,14 +345,14 @@ def _rescale_rms_norm_op(gm: GraphModule, node: Node, ratio: float) -> None:
 
 
 # --- removed blocks -------------------------------------------------------------------------------
-def remove_blocks(gm: GraphModule, selection: Selection) -> None:
+def remove_blocks(gm: GraphModule, resolved: ResolvedPlan) -> None:
     """Make each removed block's residual adds pass their stream operand on, then delete what only removed
     blocks need (the nodes that nothing else reads any more, the tensors they read, the blocks' modules)."""
-    paths = removed_blocks(selection.groups, selection.grids)
+    paths = removed_blocks(resolved.groups, resolved.grids)
     if not paths:
         return
-    units = {b.path: (g.name, i) for g in selection.groups if g.kind == "blocks" for i, b in enumerate(g.blocks)}
-    blocks = [b for g in selection.groups if g.kind == "blocks" for b in g.blocks]
+    units = {b.path: (g.name, i) for g in resolved.groups if g.kind == "blocks" for i, b in enumerate(g.blocks)}
+    blocks = [b for g in resolved.groups if g.kind == "blocks" for b in g.blocks]
     need = needs(gm.graph, {add: (branch, units[b.path]) for b in blocks for add, _, branch in b.adds})
     gone = frozenset(units[path] for path in paths)
     nodes = {n.name: n for n in gm.graph.nodes}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from .analysis import Analysis, Group, Layout, check_analysis, check_groups
-from .capture import check_weights
 from .errors import ArgumentTypeError
-from .selection import fold_to_units
+from .modules import check_weights
+from .units import fold_to_units
 
 
 class Scores(dict):

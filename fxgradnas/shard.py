@@ -22,7 +22,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ArgumentError
-from .instrument import device_of, quiet_deepcopy
+from .modules import device_of, quiet_deepcopy
 
 INDEX_FILE = "model.safetensors.index.json"
 NAMES = "fxgradnas_parameter_names"  # split.meta[NAMES]: {parameter moved into a block: its name in gm}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fxgradnas
 from fxgradnas import CostModel, Plan, PlanError, apply_plan
 from fxgradnas.instrument import instrument
-from fxgradnas.selection import keep_grid, kept_per_unit_axis
+from fxgradnas.units import keep_grid, kept_per_unit_axis
 from tests import families, zoo
 from tests.breadth_checks import greedy_reference
 from tests.test_search import flops_of

@@ -23,7 +23,7 @@ from fxgradnas.calibrate import calibrate
 from fxgradnas.errors import CalibrationError
 from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
 from fxgradnas.scores import Scores, l1_scores, random_scores
-from fxgradnas.selection import keep_grid
+from fxgradnas.units import keep_grid
 from tests.zoo import HF_ZOO, ZOO, analysis_of, example_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -13,8 +13,8 @@ from torch import nn
 import fxgradnas
 from fxgradnas import Plan, apply_plan
 from fxgradnas.cost import CostModel
-from fxgradnas.instrument import masked_view
-from fxgradnas.rewrite import relative_difference, select
+from fxgradnas.instrument import masked
+from fxgradnas.rewrite import relative_difference, resolve_plan
 from tests import zoo
 
 aten = torch.ops.aten
@@ -45,11 +45,11 @@ def test_each_piece_of_a_fused_projection_has_its_heads_and_prunes_exactly(split
     keep, rows = KEEP[split]
     plan = Plan({"qkv": keep, "gate_up": [0, 3, 4, 7, 11]})
     pruned = apply_plan(a, plan)
-    assert relative_difference(masked_view(a, plan), pruned, a) <= 1e-5
+    assert relative_difference(masked(a, plan, read_only=True), pruned, a) <= 1e-5
     assert torch.equal(pruned.qkv.weight, model.qkv.weight[rows])
     assert torch.equal(pruned.qkv.bias, model.qkv.bias[rows])
     assert pruned.gate_up.weight.shape[0] == 10 and pruned.down.weight.shape[1] == 5
-    assert CostModel(a).evaluate(select(a, plan).kept)["params"] == sum(p.numel() for p in pruned.parameters())
+    assert CostModel(a).evaluate(resolve_plan(a, plan).kept)["params"] == sum(p.numel() for p in pruned.parameters())
 
 
 def test_the_patched_bounds_and_sizes_spell_the_kept_pieces() -> None:
@@ -108,7 +108,7 @@ def test_an_integer_index_counted_from_the_start_is_patched_to_the_kept_heads() 
     assert heads.prunable, a.table()
     plan = Plan({heads.name: [1, 3]})
     pruned = apply_plan(a, plan)
-    assert relative_difference(masked_view(a, plan), pruned, a) <= 1e-5
+    assert relative_difference(masked(a, plan, read_only=True), pruned, a) <= 1e-5
     assert [c[1] for c in constants(pruned, aten.select.int)] == [2, 3]  # after the two kept queries
     assert torch.equal(pruned.qkv.weight, model.qkv.weight[[*range(4, 8), *range(12, 24)]])
 

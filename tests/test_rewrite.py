@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fxgradnas
 from fxgradnas import Plan, PlanError, apply_plan, masked
-from fxgradnas.capture import fingerprint
+from fxgradnas.modules import fingerprint
 from fxgradnas.rewrite import relative_difference
 from tests import zoo
 from tests.zoo import HF_ZOO, ZOO, analysis_of
@@ -41,7 +41,7 @@ def plans(draw: st.DrawFn, analysis: fxgradnas.Analysis) -> Plan:
 def expected_params(analysis: fxgradnas.Analysis, plan: Plan) -> int:
     """Parameter count the plan implies: each touched axis shrinks to its kept index count; the parameters
     of a removed block are gone."""
-    from fxgradnas.selection import keep_grid, spread
+    from fxgradnas.units import keep_grid, spread
 
     kept_axes: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
     removed: list[str] = []

@@ -11,9 +11,9 @@ import torch
 
 import fxgradnas
 from fxgradnas import Plan
-from fxgradnas.capture import check_weights
 from fxgradnas.cost import CostModel
 from fxgradnas.errors import ArgumentError
+from fxgradnas.modules import check_weights
 from fxgradnas.scores import l1_scores, random_scores
 
 transformers = pytest.importorskip("transformers")
@@ -304,13 +304,13 @@ def test_recompute_gives_the_scores_without_it(mode: str) -> None:
 def test_recompute_keeps_the_layer_inputs_only() -> None:
     """With every decoder layer recomputed, a forward saves for backward the activations outside the layers
     and the layers' inputs only."""
-    from fxgradnas.instrument import GradientRecorder, instrumented
+    from fxgradnas.instrument import GradientRecorder, instrument
     from fxgradnas.shard import BLOCKS, Recomputed, recompute_blocks, split_blocks
 
     analysis = fxgradnas.analyze(_model(_config()), IDS)
     saved = {}
     for recompute in (False, True):
-        inst = instrumented(analysis, None, "view")
+        inst = instrument(analysis, read_only=True)
         inst.attach(GradientRecorder())
         for mask in inst.masks.values():
             mask.requires_grad_(True)

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxgradnas
 from fxgradnas import ConstraintError, CostModel, Plan, apply_plan
 from fxgradnas.search import group_choices, parse_constraint, search
-from fxgradnas.selection import keep_grid, kept_per_unit_axis
+from fxgradnas.units import keep_grid, kept_per_unit_axis
 from tests.zoo import ZOO, analysis_of
 
 

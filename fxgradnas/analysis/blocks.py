@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
-from ..capture import mutated_argument
+from ..export_passes import mutated_argument
 from .state import Propagation, op_name
 
 aten = torch.ops.aten

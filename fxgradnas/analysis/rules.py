@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..capture import mutated_argument
 from ..errors import RewriteError
+from ..export_passes import mutated_argument
 from .registry import Edit, aten_overloads, entry_for, fixed_size, int_arg, register, size_list, with_arg
 from .spaces import ShapeConflict, as_size, same_size
 from .state import AxisSpaces, Propagation, node_arg, op_name
@@ -136,7 +136,7 @@ def _out_shape(p: Propagation, node: Node) -> list:
 # --- elementwise ---------------------------------------------------------------------------------
 POINTWISE = [op for op in aten_overloads(torch.Tag.pointwise) if torch.Tag.inplace not in op.tags]
 """Broadcasting elementwise ops, from torch's own ``pointwise`` tags (in-place forms are left to
-:func:`fxgradnas.capture.functionalize`)."""
+:func:`fxgradnas.export_passes.functionalize`)."""
 _POINTWISE_SET = set(POINTWISE)
 UNTAGGED_POINTWISE = [
     aten.rsub.Tensor, aten.hardswish.default, aten.where.ScalarSelf, aten.where.ScalarOther,

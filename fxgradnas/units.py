@@ -143,7 +143,7 @@ def kept_per_unit_axis(group: Group, grid: torch.Tensor) -> tuple[int, ...]:
     return (int(kept_rows.sum()), int(counts[0]) if counts.numel() else 0)
 
 
-def tensor_selections(groups: list[Group], grids: dict[str, torch.Tensor]) -> dict[tuple[str, ...], dict[int, torch.Tensor]]:
+def kept_masks(groups: list[Group], grids: dict[str, torch.Tensor]) -> dict[tuple[str, ...], dict[int, torch.Tensor]]:
     """Kept-index masks of every parameter/buffer axis the groups touch, keyed by the tensor's names
     (tied names together); an axis touched by several groups keeps what all of them keep."""
     keep: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
