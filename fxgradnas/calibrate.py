@@ -162,7 +162,7 @@ def calibrate(
     inst = instrument(analysis, [*chosen, *(g for g in masked if g not in chosen)], read_only=True)
     if shard:
         aliases = {n: [o for o in names if o != n] for names in analysis.captured.names.values() for n in names}
-        inst.module = shard_blocks(inst.module, checkpoint, aliases)
+        inst.module = shard_blocks(inst.module, checkpoint_dir=checkpoint, aliases=aliases)
     if recompute:
         inst.module = recompute_blocks(inst.module if shard else split_blocks(inst.module))
         if not inst.module.meta[BLOCKS]:

@@ -33,7 +33,7 @@ from .rewrite import (
     slice_tensors,
     tensor_owner,
 )
-from .shard import INDEX_FILE, checkpoint_files
+from .tensorfiles import INDEX_FILE, checkpoint_files, read_headers, read_state, write_in_blocks
 from .units import kept_masks, removed_blocks
 
 STRUCTURE_FILE = "fxgradnas_structure.json"
@@ -505,7 +505,6 @@ def save_pruned(model: nn.Module, structure: dict, directory: str | Path) -> Non
 def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pruned`: the architecture from its config, shrunk to the
     saved shapes and attributes, then the saved weights (a standard one: ``from_pretrained``)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -527,9 +526,7 @@ def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
             tied[key] = nn.Parameter(empty, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else empty
         setattr(*owner, tied[key])
     _set_attributes(model, structure["attributes"])
-    state = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(file))
+    state = read_state(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {id(t) for n, t in model.state_dict(keep_vars=True).items() if n in state}
     missing = [m for m in missing if id(model.state_dict(keep_vars=True)[m]) not in loaded]
@@ -539,11 +536,6 @@ def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
 
 
 # --- a plan applied to a checkpoint on disk, one tensor at a time -------------------------------------
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-_BLOCK_BYTES = 64 * 2**20  # rows read, sliced and written at a time
-
-
 def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target: str | Path,
                      model_class: Any = None) -> dict:
     """Apply ``plan`` to the safetensors checkpoint in directory ``source`` (sharded or not) and save the
@@ -555,7 +547,6 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
     ``analysis`` may be of the model built on the meta device from the checkpoint's config (no weights
     are needed, nor loaded): its parameter names and shapes must be the checkpoint's. The model class
     to rebuild is the analysed model's (``model_class`` overrides it). Returns the structure."""
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     check_analysis(analysis, "prune_checkpoint")
@@ -572,11 +563,7 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
         cls = model_class or type(analysis.captured.model)
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    headers = {}
-    for shard in shards:
-        with safe_open(source / shard, framework="pt") as f:
-            headers[shard] = (f.metadata(), {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                                             for k in f.keys()})
+    headers = read_headers(source, shards)
     for shard, (_, tensors) in headers.items():
         for name, (_, shape) in tensors.items():
             if expected.get(name, shape) != shape or name not in expected:
@@ -617,28 +604,14 @@ def _write_shard(source: Path, target: Path, metadata: dict | None, tensors: dic
     """Write ``source``'s tensors, sliced and named as the layers moved (:func:`layer_moves`), as the safetensors
     file ``target``, one block of rows at a time (the header first: every output shape is known); returns the
     bytes of tensor data written."""
-    from safetensors import safe_open
+    shapes = {name: [int(keep[name][a].sum()) if a in keep.get(name, {}) else n for a, n in enumerate(shape)]
+              for name, (_, shape) in tensors.items()}
 
-    shapes, offset, header = {}, 0, {"__metadata__": metadata or {"format": "pt"}}
-    for name, (dtype, shape) in tensors.items():
-        shapes[name] = [int(keep[name][a].sum()) if a in keep.get(name, {}) else n for a, n in enumerate(shape)]
-        size = math.prod(shapes[name]) * _ITEMSIZE[dtype]
-        header[_moved(name, moves)] = {"dtype": dtype, "shape": shapes[name], "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(target, "wb") as out:
-        out.write(len(text).to_bytes(8, "little"))
-        out.write(text)
-        for name, (dtype, shape) in tensors.items():
-            step = max(1, _BLOCK_BYTES // max(1, math.prod(shape[1:]) * _ITEMSIZE[dtype])) if shape else 1
-            for start in range(0, shape[0] if shape else 1, step):
-                with safe_open(source, framework="pt") as f:  # reopened per block: the pages read are let go
-                    block = f.get_slice(name)[start:start + step] if shape else f.get_tensor(name)
-                for axis, mask in keep.get(name, {}).items():
-                    chosen = mask[start:start + step] if axis == 0 else mask
-                    block = block.index_select(axis, chosen.nonzero().flatten())
-                if name in rescales:
-                    block = rescales[name].weight(block)
-                out.write(block.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return offset
+    def sliced(name: str, start: int, stop: int, block: torch.Tensor) -> torch.Tensor:
+        for axis, mask in keep.get(name, {}).items():
+            chosen = mask[start:stop] if axis == 0 else mask
+            block = block.index_select(axis, chosen.nonzero().flatten())
+        return rescales[name].weight(block) if name in rescales else block
+
+    return write_in_blocks(source, target, metadata, {name: (_moved(name, moves), dtype, shape, shapes[name])
+                                                      for name, (dtype, shape) in tensors.items()}, sliced)

@@ -7,24 +7,24 @@ so FSDP2 could not gather a block's weights when they are needed. :func:`split_b
 blocks form their own parts) a submodule that owns the parameters only it reads; :func:`shard_blocks` then
 shards each one, and the root (with any parameter read by several parts, such as tied embeddings), so a
 rank keeps 1/N of the weights of every block at rest and gathers one block at a time, in forward and again
-in backward. :func:`recompute_blocks` runs each block of such a split under activation checkpointing.
+in backward. :func:`recompute_blocks` makes each block of such a split recompute its activations in backward
+(``torch.utils.checkpoint``) instead of keeping them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as run_recomputed
 
 from .errors import ArgumentError
 from .modules import device_of, quiet_deepcopy
+from .tensorfiles import read_tensor, tensor_files
 
-INDEX_FILE = "model.safetensors.index.json"
 NAMES = "fxgradnas_parameter_names"  # split.meta[NAMES]: {parameter moved into a block: its name in gm}
 BLOCKS = "fxgradnas_blocks"  # split.meta[BLOCKS]: the submodules that are blocks, in graph order
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # the outermost numbered module: model.layers.3
@@ -100,7 +100,7 @@ def split_blocks(gm: GraphModule) -> GraphModule:
 
 
 class Recomputed(torch.nn.Module):
-    """``block`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant): backward keeps
+    """``block`` with its activations recomputed (``torch.utils.checkpoint``, non-reentrant): backward keeps
     its inputs only and runs its forward again for the activations it needs."""
 
     def __init__(self, block: torch.nn.Module) -> None:
@@ -108,7 +108,7 @@ class Recomputed(torch.nn.Module):
         self.block = block
 
     def forward(self, *args: object) -> object:
-        return checkpoint(self.block, *args, use_reentrant=False)
+        return run_recomputed(self.block, *args, use_reentrant=False)
 
 
 def recompute_blocks(split: GraphModule) -> GraphModule:
@@ -128,12 +128,12 @@ def _parameter_owner(module: torch.nn.Module, arg: object) -> tuple[torch.nn.Mod
     return (owner, attr) if attr in owner._parameters else None
 
 
-def shard_blocks(gm: GraphModule, checkpoint: str | Path | None = None,
+def shard_blocks(gm: GraphModule, checkpoint_dir: str | Path | None = None,
                  aliases: dict[str, list[str]] | None = None) -> GraphModule:
     """:func:`split_blocks` of ``gm`` with every block's parameters and the root's sharded over the ranks
     of the initialised default process group (FSDP2 ``fully_shard`` on a one-dimensional device mesh).
 
-    With ``checkpoint`` (a safetensors checkpoint directory, sharded or not) ``gm`` may hold its parameters
+    With ``checkpoint_dir`` (a safetensors checkpoint directory, sharded or not) ``gm`` may hold its parameters
     on the meta device (its buffers must have values): each rank reads one part's parameters at a time from
     the checkpoint and keeps its shard of them, so it never holds more than one part in full; ``aliases``
     lists the other names of tied parameters (one of them is in the checkpoint)."""
@@ -142,11 +142,11 @@ def shard_blocks(gm: GraphModule, checkpoint: str | Path | None = None,
 
     device = device_of(gm)
     device = torch.device("cpu") if device.type == "meta" else device
-    if checkpoint is not None:
+    if checkpoint_dir is not None:
         _off_meta(gm, device)
     split = split_blocks(gm)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    files = _tensor_files(Path(checkpoint)) if checkpoint is not None else None
+    files = tensor_files(Path(checkpoint_dir)) if checkpoint_dir is not None else None
     names = {name: split.meta[NAMES].get(name, name) for name, _ in split.named_parameters(remove_duplicate=False)}
     parts = [(prefix, sub) for prefix, sub in split.named_children() if next(sub.parameters(recurse=False), None)
              is not None]
@@ -171,34 +171,10 @@ def _off_meta(gm: GraphModule, device: torch.device) -> None:
     gm.recompile()
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
-    """The file holding each tensor of a safetensors checkpoint directory."""
-    from safetensors import safe_open
-
-    located = {}
-    for file in checkpoint_files(directory):
-        with safe_open(directory / file, framework="pt") as f:
-            located.update(dict.fromkeys(f.keys(), directory / file))
-    return located
-
-
-def checkpoint_files(directory: Path) -> list[str]:
-    """The safetensors files of a checkpoint directory: those its index names, else the one weights file."""
-    if (directory / INDEX_FILE).is_file():
-        return sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
-    files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ArgumentError(f"{directory} must hold one .safetensors file or an {INDEX_FILE}, not {len(files)} "
-                            "safetensors files")
-    return files
-
-
 def _load(module: torch.nn.Module, prefix: str, names: dict[str, str], files: dict[str, Path],
           aliases: dict[str, list[str]], device: torch.device) -> None:
     """Give ``module``'s own parameters that are on the meta device (not those of a sharded child; tied ones
     once) their values from the checkpoint ``files``."""
-    from safetensors import safe_open
-
     done: dict[int, torch.nn.Parameter] = {}
     for holder in module.modules():
         if holder is not module and hasattr(holder, "reshard"):  # already sharded by FSDP2
@@ -213,8 +189,7 @@ def _load(module: torch.nn.Module, prefix: str, names: dict[str, str], files: di
                 if stored is None:
                     raise ArgumentError(f"parameter {original!r} is not in the checkpoint (if it is tied to another, "
                                         "tie them in the model: model.tie_weights())")
-                with safe_open(files[stored], framework="pt", device=str(device)) as f:
-                    value = f.get_tensor(stored)
+                value = read_tensor(files[stored], stored, device)
                 if value.shape != param.shape:
                     raise ArgumentError(f"{stored!r} has shape {tuple(value.shape)} in the checkpoint, the model "
                                         f"{tuple(param.shape)}")

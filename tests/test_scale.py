@@ -286,7 +286,7 @@ def _lm_loss_of_batch(output, batch: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_recompute_gives_the_scores_without_it(mode: str) -> None:
-    """Activation checkpointing per decoder layer changes what backward keeps, not the mask gradients."""
+    """Recomputing the activations of each decoder layer in backward changes what backward keeps, not the mask gradients."""
     model = _model(_config(tied=True))
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 96, (3, 9), generator=generator) for _ in range(3)]
