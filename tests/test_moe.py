@@ -44,7 +44,7 @@ def axes(g: Group) -> set[tuple[str, int]]:
 
 
 def test_experts_and_their_channels_are_groups() -> None:
-    """rules.topk, rules.histc, rules.grouped_mm: the router's rows and the experts' axis 0 are one experts
+    """rules.routing.topk, histc, grouped_mm: the router's rows and the experts' axis 0 are one experts
     group (at least top-k kept); the expert width is one channels group over gate/up rows and down columns."""
     a = fxgradnas.analyze(MoE().eval(), tokens())
     experts = only(a, "experts", "router.weight", 0)
@@ -60,7 +60,7 @@ def test_experts_and_their_channels_are_groups() -> None:
     assert channels.size == W
     (gate_up,) = [t for t in channels.params if t.name == "gate_up"]
     assert [f.size for f in gate_up.layout.factors] == [2, W]  # gate and up rows of one channel go together
-    # rules.sort: the rows at the channels' site are sorted by expert, not in batch order (no per-sample scores)
+    # rules.routing.sort: the rows at the channels' site are sorted by expert, not in batch order (no per-sample scores)
     assert [s.batch_major for s in channels.sites] == [False]
 
 
@@ -120,7 +120,7 @@ def test_experts_get_gradnas_scores_and_the_search_removes_them() -> None:
 
 
 def test_top_k_of_a_linear_is_a_router_unless_it_takes_the_smallest() -> None:
-    """rules.topk: a top-k straight over a linear's outputs keeps the same values when an output row is
+    """rules.routing.topk: a top-k straight over a linear's outputs keeps the same values when an output row is
     removed or its logit is -inf (experts, at least k kept); a top-k of the smallest entries would pick -inf."""
     for largest in (True, False):
         model = nn.Sequential(nn.Linear(H, 7), Lambda(lambda h, lg=largest: h.topk(3, dim=-1, largest=lg).values),
@@ -136,7 +136,7 @@ def test_top_k_of_a_linear_is_a_router_unless_it_takes_the_smallest() -> None:
 
 
 def test_a_router_top_k_cannot_mask_freezes_the_experts() -> None:
-    """rules.topk: top-k over sigmoid scores (a -inf logit would score 0, which top-k may still pick) is
+    """rules.routing.topk: top-k over sigmoid scores (a -inf logit would score 0, which top-k may still pick) is
     not a router fxgradnas understands: the experts are frozen with the reason; the channels stay."""
     a = fxgradnas.analyze(MoE("sigmoid").eval(), tokens())
     (frozen,) = [g for g in a.groups if ("router.weight", 0) in axes(g)]
@@ -163,7 +163,7 @@ class GatheredExperts(nn.Module):
 
 
 def test_expert_ids_read_by_another_op_freeze_the_router() -> None:
-    """rules._read_values: removing a router row renumbers the experts; ids that index the stacked weights
+    """propagate._read_values: removing a router row renumbers the experts; ids that index the stacked weights
     directly (not through a routing histogram) would then pick the wrong expert, so the router is frozen."""
     a = fxgradnas.analyze(GatheredExperts().eval(), tokens())
     (router,) = [g for g in a.groups if ("router.weight", 0) in axes(g)]
@@ -212,7 +212,7 @@ def test_hugging_face_experts_prune_exactly(name: str) -> None:
 
 @pytest.mark.hf
 def test_bfloat16_experts_export_aten_grouped_mm_and_prune_exactly() -> None:
-    """rules.grouped_mm on ``aten._grouped_mm``: transformers runs bfloat16 experts through torch's grouped
+    """rules.routing.grouped_mm on ``aten._grouped_mm``: transformers runs bfloat16 experts through torch's grouped
     matmul (float32 exports its fallback op); the same groups, pruned == masked."""
     if not families.has_transformers():
         pytest.skip("needs transformers")

@@ -88,3 +88,10 @@ def test_public_names_are_the_functions_not_the_modules() -> None:
     for name in fxgradnas.__all__:
         value = getattr(fxgradnas, name)
         assert not isinstance(value, type(fxgradnas)), name
+
+
+def test_analysis_does_not_load_the_presentation_layer() -> None:
+    code = ("import sys, fxgradnas.analysis, fxgradnas.capture, fxgradnas.instrument\n"
+            "print(sorted(m for m in ('fxgradnas.report', 'tabulate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

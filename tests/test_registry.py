@@ -17,7 +17,7 @@ import fxgradnas
 from fxgradnas import Plan, apply_plan
 from fxgradnas.analysis import REGISTRY, OpEntry, register
 from fxgradnas.analysis.registry import entry_for
-from fxgradnas.analysis.rules import POINTWISE, UNTAGGED_POINTWISE
+from fxgradnas.analysis.rules.elementwise import POINTWISE, UNTAGGED_POINTWISE
 from fxgradnas.errors import RewriteError
 from tests import zoo
 

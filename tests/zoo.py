@@ -21,7 +21,7 @@ from torch import nn
 
 import fxgradnas
 from fxgradnas.analysis import REGISTRY, register
-from fxgradnas.analysis.rules import grouped_mm
+from fxgradnas.analysis.rules.routing import grouped_mm
 from fxgradnas.capture import ExampleInputs
 
 __all__ = ["FUSED_SPLITS", "HF_ZOO", "ZOO", "Example", "FusedAttention", "MoE", "analysis_of", "example_of", "fused",

@@ -11,7 +11,6 @@ import torch
 
 from ..capture import Captured, ExampleInputs, capture
 from ..errors import ArgumentError, ArgumentTypeError, UnknownGroupError
-from ..report import analysis_table
 from .groups import Factor, Group, Layout, NodeAxis, TensorAxis, build_groups, factor_sizes
 from .propagate import propagate
 from .registry import REGISTRY, OpEntry, register
@@ -79,6 +78,9 @@ class Analysis:
         return [(node, [self.walk.spaces.segments(s) for s in spaces]) for node, spaces in self.walk.records.flops]
 
     def table(self, tablefmt: str = "simple") -> str:
+        """The groups as a table (:func:`fxgradnas.report.analysis_table`)."""
+        from ..report import analysis_table  # the presentation layer, loaded when a table is asked for
+
         return analysis_table(self, tablefmt=tablefmt)
 
     def __str__(self) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from .blocks import Block, find_blocks
 from .registry import entry_for
-from .rules import keeps_zero
+from .rules.elementwise import keeps_zero
 from .spaces import is_data_size
 from .state import Propagation, op_name
 
