@@ -220,6 +220,25 @@ def test_masked_has_its_own_weights_unless_shared(analysis: fxgradnas.Analysis) 
     assert not {id(p) for p in reference.parameters()} & {id(p) for p in model.parameters()}
 
 
+def test_read_only_masked_and_instrumented_copies_view_the_model(analysis: fxgradnas.Analysis) -> None:
+    model = analysis.captured.model
+    plan = Plan({"fc": list(range(8))})
+    x, _ = batches(1)[0]
+    with untouched(model):
+        view = fxgradnas.masked(analysis, plan, read_only=True)
+        inst = fxgradnas.instrument(analysis, read_only=True)
+        for module in (view, inst.module):
+            params = list(module.parameters())
+            assert not module.training and not any(p.requires_grad for p in params)
+            assert {p.data_ptr() for p in params} <= {p.data_ptr() for p in model.parameters()}
+            assert not {id(p) for p in params} & {id(p) for p in model.parameters()}
+        torch.testing.assert_close(view(x), fxgradnas.masked(analysis, plan).eval()(x))
+    for make in (lambda: fxgradnas.masked(analysis, plan, share_weights=True, read_only=True),
+                 lambda: fxgradnas.instrument(analysis, share_weights=True, read_only=True)):
+        with pytest.raises(ArgumentError, match="exclude each other"):
+            make()
+
+
 def test_concurrent_calibrations_on_one_analysis_leave_the_model_alone(analysis: fxgradnas.Analysis) -> None:
     model = analysis.captured.model
     barrier = threading.Barrier(2, timeout=60)

@@ -16,9 +16,8 @@ from torch.fx import Node
 
 from ..capture import Captured
 from ..export_passes import mutated_argument
-from . import rules  # noqa: F401  (registers every rule)
 from .registry import entry_for
-from .rules.common import VALUE_PRESERVING, aten, unknown
+from .rules.common import VALUE_PRESERVING, aten, unknown  # loads the rules package: every rule registers
 from .state import Propagation, op_name
 
 
