@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import fxgradnas
 from fxgradnas import Plan, PlanError, apply_plan, masked
 from fxgradnas.modules import fingerprint
-from fxgradnas.rewrite import relative_difference
+from fxgradnas.rewrite import FLOAT64_TOLERANCE, relative_difference
 from tests import zoo
 from tests.zoo import HF_ZOO, ZOO, analysis_of
 
@@ -254,6 +254,24 @@ def test_self_check_catches_a_wrong_pruned_module() -> None:
         pruned.get_parameter("model.layers.1.mlp.up_proj.weight").mul_(1.01)
     result = self_check(analysis, plan, pruned, tolerance)
     assert result.example > 10 * tolerance and result.fresh > 10 * tolerance
+    assert result.float64 > 1e3 * FLOAT64_TOLERANCE and not result.passed  # float64 does not excuse a bug
+
+
+def test_rounding_beyond_the_tolerance_is_decided_in_float64() -> None:
+    """Where the model's dtype rounds beyond the tolerance (here a tolerance no float32 run meets), both modules
+    run again in float64, casts of the graph included: an exact rewrite passes, and nothing of the model
+    changes dtype."""
+    analysis = analysis_of("llama")
+    before = {k: v.clone() for k, v in analysis.captured.model.state_dict().items()}
+    plan = Plan({"model.layers.0.mlp": list(range(0, 48, 3)), "model.layers.1.self_attn": [0, 1]})
+    pruned = apply_plan(analysis, plan, tolerance=1e-12)
+    check = pruned.meta["self_check"]
+    assert max(check.example, check.fresh) > 1e-12  # float32 rounding
+    assert check.float64 is not None and check.float64 <= FLOAT64_TOLERANCE and check.passed
+    assert "in float64" in str(check)
+    assert {p.dtype for p in pruned.parameters()} == {torch.float32}
+    for k, v in analysis.captured.model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 def test_output_difference_compares_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
