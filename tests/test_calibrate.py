@@ -21,6 +21,7 @@ from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
 from fxgradnas.scores import Scores, l1_scores, random_scores
 from fxgradnas.selection import keep_grid
 from tests.ranks import run_gloo_ranks
+from tests.seeding import seeded
 from tests.zoo import HF_ZOO, ZOO, analysis_of, example_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -30,8 +31,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def tiny_mlp(seed: int = 0) -> nn.Sequential:
     """Linear(6->10)-ReLU-Linear(10->3): one prunable group of 10 hidden channels."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
 
 

@@ -38,6 +38,7 @@ from fxgradnas.errors import (
 )
 from fxgradnas.rewrite import default_tolerance
 from fxgradnas.search import check_constraint
+from tests.seeding import seeded
 from tests.zoo import ZOO, analysis_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -58,8 +59,7 @@ class Net(nn.Module):
 
 
 def net(seed: int = 0) -> Net:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = Net().eval()
         with torch.no_grad():
             model.bn.running_mean.normal_(0, 0.1)
