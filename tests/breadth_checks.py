@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from tests import families
+from tests.plans import random_plan
 
 TOLERANCE = 1e-5
 BUDGET = 0.6
@@ -208,34 +209,6 @@ def shorten(reason: str, limit: int = 70) -> str:
     """The first reason, without the node names that make each group's reason unique."""
     reason = re.sub(r" at [A-Za-z_][A-Za-z0-9_.]*(?=$|[ ,:;)])", "", reason.split(";")[0].strip())
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- plans
-def random_keep(analysis: Any, seed: int = 0) -> dict[str, list[int]]:
-    """About half the units of every prunable exact group (at least its ``min_units``), drawn from ``seed``. Grouped-query heads
-    (unit shape (kv, q_per_kv)) keep whole KV groups (half the queries of the one KV group when
-    there is only one), so the plan is physical."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = {}
-    for g in analysis.prunable:
-        if not g.exact:
-            continue
-        if g.kind == "heads" and len(g.unit_shape) == 2:
-            kv, rep = g.unit_shape
-            if kv > 1:
-                groups = sorted(torch.randperm(kv, generator=gen)[: max(1, kv // 2)].tolist())
-                keep[g.name] = [k * rep + r for k in groups for r in range(rep)]
-            else:
-                keep[g.name] = sorted(torch.randperm(rep, generator=gen)[: max(1, rep // 2)].tolist())
-        else:
-            keep[g.name] = sorted(torch.randperm(g.size, generator=gen)[: max(g.min_units, g.size // 2)].tolist())
-    return keep
-
-
-def plan_of(analysis: Any, keep: dict[str, list[int]], kinds: tuple[str, ...]) -> Any:
-    import fxgradnas
-
-    return fxgradnas.Plan({n: k for n, k in keep.items() if analysis.group(n).kind in kinds})
 
 
 # --------------------------------------------------------------------------- checks
@@ -489,15 +462,15 @@ def run_checks(name: str, checks: tuple[str, ...] = CHECKS, seed: int = 0,
             progress(check, report)
         report.checks[check] = timed(fn)
 
-    keep = random_keep(analysis, seed)
     for check, kinds in PLAN_KINDS.items():
         if check in checks:
-            record(check, lambda k=kinds: check_plan(analysis, plan_of(analysis, keep, k), model, inputs))
+            plan = random_plan(analysis, seed, half=True, kinds=kinds, allow_empty=True)
+            record(check, lambda p=plan: check_plan(analysis, p, model, inputs))
     if "prune" in checks:
         record("prune", lambda: check_prune(analysis, inputs, "ls" if report.source == "hf" else None))
     hf_checks = [c for c in ("write_back", "generate", "save_load") if c in checks]
     if report.source == "hf" and hf_checks:
-        plan = plan_of(analysis, keep, PLAN_KINDS["plan_all"])
+        plan = random_plan(analysis, seed, half=True, kinds=PLAN_KINDS["plan_all"], allow_empty=True)
         if not plan.keep:
             for c in hf_checks:
                 report.checks[c] = Check(None, "no prunable exact group")

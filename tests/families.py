@@ -28,16 +28,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-BATCH = 3
-SEQ = 7
+from tests.seeding import BATCH, SEQ, seeded, token_ids
+
 VOCAB = 128
 HIDDEN = 64
 HEADS = 4
@@ -48,6 +47,7 @@ LAYERS = 2
 MAX_POS = 64
 CLASSES = 10
 PAD, BOS, EOS = 0, 1, 2
+FIRST_TOKEN = 3  # token inputs avoid the pad/bos/eos ids
 
 Example = tuple[nn.Module, Any]
 
@@ -55,14 +55,6 @@ __all__ = [
     "HF_FAMILIES", "TORCHVISION_MODELS", "TORCHVISION_SHALLOW", "Example", "has_torchvision", "has_transformers", "import_torchvision",
     "prepare_torchvision",
 ]
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[torch.Generator]:
-    """Seed the global RNG inside a forked state and yield a generator for inputs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield torch.Generator().manual_seed(seed + 1)
 
 
 # --------------------------------------------------------------------------- torchvision import
@@ -127,11 +119,6 @@ def _tf() -> Any:
     return transformers
 
 
-def _token_ids(gen: torch.Generator, vocab: int = VOCAB, low: int = 3) -> torch.Tensor:
-    """Token ids that avoid the pad/bos/eos ids."""
-    return torch.randint(low, vocab, (BATCH, SEQ), generator=gen)
-
-
 def _attention(model_cls: type) -> str:
     return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
 
@@ -140,7 +127,7 @@ def _build(config_cls: str, model_cls: str, seed: int, attn: str | None = None, 
     tf = _tf()
     cls = getattr(tf, model_cls)
     cfg = getattr(tf, config_cls)(**config, attn_implementation=attn or _attention(cls))
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = cls(cfg).eval()
         # the inputs' generator is independent of the global RNG the weights used
         return model, gen
@@ -150,9 +137,13 @@ def _tokens_common() -> dict[str, Any]:
     return {"vocab_size": VOCAB, "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
 
 
-def _causal(config_cls: str, model_cls: str, seed: int, attn: str | None = None, **config: Any) -> Example:
-    model, gen = _build(config_cls, model_cls, seed, attn, **{**_tokens_common(), **config})
-    return model, {"input_ids": _token_ids(gen)}
+def _causal(config_cls: str, model_cls: str, seed: int, attn: str | None = None, special_tokens: bool = True,
+            **config: Any) -> Example:
+    """Token ids in ``[FIRST_TOKEN, vocab)`` with the pad/bos/eos ids set (``special_tokens``), in
+    ``[0, vocab)`` with the config's own defaults otherwise."""
+    common = _tokens_common() if special_tokens else {"vocab_size": VOCAB}
+    model, gen = _build(config_cls, model_cls, seed, attn, **{**common, **config})
+    return model, {"input_ids": token_ids(gen, model.config.vocab_size, FIRST_TOKEN if special_tokens else 0)}
 
 
 def _llama_like(config_cls: str, model_cls: str, seed: int, attn: str | None = None, gqa: bool = True,
@@ -167,12 +158,16 @@ def _llama_like(config_cls: str, model_cls: str, seed: int, attn: str | None = N
     return _causal(config_cls, model_cls, seed, attn, **{**config, **extra})
 
 
-def _masked_lm(config_cls: str, model_cls: str, seed: int, attn: str | None = None, **config: Any) -> Example:
-    """An encoder with an attention mask whose second row ends in two padding tokens."""
-    model, gen = _build(config_cls, model_cls, seed, attn, **{**_tokens_common(), **config})
+def _masked_lm(config_cls: str, model_cls: str, seed: int, attn: str | None = None, special_tokens: bool = True,
+               **config: Any) -> Example:
+    """An encoder with an attention mask whose second row ends in two padding tokens; ``special_tokens``
+    as in :func:`_causal`."""
+    common = _tokens_common() if special_tokens else {"vocab_size": VOCAB}
+    model, gen = _build(config_cls, model_cls, seed, attn, **{**common, **config})
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[1, -2:] = 0
-    return model, {"input_ids": _token_ids(gen), "attention_mask": mask}
+    ids = token_ids(gen, model.config.vocab_size, FIRST_TOKEN if special_tokens else 0)
+    return model, {"input_ids": ids, "attention_mask": mask}
 
 
 def _bert_like(config_cls: str, model_cls: str, seed: int, **extra: Any) -> Example:
@@ -181,16 +176,18 @@ def _bert_like(config_cls: str, model_cls: str, seed: int, **extra: Any) -> Exam
     return _masked_lm(config_cls, model_cls, seed, **{**config, **extra})
 
 
-def hf_llama(seed: int = 0) -> Example:
-    return _llama_like("LlamaConfig", "LlamaForCausalLM", seed, head_dim=HEAD_DIM)
+# hf_llama, hf_qwen2, hf_gpt2 and hf_bert take ``options``: config arguments over the family's, ``attn`` and
+# ``special_tokens`` (tests/zoo.py's smaller models of the same families are made with them).
+def hf_llama(seed: int = 0, **options: Any) -> Example:
+    return _llama_like("LlamaConfig", "LlamaForCausalLM", seed, **{"head_dim": HEAD_DIM, **options})
 
 
 def hf_mistral(seed: int = 0) -> Example:
     return _llama_like("MistralConfig", "MistralForCausalLM", seed, head_dim=HEAD_DIM)
 
 
-def hf_qwen2(seed: int = 0) -> Example:
-    return _llama_like("Qwen2Config", "Qwen2ForCausalLM", seed)
+def hf_qwen2(seed: int = 0, **options: Any) -> Example:
+    return _llama_like("Qwen2Config", "Qwen2ForCausalLM", seed, **options)
 
 
 def hf_qwen3(seed: int = 0) -> Example:
@@ -267,9 +264,9 @@ def hf_qwen3_moe(seed: int = 0) -> Example:
                        moe_intermediate_size=48, decoder_sparse_step=1)
 
 
-def hf_gpt2(seed: int = 0) -> Example:
-    return _causal("GPT2Config", "GPT2LMHeadModel", seed, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP,
-                   n_positions=MAX_POS)
+def hf_gpt2(seed: int = 0, **options: Any) -> Example:
+    return _causal("GPT2Config", "GPT2LMHeadModel", seed, **{"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS,
+                                                              "n_inner": MLP, "n_positions": MAX_POS, **options})
 
 
 def hf_gpt_bigcode(seed: int = 0) -> Example:
@@ -339,8 +336,8 @@ def hf_mpt(seed: int = 0) -> Example:
                    expansion_ratio=2, max_seq_len=MAX_POS)
 
 
-def hf_bert(seed: int = 0) -> Example:
-    return _bert_like("BertConfig", "BertForMaskedLM", seed)
+def hf_bert(seed: int = 0, **options: Any) -> Example:
+    return _bert_like("BertConfig", "BertForMaskedLM", seed, **options)
 
 
 def hf_roberta(seed: int = 0) -> Example:
@@ -379,9 +376,10 @@ def hf_t5(seed: int = 0) -> Example:
     cfg = tf.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=MLP, num_layers=LAYERS, num_heads=HEADS,
                       relative_attention_num_buckets=8, relative_attention_max_distance=16,
                       pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD, attn_implementation="eager")
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = tf.T5ForConditionalGeneration(cfg).eval()
-        return model, {"input_ids": _token_ids(gen), "decoder_input_ids": _token_ids(gen)}
+        return model, {"input_ids": token_ids(gen, VOCAB, FIRST_TOKEN),
+                       "decoder_input_ids": token_ids(gen, VOCAB, FIRST_TOKEN)}
 
 
 def hf_bart(seed: int = 0) -> Example:
@@ -390,9 +388,10 @@ def hf_bart(seed: int = 0) -> Example:
                         encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=MLP,
                         decoder_ffn_dim=MLP, max_position_embeddings=MAX_POS, decoder_start_token_id=EOS,
                         forced_eos_token_id=None, attn_implementation=_attention(tf.BartForConditionalGeneration))
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = tf.BartForConditionalGeneration(cfg).eval()
-        return model, {"input_ids": _token_ids(gen), "decoder_input_ids": _token_ids(gen)}
+        return model, {"input_ids": token_ids(gen, VOCAB, FIRST_TOKEN),
+                       "decoder_input_ids": token_ids(gen, VOCAB, FIRST_TOKEN)}
 
 
 def hf_clip_text(seed: int = 0) -> Example:
@@ -400,9 +399,9 @@ def hf_clip_text(seed: int = 0) -> Example:
     cfg = tf.CLIPTextConfig(**_tokens_common(), hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
                             num_attention_heads=HEADS, max_position_embeddings=MAX_POS, projection_dim=32,
                             attn_implementation=_attention(tf.CLIPTextModel))
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = tf.CLIPTextModel(cfg).eval()
-        ids = _token_ids(gen)
+        ids = token_ids(gen, VOCAB, FIRST_TOKEN)
     ids[:, -1] = EOS  # the pooled output is read at the end-of-text token
     return model, {"input_ids": ids}
 
@@ -417,7 +416,7 @@ def hf_whisper_encoder(seed: int = 0) -> Example:
                            decoder_ffn_dim=MLP, d_model=HIDDEN, max_source_positions=SEQ, max_target_positions=MAX_POS,
                            pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, decoder_start_token_id=BOS,
                            attn_implementation=_attention(WhisperEncoder))
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = WhisperEncoder(cfg).eval()
         return model, {"input_features": torch.randn(BATCH, 16, 2 * SEQ, generator=gen)}
 
@@ -428,7 +427,7 @@ def hf_vit(seed: int = 0) -> Example:
     cfg = tf.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=MLP,
                        image_size=32, patch_size=8, num_labels=CLASSES,
                        attn_implementation=_attention(tf.ViTForImageClassification))
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = tf.ViTForImageClassification(cfg).eval()
         return model, {"pixel_values": torch.randn(BATCH, 3, 32, 32, generator=gen)}
 
@@ -497,7 +496,7 @@ def _shallow(build: Callable[[Any], nn.Module], image: int = 64, batch: int = 2)
 
     def factory(seed: int = 0) -> Example:
         models = import_torchvision().models
-        with _seeded(seed) as gen:
+        with seeded(seed) as gen:
             model, images = _no_zero_weights(build(models)), torch.randn(batch, 3, image, image, generator=gen)
             return _batch_norm_statistics(model, images).eval(), images
 

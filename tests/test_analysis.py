@@ -248,7 +248,10 @@ def test_in_place_ops_keep_their_channels_prunable(random_plan) -> None:
     channels = [g for g in analysis.prunable if g.kind == "channels"]
     assert [g.size for g in channels] == [10]
     assert [g.size for g in analysis.by_kind("hidden")] == [6]
-    fxgradnas.apply_plan(analysis, random_plan(analysis))  # self-checked: pruned == masked
+    assert [g.exact for g in channels] == [True]
+    plan = random_plan(analysis)
+    assert channels[0].name in plan.keep
+    fxgradnas.apply_plan(analysis, plan)  # self-checked: pruned == masked
 
 
 class WriteThroughView(torch.nn.Module):

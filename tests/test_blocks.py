@@ -19,7 +19,7 @@ from fxgradnas.instrument import instrument
 from fxgradnas.units import keep_grid, kept_per_unit_axis
 from tests import families, zoo
 from tests.breadth_checks import greedy_reference
-from tests.test_search import flops_of
+from tests.flops import flops_of
 from tests.zoo import analysis_of
 
 VOCAB = 64  # the zoo decoders'

@@ -16,6 +16,7 @@ import pytest
 
 from tests import breadth_checks as bc
 from tests import families
+from tests.plans import random_plan
 
 pytestmark = pytest.mark.breadth
 
@@ -72,7 +73,7 @@ def _hf_checks(name: str, state: dict[str, Any]) -> dict[str, bc.Check]:
     if "hf" not in state:
         report = bc.Report(name, "hf")
         analysis = state["analysis"]
-        plan = bc.plan_of(analysis, bc.random_keep(analysis), bc.PLAN_KINDS["plan_all"])
+        plan = random_plan(analysis, half=True, kinds=bc.PLAN_KINDS["plan_all"], allow_empty=True)
         if not plan.keep:
             state["hf"] = {c: bc.Check(None, "no prunable exact group") for c in HF_ONLY}
         else:
@@ -92,7 +93,7 @@ def _result(name: str, check: str) -> bc.Check:
     if check == "heads":
         return report.checks["heads"]
     if check.startswith("plan_"):
-        plan = bc.plan_of(analysis, bc.random_keep(analysis), bc.PLAN_KINDS[check])
+        plan = random_plan(analysis, half=True, kinds=bc.PLAN_KINDS[check], allow_empty=True)
         return bc.timed(lambda: bc.check_plan(analysis, plan, state["model"], state["inputs"]))
     if check == "prune":
         compensate = "ls" if state["report"].source == "hf" else None

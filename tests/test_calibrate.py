@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -24,6 +20,8 @@ from fxgradnas.errors import CalibrationError
 from fxgradnas.instrument import SITE_PREFIX, GradientRecorder
 from fxgradnas.scores import Scores, l1_scores, random_scores
 from fxgradnas.units import keep_grid
+from tests.ranks import run_gloo_ranks
+from tests.seeding import seeded
 from tests.zoo import HF_ZOO, ZOO, analysis_of, example_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -33,8 +31,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def tiny_mlp(seed: int = 0) -> nn.Sequential:
     """Linear(6->10)-ReLU-Linear(10->3): one prunable group of 10 hidden channels."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
 
 
@@ -304,34 +301,18 @@ def test_failed_calibration_restores_requires_grad() -> None:
 # --------------------------------------------------------------------------- torch.distributed
 
 
-def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        batches = tiny_batches(4)[rank::world]
-        result = {mode: run(tiny_mlp(), batches, mode=mode) for mode in ("batch", "sample")}
-        torch.save({mode: (dict(s), s.batches) for mode, s in result.items()}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank: int, world: int) -> dict:
+    batches = tiny_batches(4)[rank::world]
+    result = {mode: run(tiny_mlp(), batches, mode=mode) for mode in ("batch", "sample")}
+    return {mode: (dict(s), s.batches) for mode, s in result.items()}
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
-    context = mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="fork")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the gloo ranks did not finish in 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    results = run_gloo_ranks(_dist_worker, tmp_path, timeout=120)
     for mode in ("batch", "sample"):
         single = run(tiny_mlp(), tiny_batches(4), mode=mode)
         for rank in range(2):
-            scores, batches = torch.load(tmp_path / f"rank{rank}.pt")[mode]
+            scores, batches = results[rank][mode]
             assert batches == 4
             assert_scores_close(scores, single, rtol=1e-5)
 

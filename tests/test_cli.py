@@ -76,7 +76,7 @@ def test_console_script_plot_extra_and_choices_match_the_library() -> None:
 def test_fraction() -> None:
     assert fraction("0.75") == 0.75 and fraction("75%") == "75%" and fraction("1") == 1.0
     for bad in ("1.5", "0", "150%", "abc", "-0.5", ""):
-        with pytest.raises(Exception, match="expected a ratio"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a ratio"):
             fraction(bad)
 
 

@@ -38,6 +38,7 @@ from fxgradnas.errors import (
 )
 from fxgradnas.rewrite import default_tolerance
 from fxgradnas.search import check_constraint
+from tests.seeding import seeded
 from tests.zoo import ZOO, analysis_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -58,8 +59,7 @@ class Net(nn.Module):
 
 
 def net(seed: int = 0) -> Net:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = Net().eval()
         with torch.no_grad():
             model.bn.running_mean.normal_(0, 0.1)
@@ -699,3 +699,25 @@ def test_misuse(case: Case, analysis: fxgradnas.Analysis) -> None:
 def test_check_constraint_needs_no_model() -> None:
     assert check_constraint({"params": "75%"}) == ("params", "ratio", 0.75)
     assert check_constraint({"flops": 10**9}) == ("flops", "count", 10**9)
+
+
+def test_token_windows_and_interleaved_raise_fxgradnas_errors() -> None:
+    """A text shorter than one window, a window or count below 1 and no windows to interleave are
+    fxgradnas errors (still ValueErrors) whose message names the cause and the fix."""
+    from fxgradnas.datasets import interleaved, token_windows
+
+    def letters(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    assert token_windows(letters, "abcdefg", 3).tolist() == [[97, 98, 99], [100, 101, 102]]
+    with pytest.raises(DataError, match=r"the text has 5 tokens, fewer than one window of seq_len=8: give a longer text"):
+        token_windows(letters, "abcde", 8)
+    for seq_len in (0, -1, 2.5, True):
+        with pytest.raises(ArgumentError, match=r"seq_len must be a whole number of tokens of at least 1"):
+            token_windows(letters, "abcdefg", seq_len)
+    with pytest.raises(ArgumentError, match=r"count must be .* or None \(every window\), got 0"):
+        token_windows(letters, "abcdefg", 3, 0)
+    with pytest.raises(DataError, match=r"interleaved got no tensor of windows: pass a list of one or more"):
+        interleaved([])
+    assert issubclass(DataError, ValueError) and issubclass(DataError, FxGradNasError)
+    assert interleaved([torch.zeros(2, 3), torch.ones(1, 3)]).tolist() == [[0] * 3, [1] * 3, [0] * 3]

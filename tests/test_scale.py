@@ -15,6 +15,7 @@ from fxgradnas.cost import CostModel
 from fxgradnas.errors import ArgumentError
 from fxgradnas.modules import check_weights
 from fxgradnas.scores import l1_scores, random_scores
+from tests.ranks import run_gloo_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,66 +181,40 @@ def _lm_loss(output, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
 
 
-def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, checkpoint: str) -> None:
-    from datetime import timedelta
-    from pathlib import Path
-
-    import torch.distributed as dist
-
+def _sharded_worker(rank: int, world: int, checkpoint: str) -> dict:
     from fxgradnas.shard import shard_blocks
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        model = _model(_config())
-        batches = _sharded_batches()
-        analysis = fxgradnas.analyze(model, batches[0])
-        before = {n: t.clone() for n, t in model.state_dict().items()}
-        scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, progress=False)
-        assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
-        recomputed = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, recompute=True,
-                                         progress=False)
-        sharded = shard_blocks(analysis.captured.module)
-        local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
-        # no weights in memory: every rank reads its shard of each parameter from the checkpoint
-        from accelerate import init_empty_weights
+    model = _model(_config())
+    batches = _sharded_batches()
+    analysis = fxgradnas.analyze(model, batches[0])
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, progress=False)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    recomputed = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, recompute=True,
+                                     progress=False)
+    sharded = shard_blocks(analysis.captured.module)
+    local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
+    # no weights in memory: every rank reads its shard of each parameter from the checkpoint
+    from accelerate import init_empty_weights
 
-        with init_empty_weights(include_buffers=False):
-            empty = transformers.LlamaForCausalLM(_config(tied=True)).eval()
-        empty.tie_weights()  # init_empty_weights unties them
-        loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, example_inputs=batches[0], shard=True,
-                                     checkpoint=checkpoint, progress=False)
-        torch.save({"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded),
-                    "recomputed": dict(recomputed)},
-                   Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    with init_empty_weights(include_buffers=False):
+        empty = transformers.LlamaForCausalLM(_config(tied=True)).eval()
+    empty.tie_weights()  # init_empty_weights unties them
+    loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, example_inputs=batches[0], shard=True,
+                                 checkpoint=checkpoint, progress=False)
+    return {"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded),
+            "recomputed": dict(recomputed)}
 
 
 def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
     """Two gloo ranks scoring half the batches each with sharded blocks give the scores of one process, also
     with the blocks recomputed in backward and with the weights read from a checkpoint."""
-    import time
-
-    import torch.multiprocessing as mp
-
     _model(_config(tied=True)).save_pretrained(tmp_path / "tied", max_shard_size="40KB")
-    args = (2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "tied"))
-    context = mp.start_processes(_sharded_worker, args=args, nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 180
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the gloo ranks did not finish in 180 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    results = run_gloo_ranks(_sharded_worker, tmp_path, str(tmp_path / "tied"), timeout=180)
     single = fxgradnas.calibrate(_model(_config()), _sharded_batches(), _lm_loss, progress=False)
     tied = fxgradnas.calibrate(_model(_config(tied=True)), _sharded_batches(), _lm_loss, progress=False)
     for rank in range(2):
-        result = torch.load(tmp_path / f"{rank}.pt")
+        result = results[rank]
         for name, value in tied.items():
             torch.testing.assert_close(result["loaded"][name], value, rtol=1e-4, atol=1e-12)
         assert result["batches"] == 4

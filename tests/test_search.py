@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fxgradnas
-from fxgradnas import ConstraintError, CostModel, Plan, apply_plan
+from fxgradnas import ConstraintError, CostModel, apply_plan
 from fxgradnas.search import group_choices, parse_constraint, search
 from fxgradnas.units import keep_grid, kept_per_unit_axis
+from tests.flops import flops_of
+from tests.plans import random_plan
 from tests.zoo import ZOO, analysis_of
-
-
-def random_plan(analysis: fxgradnas.Analysis, seed: int) -> Plan:
-    rng = random.Random(seed)
-    keep = {}
-    for g in analysis.prunable:
-        if g.kind == "heads" and len(g.unit_shape) == 2:
-            kv, rep = g.unit_shape
-            n = rng.randint(1, rep)
-            keep[g.name] = [k * rep + j for k in sorted(rng.sample(range(kv), rng.randint(1, kv))) for j in range(n)]
-        else:
-            keep[g.name] = sorted(rng.sample(range(g.size), rng.randint(1, g.size)))
-    return Plan(keep)
-
-
-def flops_of(module: torch.nn.Module, analysis: fxgradnas.Analysis) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*analysis.captured.args, **analysis.captured.kwargs)
-    return counter.get_total_flops()
-
 
 # torch's FlopCounterMode does not count the CPU scaled_dot_product_attention kernel, so FLOPs are
 # compared on models whose attention is written as matmuls (or that have none).
@@ -51,7 +30,7 @@ def test_cost_model_matches_rewritten_module_and_flop_counter(name: str) -> None
     assert model.base["params"] == sum(p.numel() for p in unique.values())
     assert model.base["flops"] == flops_of(analysis.captured.module, analysis)
     for seed in range(3):
-        plan = random_plan(analysis, seed)
+        plan = random_plan(analysis, seed, exact_only=False)
         kept = {n: kept_per_unit_axis(analysis.group(n), keep_grid(analysis.group(n), plan.kept(n))) for n in plan.keep}
         pruned = apply_plan(analysis, plan, check=False)
         costs = model.evaluate(kept)
@@ -62,7 +41,7 @@ def test_cost_model_matches_rewritten_module_and_flop_counter(name: str) -> None
 def test_cost_model_counts_params_of_sdpa_models_exactly() -> None:
     analysis = analysis_of("nanogpt")
     model = CostModel(analysis)
-    plan = random_plan(analysis, 0)
+    plan = random_plan(analysis, 0, exact_only=False)
     kept = {n: kept_per_unit_axis(analysis.group(n), keep_grid(analysis.group(n), plan.kept(n))) for n in plan.keep}
     pruned = apply_plan(analysis, plan, check=False)
     assert model.evaluate(kept)["params"] == sum(p.numel() for p in {id(p): p for p in pruned.parameters()}.values())

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +22,12 @@ import fxgradnas
 from fxgradnas.analysis import REGISTRY, register
 from fxgradnas.analysis.rules.routing import grouped_mm
 from fxgradnas.capture import ExampleInputs
+from tests import families
+from tests.seeding import BATCH, SEQ, seeded, token_ids
 
 __all__ = ["FUSED_SPLITS", "HF_ZOO", "ZOO", "Example", "FusedAttention", "MoE", "analysis_of", "example_of", "fused",
            "looped_mm", "save_hf_checkpoint"]
 Example = tuple[nn.Module, ExampleInputs]
-
-BATCH = 3
-SEQ = 7
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[torch.Generator]:
-    """Seed the global RNG inside a forked state and yield a generator for inputs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield torch.Generator().manual_seed(seed + 1)
-
-
-def _token_ids(vocab: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
-
 
 # --------------------------------------------------------------------------- nanoGPT
 
@@ -124,9 +109,9 @@ def nanogpt(
     n_layer: int = 2, n_head: int = 4, n_embd: int = 32, vocab: int = 64, block_size: int = 16, seed: int = 0
 ) -> Example:
     """nanoGPT-style decoder; input: token ids of shape (3, 7)."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = NanoGPT(n_layer, n_head, n_embd, vocab, block_size).eval()
-        return model, _token_ids(vocab, gen)
+        return model, token_ids(gen, vocab)
 
 
 # --------------------------------------------------------------------------- Llama
@@ -269,7 +254,7 @@ def llama(
     seed: int = 0,
 ) -> Example:
     """Llama-style GQA decoder; input: token ids of shape (3, 7)."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = LlamaForCausalLM(
             n_layer=n_layer,
             n_head=n_head,
@@ -279,7 +264,7 @@ def llama(
             intermediate=intermediate,
             vocab=vocab,
         ).eval()
-        return model, _token_ids(vocab, gen)
+        return model, token_ids(gen, vocab)
 
 
 # --------------------------------------------------------------------------- BERT
@@ -424,9 +409,9 @@ def bert(
     seed: int = 0,
 ) -> Example:
     """BERT-style classifier (3 labels); inputs: ``{"input_ids", "attention_mask"}`` of shape (3, 7)."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = BertForSequenceClassification(n_layer, n_head, hidden, intermediate, vocab, max_pos, 3).eval()
-        ids = _token_ids(vocab, gen)
+        ids = token_ids(gen, vocab)
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[1, -2:] = 0
     return model, {"input_ids": ids, "attention_mask": mask}
@@ -476,7 +461,7 @@ class ResNet(nn.Module):
 
 def resnet(width: int = 16, blocks: int = 2, num_classes: int = 10, seed: int = 0) -> Example:
     """Small ResNet with non-trivial BatchNorm statistics; input: (3, 3, 16, 16) images."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = ResNet(width, blocks, num_classes)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -513,7 +498,7 @@ class SqueezeNet(nn.Module):
 
 def squeezenet(num_classes: int = 10, seed: int = 0) -> Example:
     """Concatenated conv branches (SqueezeNet's fire modules); input: (3, 3, 16, 16) images."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = SqueezeNet(num_classes)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -541,7 +526,7 @@ class MLP(nn.Module):
 
 def mlp(sizes: tuple[int, ...] = (16, 64, 32, 4), seed: int = 0) -> Example:
     """Linear-ReLU stack; input: (3, sizes[0])."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         return MLP(tuple(sizes)).eval(), torch.randn(BATCH, sizes[0], generator=gen)
 
 
@@ -560,7 +545,7 @@ class MultiheadModel(nn.Module):
 
 def multihead(embed: int = 32, heads: int = 4, seed: int = 0) -> Example:
     """``nn.MultiheadAttention`` model; input: (3, 7, embed)."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         return MultiheadModel(embed, heads).eval(), torch.randn(BATCH, SEQ, embed, generator=gen)
 
 
@@ -627,7 +612,7 @@ class FusedAttention(nn.Module):
 
 def fused(split: str = "slice", seed: int = 0, **sizes: int) -> Example:
     """:class:`FusedAttention`; input: (3, 7, width)."""
-    with _seeded(seed) as gen:
+    with seeded(seed) as gen:
         model = FusedAttention(split, **sizes).eval()
         return model, torch.randn(BATCH, SEQ, model.qkv.in_features, generator=gen)
 
@@ -648,73 +633,41 @@ def _transformers() -> Any:
     return transformers
 
 
+# The Hugging Face zoo models are the families of tests/families.py at a smaller size (hidden 32, 4 heads of
+# 8, vocab 64, 16 positions), with the configs' own special token ids, token ids in [0, 64) and, for the
+# decoders, ``use_cache=False``.
+HF_SMALL = {"vocab_size": 64, "special_tokens": False}
+HF_DECODER = {**HF_SMALL, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "head_dim": 8, "max_position_embeddings": 16, "tie_word_embeddings": False}
+
+
 def hf_gpt2(attn_implementation: str = "sdpa", seed: int = 0) -> Example:
     """Tiny ``GPT2LMHeadModel``; kwargs ``{"input_ids", "use_cache": False}``."""
-    tf = _transformers()
-    cfg = tf.GPT2Config(
-        vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation=attn_implementation,
-    )
-    with _seeded(seed) as gen:
-        model = tf.GPT2LMHeadModel(cfg).eval()
-        return model, {"input_ids": _token_ids(64, gen), "use_cache": False}
+    _transformers()
+    model, inputs = families.hf_gpt2(seed, **HF_SMALL, attn=attn_implementation, n_positions=16, n_embd=32,
+                                     n_inner=None, bos_token_id=0, eos_token_id=0)
+    return model, {**inputs, "use_cache": False}
 
 
 def hf_bert(attn_implementation: str = "sdpa", seed: int = 0) -> Example:
     """Tiny ``BertForMaskedLM``; kwargs ``{"input_ids", "attention_mask"}``."""
-    tf = _transformers()
-    cfg = tf.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        attn_implementation=attn_implementation,
-    )
-    with _seeded(seed) as gen:
-        model = tf.BertForMaskedLM(cfg).eval()
-        ids = _token_ids(64, gen)
-    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    mask[1, -2:] = 0
-    return model, {"input_ids": ids, "attention_mask": mask}
-
-
-def _hf_decoder(
-    config_cls: str, model_cls: str, n_kv_head: int, attn_implementation: str, seed: int
-) -> Example:
-    tf = _transformers()
-    cfg = getattr(tf, config_cls)(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=n_kv_head,
-        head_dim=8,
-        max_position_embeddings=16,
-        tie_word_embeddings=False,
-        attn_implementation=attn_implementation,
-    )
-    with _seeded(seed) as gen:
-        model = getattr(tf, model_cls)(cfg).eval()
-        return model, {"input_ids": _token_ids(64, gen), "use_cache": False}
+    _transformers()
+    return families.hf_bert(seed, **HF_SMALL, attn=attn_implementation, hidden_size=32, intermediate_size=64,
+                            max_position_embeddings=16)
 
 
 def hf_llama(n_kv_head: int = 2, attn_implementation: str = "sdpa", seed: int = 0) -> Example:
     """Tiny ``LlamaForCausalLM`` (4 heads, ``n_kv_head`` KV heads); kwargs ``{"input_ids", "use_cache": False}``."""
-    return _hf_decoder("LlamaConfig", "LlamaForCausalLM", n_kv_head, attn_implementation, seed)
+    _transformers()
+    model, inputs = families.hf_llama(seed, **HF_DECODER, attn=attn_implementation, num_key_value_heads=n_kv_head)
+    return model, {**inputs, "use_cache": False}
 
 
 def hf_qwen2(n_kv_head: int = 2, attn_implementation: str = "sdpa", seed: int = 0) -> Example:
     """Tiny ``Qwen2ForCausalLM`` (4 heads, ``n_kv_head`` KV heads); kwargs ``{"input_ids", "use_cache": False}``."""
-    return _hf_decoder("Qwen2Config", "Qwen2ForCausalLM", n_kv_head, attn_implementation, seed)
+    _transformers()
+    model, inputs = families.hf_qwen2(seed, **HF_DECODER, attn=attn_implementation, num_key_value_heads=n_kv_head)
+    return model, {**inputs, "use_cache": False}
 
 
 def save_hf_checkpoint(directory: Path, max_position_embeddings: int = 64, intermediate_size: int = 64) -> Path:
@@ -734,8 +687,7 @@ def save_hf_checkpoint(directory: Path, max_position_embeddings: int = 64, inter
         vocab_size=len(vocab), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=max_position_embeddings,
         bos_token_id=len(alphabet), eos_token_id=len(alphabet))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         model = tf.LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
