@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from . import options
 from .errors import FxGradNasError
 
 if TYPE_CHECKING:
@@ -32,9 +33,7 @@ if TYPE_CHECKING:
 
     from .prune import PruneResult
 
-SCORERS = ("gradnas", "l1", "random")  # fxgradnas.prune.SCORERS, spelled out so that --help needs no torch
-MODES = ("batch", "sample")
-COMPENSATIONS = ("ls", "scale", "none")
+COMPENSATIONS = (*options.COMPENSATION_METHODS, "none")
 DTYPES = ("float32", "bfloat16", "float16")
 CORPORA = {
     "shakespeare": "Shakespeare's plays from 1M characters in (fxgradnas.datasets.CALIBRATION_SKIP)",
@@ -350,13 +349,12 @@ def run_prune(args: argparse.Namespace) -> int:
 
     import fxgradnas
 
-    from .analysis.groups import KINDS
     from .batches import to_device
     from .datasets import causal_lm_loss
 
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in options.KINDS]
     if unknown:
-        raise UsageError(f"--kinds: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+        raise UsageError(f"--kinds: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(options.KINDS)}")
     device = device_of_choice(args.device)
     torch.manual_seed(args.seed)
     with steps("load", f"loading {args.model}"):
@@ -404,10 +402,14 @@ def run_prune(args: argparse.Namespace) -> int:
     show("Analysis", analysis.table())
     with steps("prune", "scoring, searching, rewriting" + (", compensating" if compensate else "")):
         result = fxgradnas.prune(
-            analysis, None, calibration or None, loss_fn, constraint=constraint, scorer=args.scorer, mode=args.mode,
-            kinds=kinds, divisor=args.divisor, uniform=args.uniform, max_batches=args.batches, seed=args.seed,
-            compensate=compensate,
-            damping=args.damping, compensation_data=refit, rounds=args.rounds, recompute=args.recompute)
+            analysis, None, calibration or None, loss_fn, constraint=constraint,
+            search=options.SearchOptions(kinds=kinds, multiple_of=args.multiple_of, uniform=args.uniform),
+            calibration=options.CalibrationOptions(scorer=args.scorer, granularity=args.granularity,
+                                                   max_batches=args.batches, rounds=args.rounds, seed=args.seed,
+                                                   recompute=args.recompute),
+            compensation=options.CompensationOptions(method=compensate, damping=args.damping,
+                                                     max_batches=args.batches) if compensate else None,
+            compensation_data=refit)
     result.seconds["analyze"] = steps.seconds["analyze"]
     if args.heal:
         with steps("heal", f"distilling the pruned model from the dense one for {args.heal} steps"):
@@ -548,9 +550,9 @@ def _summary(args: argparse.Namespace, result: PruneResult, before: dict, after:
     settings = {
         "constraint": f"{metric} <= {budget:,} ({budget / search.base[metric]:.1%})",
         "achieved": ", ".join(f"{k} {v:.2%}" for k, v in result.achieved.items()),
-        "scorer": args.scorer, "mode": args.mode, "recompute": args.recompute,
+        "scorer": args.scorer, "granularity": args.granularity, "recompute": args.recompute,
         "kinds": ", ".join(dict.fromkeys(args.kinds)),
-        "divisor": args.divisor, "uniform": args.uniform, "rounds": args.rounds, "compensate": args.compensate,
+        "multiple of": args.multiple_of, "uniform": args.uniform, "rounds": args.rounds, "compensate": args.compensate,
         "damping": args.damping if args.compensate != "none" else "-", "heal steps": args.heal,
         "calibration": ", ".join(args.calibration or []) or args.data or "-",
         "refit on": ", ".join(args.refit or args.calibration or []) or args.data or "-"
@@ -646,6 +648,7 @@ def _add_windows(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     """The command line; builds without importing torch."""
     corpora = "; ".join(f"{name}: {what}" for name, what in CORPORA.items())
+    search, calibration, compensation = options.SearchOptions(), options.CalibrationOptions(), options.CompensationOptions()
     parser = Parser(prog="fxgradnas", description=DESCRIPTION,
                     epilog="fxgradnas COMMAND --help for each command's options")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
@@ -674,23 +677,28 @@ def build_parser() -> Parser:
     prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")
     prune.add_argument("--eval-batches", type=positive, metavar="N", default=8, help="evaluation batches per text (default 8)")
     _add_windows(prune)
-    prune.add_argument("--compensate", choices=COMPENSATIONS, default="ls",
-                       help="re-fit the layers consuming pruned units: ls (least squares, default), scale, none")
-    prune.add_argument("--damping", type=non_negative, metavar="D", default=0.3,
-                       help="the re-fit's ridge towards the original weights (default 0.3; lower when the "
-                            "calibration text is as broad as what the model will see)")
-    prune.add_argument("--rounds", type=positive, metavar="N", default=1,
-                       help="prune in N rounds, re-calibrating with the units pruned so far masked (default 1)")
+    prune.add_argument("--compensate", choices=COMPENSATIONS, default=compensation.method,
+                       help=f"re-fit the layers consuming pruned units: ls (least squares), scale, none "
+                            f"(default {compensation.method})")
+    prune.add_argument("--damping", type=non_negative, metavar="D", default=compensation.damping,
+                       help=f"the re-fit's ridge towards the original weights (default {compensation.damping}; lower "
+                            "when the calibration text is as broad as what the model will see)")
+    prune.add_argument("--rounds", type=positive, metavar="N", default=calibration.rounds,
+                       help="prune in N rounds, re-calibrating with the units pruned so far masked "
+                            f"(default {calibration.rounds})")
     prune.add_argument("--heal", type=int, metavar="STEPS", default=0,
                        help="then distil the pruned model from the dense one on the calibration batches (default 0)")
-    prune.add_argument("--kinds", nargs="+", default=["heads", "channels", "experts"], metavar="KIND",
-                       help="group kinds to prune: heads, channels, experts, hidden, blocks (whole layers; default heads "
-                            "channels experts)")
-    prune.add_argument("--scorer", choices=SCORERS, default="gradnas", help="unit scores (default gradnas)")
-    prune.add_argument("--mode", choices=MODES, default="batch", help="gradnas: square per batch or per sample")
+    prune.add_argument("--kinds", nargs="+", default=list(search.kinds), metavar="KIND",
+                       help=f"group kinds to prune: {', '.join(options.KINDS)} (blocks: whole layers; default "
+                            f"{' '.join(search.kinds)})")
+    prune.add_argument("--scorer", choices=options.SCORERS, default=calibration.scorer,
+                       help=f"unit scores (default {calibration.scorer})")
+    prune.add_argument("--granularity", choices=options.GRANULARITIES, default=calibration.granularity,
+                       help=f"gradnas: square the gradient per batch or per sample (default {calibration.granularity})")
     prune.add_argument("--recompute", action="store_true",
                        help="calibrate with activation checkpointing per layer: long sequences in less memory")
-    prune.add_argument("--divisor", type=positive, metavar="N", default=32, help="channel counts are multiples of it (default 32)")
+    prune.add_argument("--multiple-of", type=positive, metavar="N", default=search.multiple_of,
+                       help=f"kept channel counts are multiples of it (default {search.multiple_of})")
     prune.add_argument("--uniform", action="store_true",
                        help="every layer keeps the same heads, KV heads and MLP width: a standard checkpoint that "
                             "plain transformers (and serving stacks) load")
@@ -699,7 +707,8 @@ def build_parser() -> Parser:
     prune.add_argument("--new-tokens", type=positive, metavar="N", default=24, help="tokens to generate (default 24)")
     prune.add_argument("--data", metavar="MODULE:FUNCTION",
                        help="for a MODULE:FACTORY model: a function returning (calibration batches, loss_fn)")
-    prune.add_argument("--seed", type=int, default=0, help="torch seed, and the random scorer's (default 0)")
+    prune.add_argument("--seed", type=int, default=calibration.seed,
+                       help=f"torch seed, and the random scorer's (default {calibration.seed})")
     prune.set_defaults(run=run_prune)
 
     inspect = sub.add_parser("inspect", help="print the prunable groups of a model",
