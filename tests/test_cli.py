@@ -3,7 +3,6 @@ saved in a temporary directory, a MODULE:FACTORY model, and the one-line errors 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -129,33 +128,34 @@ class Letters:
 
 def test_several_calibration_texts_are_mixed_in_every_batch() -> None:
     """``--calibration A B``: windows of A and B in turn (not A's windows first, which would leave B out)."""
-    from fxgradnas.cli import _calibration_batches, _token_windows
+    from fxgradnas.cli import calibration_batches, evaluation_batches, text_windows
 
-    args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1)
-    parts, evaluation = _token_windows(args, Letters(), {"a": "a" * 400, "b": "b" * 400}, {"b": "b" * 40})
-    calibration = _calibration_batches(args, list(parts.values()))
+    batches, batch_size, seq_len = 3, 2, 4
+    parts = text_windows(Letters(), {"a": "a" * 400, "b": "b" * 400}, seq_len, batches * batch_size)
+    evaluation = evaluation_batches(Letters(), {"b": "b" * 40}, seq_len, 1, batch_size)
+    calibration = calibration_batches(list(parts.values()), batches, batch_size, seq_len)
     assert [[chr(int(w[0])) for w in batch] for batch in calibration] == [["a", "b"]] * 3
     assert list(evaluation) == ["b"] and evaluation["b"][0].shape == (2, 4)
-    parts, _ = _token_windows(args, Letters(), {"a": "a" * 400, "b": "b" * 9}, {})  # b has 2 windows
-    short = _calibration_batches(args, list(parts.values()))
+    parts = text_windows(Letters(), {"a": "a" * 400, "b": "b" * 9}, seq_len, batches * batch_size)  # b: 2 windows
+    short = calibration_batches(list(parts.values()), batches, batch_size, seq_len)
     assert "".join(chr(int(w[0])) for batch in short for w in batch) == "ababaa"
 
 
 def test_calibration_self_interleaves_text_the_model_samples() -> None:
     """``--calibration a self``: every other window is sampled by the model, seeded by ``--seed``."""
     transformers = pytest.importorskip("transformers")
-    from fxgradnas.cli import _calibration_batches, _sampled, _token_windows
+    from fxgradnas.cli import calibration_batches, sampled_text, text_windows
     from fxgradnas.datasets import sampled_windows
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
-    args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1, seed=5)
-    sampled = _sampled(args, model, Letters(), share=2)
+    batches, batch_size, seq_len = 3, 2, 4
+    sampled = sampled_text(model, Letters(), batches * batch_size // 2, seq_len, seed=5, batch_size=batch_size)
     assert torch.equal(sampled, sampled_windows(model, 3, 4, seed=5, batch_size=8, progress=False))
-    parts, _ = _token_windows(args, Letters(), {"a": "a" * 400}, {})
-    calibration = _calibration_batches(args, [sampled, parts["a"]])
+    parts = text_windows(Letters(), {"a": "a" * 400}, seq_len, batches * batch_size)
+    calibration = calibration_batches([sampled, parts["a"]], batches, batch_size, seq_len)
     windows = torch.cat(calibration)
     assert windows.shape == (6, 4) and (windows[1::2] == ord("a")).all() and torch.equal(windows[::2], sampled)
 
