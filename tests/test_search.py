@@ -107,12 +107,12 @@ def test_infeasible_constraint_names_the_smallest_achievable() -> None:
         search(analysis, scores, {"params": 0.05}, SearchOptions(multiple_of=1))
 
 
-def _assert_tight(analysis, result, scores, metric, budget, kinds, divisor) -> None:
+def _assert_tight(analysis, result, scores, metric, budget, kinds, multiple_of) -> None:
     """No searched group can grow one choice (losing less score) without breaking the budget."""
     model = CostModel(analysis)
     kept = {g: c.kept for g, c in result.choices.items()}
     for g, choice in result.choices.items():
-        options = group_choices(analysis.group(g), scores[g], SearchOptions(multiple_of=divisor))
+        options = group_choices(analysis.group(g), scores[g], SearchOptions(multiple_of=multiple_of))
         i = options.index(choice)
         if i + 1 < len(options) and options[i + 1].degradation <= choice.degradation:
             extra = model.delta(metric, g, kept, options[i + 1].kept)
@@ -187,14 +187,14 @@ def test_gqa_choices_keep_equal_queries_per_kv_head() -> None:
     assert {c.kept for c in only_kv} == {(1, 2), (2, 2)}
 
 
-def test_channel_choices_round_to_the_divisor() -> None:
+def test_channel_choices_round_to_the_multiple_of() -> None:
     analysis = analysis_of("llama", intermediate=96)
     g = analysis.group("model.layers.0.mlp")
     counts = [c.kept[0] for c in group_choices(g, torch.rand(96), SearchOptions(multiple_of=32))]
     assert counts == [32, 64, 96]
     counts = [c.kept[0] for c in group_choices(analysis.group("hidden"), torch.rand(32),
                                                SearchOptions(multiple_of=64))]
-    assert counts[0] == 2 and counts[-1] == 32  # narrower than the divisor: its own granularity
+    assert counts[0] == 2 and counts[-1] == 32  # narrower than multiple_of: any count
 
 
 def test_prune_result_reports() -> None:
