@@ -36,7 +36,7 @@ from tabulate import tabulate
 import fxgradnas
 from benchmarks.quality import text_windows
 from examples.smollm2 import load_smollm2
-from fxgradnas import hf
+from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions, hf
 from fxgradnas.analysis.groups import KINDS
 from fxgradnas.compensate import timed_compensation
 from fxgradnas.datasets import (
@@ -109,8 +109,9 @@ def main() -> None:
     missing = [g for g in searched if g.name not in saved]  # a mask's gradient does not depend on the others
     if missing:
         start = time.perf_counter()
-        saved.update(fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=len(calibration),
-                                         groups=missing, progress=False))
+        saved.update(fxgradnas.calibrate(analysis, calibration, causal_lm_loss,
+                                         CalibrationOptions(max_batches=len(calibration)), groups=missing,
+                                         progress=False))
         print(f"calibrated {len(missing)} groups in {time.perf_counter() - start:.0f} s", flush=True)
         if args.scores:
             args.scores.parent.mkdir(parents=True, exist_ok=True)
@@ -125,10 +126,11 @@ def main() -> None:
         for name in layouts:
             layout_kinds, uniform = LAYOUTS[name]
             start = time.perf_counter()
-            found = fxgradnas.search(analysis, scores, {"params": budget}, kinds=layout_kinds, uniform=uniform)
+            found = fxgradnas.search(analysis, scores, {"params": budget},
+                                     SearchOptions(kinds=layout_kinds, uniform=uniform))
             pruned = fxgradnas.apply_plan(analysis, found.plan)
-            timed_compensation(analysis, found.plan, pruned, calibration, method="ls", max_batches=len(calibration),
-                               progress=False)
+            timed_compensation(analysis, found.plan, pruned, calibration,
+                               CompensationOptions(method="ls", max_batches=len(calibration)), progress=False)
             written = copy.deepcopy(model)
             structure = hf.write_back(written, analysis, found.plan, weights=pruned)
             seconds = time.perf_counter() - start

@@ -58,8 +58,8 @@ from tabulate import tabulate
 
 import fxgradnas
 from examples.smollm2 import load_smollm2
-from fxgradnas import hf
-from fxgradnas.compensate import DAMPING, InputStatistics, timed_compensation
+from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions, hf
+from fxgradnas.compensate import InputStatistics, timed_compensation
 from fxgradnas.cost import CostModel
 from fxgradnas.datasets import (
     CALIBRATION_SKIP,
@@ -73,6 +73,7 @@ from fxgradnas.datasets import (
     stdlib_text,
     token_windows,
 )
+from fxgradnas.options import DAMPING
 from fxgradnas.search import group_choices
 from fxgradnas.units import keep_grid, kept_per_unit_axis
 
@@ -315,13 +316,14 @@ def main() -> None:
         scores, score_s = fxgradnas.Scores(saved["scores"], scorer="gradnas"), saved["seconds"]
     else:
         start = time.perf_counter()
-        scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss, max_batches=len(calibration), progress=False)
+        scores = fxgradnas.calibrate(analysis, calibration, causal_lm_loss,
+                                     CalibrationOptions(max_batches=len(calibration)), progress=False)
         score_s = time.perf_counter() - start + analyze_s
         if args.scores:
             args.scores.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"scores": dict(scores), "seconds": score_s, "calibration_text": calibrated_on},
                        args.scores)
-    compensation = {} if args.damping is None else {"damping": args.damping}
+    damping = {} if args.damping is None else {"damping": args.damping}
 
     def record(method: str, budget: float, module: torch.nn.Module, achieved: dict, seconds: float) -> None:
         rows.append({"method": method, "budget": budget, **achieved, **evaluate(module), "seconds": seconds})
@@ -332,8 +334,9 @@ def main() -> None:
         """The re-fitted copy and its seconds (with ``seconds``), when ``<label>+ls`` is asked for."""
         if f"{label}+ls" in args.methods:
             fitted = copy.deepcopy(pruned)
-            _, spent = timed_compensation(analysis, plan, fitted, refit_data, method="ls", max_batches=len(refit_data),
-                                          progress=False, **compensation)
+            _, spent = timed_compensation(analysis, plan, fitted, refit_data,
+                                          CompensationOptions(method="ls", max_batches=len(refit_data), **damping),
+                                          progress=False)
             spent += refit_sample_s
             record(f"{label} + ls", budget, fitted, achieved, seconds + spent)
             return fitted, seconds + spent
@@ -347,7 +350,8 @@ def main() -> None:
             wanted = {searcher, f"{searcher}+ls"} | ({"heal", "obs+ls"} if searcher == "binary" else set())
             if wanted & set(args.methods):
                 start = time.perf_counter()
-                found = fxgradnas.search(analysis, scores, constraint, searcher=searcher, kinds=tuple(args.kinds))
+                found = fxgradnas.search(analysis, scores, constraint,
+                                         SearchOptions(searcher=searcher, kinds=tuple(args.kinds)))
                 pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
                 seconds = time.perf_counter() - start + score_s
                 if searcher in args.methods:
@@ -374,25 +378,29 @@ def main() -> None:
         if "rounds" in args.methods or "rounds+ls" in args.methods:
             start = time.perf_counter()
             result = fxgradnas.prune(analysis, None, calibration, causal_lm_loss, constraint=constraint,
-                                     rounds=args.rounds, max_batches=len(calibration), check=False, progress=False)
+                                     check=False, progress=False,
+                                     calibration=CalibrationOptions(rounds=args.rounds, max_batches=len(calibration)),
+                                     compensation=CompensationOptions(max_batches=len(calibration)))
             seconds = time.perf_counter() - start + analyze_s
             if "rounds" in args.methods:
                 record(f"rounds ({args.rounds})", budget, result.model, result.achieved, seconds)
             refit("rounds", budget, result.plan, result.model, result.achieved, seconds)
-        others = [("gradnas (sample)", "sample", {"scorer": "gradnas", "mode": "sample"}), ("l1", "l1", {"scorer": "l1"}),
+        others = [("gradnas (sample)", "sample", {"scorer": "gradnas", "granularity": "sample"}),
+                  ("l1", "l1", {"scorer": "l1"}),
                   *((f"random, seed {seed}", "random", {"scorer": "random", "seed": seed}) for seed in args.random_seeds)]
         for label, method, options in others:
             if method in args.methods:
                 start = time.perf_counter()
-                other = fxgradnas.score(analysis, data=calibration, loss_fn=causal_lm_loss, max_batches=len(calibration),
-                                        progress=False, **options)
+                other = fxgradnas.score(analysis, calibration, causal_lm_loss,
+                                        CalibrationOptions(max_batches=len(calibration), **options), progress=False)
                 found = fxgradnas.search(analysis, other, constraint)
                 pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
                 record(label, budget, pruned, found.achieved, time.perf_counter() - start + analyze_s)
         if "per-param" in args.methods:
             start = time.perf_counter()
-            found = fxgradnas.search(analysis, scores, constraint, searcher="greedy", kinds=("channels",), divisor=1,
-                                     ratios=tuple(i / 1536 for i in range(1, 1537)))
+            found = fxgradnas.search(analysis, scores, constraint,
+                                     SearchOptions(searcher="greedy", kinds=("channels",), multiple_of=1,
+                                                   ratios=tuple(i / 1536 for i in range(1, 1537))))
             pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
             record("MLP channels by score per parameter", budget, pruned, found.achieved,
                    time.perf_counter() - start + score_s)

@@ -213,8 +213,8 @@ def _sharded_rank(rank: int, world: int, init_file: str, directory: str, out: st
         analysis = fxgradnas.analyze(model, batches[0], dynamic_shapes=None)
         before = rss_bytes()
         start = time.perf_counter()
-        scores = fxgradnas.calibrate(analysis, batches[rank::world], causal_lm_loss, shard=True, checkpoint=directory,
-                                     progress=False)
+        scores = fxgradnas.calibrate(analysis, batches[rank::world], causal_lm_loss,
+                                     fxgradnas.CalibrationOptions(shard=True), checkpoint=directory, progress=False)
         seconds = time.perf_counter() - start
         torch.save({"scores": dict(scores), "seconds": seconds, "peak": peak_rss_bytes(), "before": before},
                    Path(out) / f"rank{rank}.pt")
@@ -344,7 +344,8 @@ def one_recompute(directory: Path, dtype: str, seq_len: int, recompute: bool, ou
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
-    scores = fxgradnas.calibrate(analysis, [ids], causal_lm_loss, progress=False, recompute=recompute)
+    scores = fxgradnas.calibrate(analysis, [ids], causal_lm_loss, fxgradnas.CalibrationOptions(recompute=recompute),
+                                 progress=False)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     torch.save(dict(scores), out)

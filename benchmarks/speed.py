@@ -25,6 +25,7 @@ from tabulate import tabulate
 
 import fxgradnas
 from examples.smollm2 import load_smollm2
+from fxgradnas import CompensationOptions
 from fxgradnas.compensate import timed_compensation
 from fxgradnas.datasets import batched, causal_lm_loss, stdlib_text, token_windows
 
@@ -89,8 +90,9 @@ def main() -> None:
     pruned = fxgradnas.apply_plan(analysis, found.plan, check=False)
     rows += [{"step": "rewrite", "seconds": rewrite}, {"step": "rewrite + self-check", "seconds": checked}]
     for label, sequential in (("layer after layer", True), ("one dense pass", False)):
-        _, seconds = timed_compensation(analysis, found.plan, fxgradnas.apply_plan(analysis, found.plan, check=False),
-                                        batches, sequential=sequential, progress=False)
+        _, seconds = timed_compensation(analysis, found.plan,
+                                        fxgradnas.apply_plan(analysis, found.plan, check=False), batches,
+                                        CompensationOptions(sequential=sequential), progress=False)
         rows.append({"step": f"compensation ls, {label}, {len(batches)} batches", "seconds": seconds,
                      "ratio": seconds / min(whole), "target": "< calibration"})
 

@@ -7,7 +7,7 @@ Trains a 4-layer Llama-style GQA decoder (``tests.zoo.llama``: hidden 64, MLP 25
 ``x[t] = (x[t-1] + x[t-1-LAG]) mod VOCAB`` after ``LAG + 1`` random tokens, so every later token is
 predictable (loss -> 0, chance is ln 32 = 3.47) but only by attending to two earlier positions and
 adding them in the MLP. Then prunes the same trained model to 60 % of its parameters with every
-scorer through the same binary search (heads and MLP channels, divisor 8): gradnas (mode batch
+scorer through the same binary search (heads and MLP channels, multiple of 8): gradnas (granularity batch
 and sample), l1, and random (seeds 0, 1, 2), and prints the held-out loss (fresh sequences, a seed
 neither training nor calibration used) and next-token accuracy of the dense and each pruned model.
 """
@@ -28,6 +28,7 @@ import torch
 from tabulate import tabulate
 
 import fxgradnas
+from fxgradnas import CalibrationOptions, SearchOptions
 from fxgradnas.search import group_choices
 from tests.tasks import LAG, VOCAB, accuracy, sequences, task_loss
 from tests.zoo import llama
@@ -59,23 +60,24 @@ def train(seed: int, steps: int, batch: int, length: int, lr: float) -> tuple[to
 
 
 def same_allocation(analysis: fxgradnas.Analysis, reference: fxgradnas.PruneResult, scores: fxgradnas.Scores,
-                    divisor: int) -> torch.nn.Module:
+                    multiple_of: int) -> torch.nn.Module:
     """Keep as many units per group (per KV group and query for heads) as ``reference`` does, but
     the top ones by ``scores``: separates the ranking within a group from the allocation across them."""
     keep = {}
     for name, ref in reference.search.choices.items():
         group = analysis.group(name)
-        choice = next(c for c in group_choices(group, scores[name], divisor=divisor) if c.kept == ref.kept)
+        choices = group_choices(group, scores[name], SearchOptions(multiple_of=multiple_of))
+        choice = next(c for c in choices if c.kept == ref.kept)
         if len(choice.units) < group.size:
             keep[name] = list(choice.units)
     return fxgradnas.apply_plan(analysis, fxgradnas.Plan(keep))
 
 
 SCORERS = [
-    ("gradnas (batch)", dict(scorer="gradnas", mode="batch")),
-    ("gradnas (sample)", dict(scorer="gradnas", mode="sample")),
-    ("l1", dict(scorer="l1")),
-    *[(f"random (seed {s})", dict(scorer="random", seed=s)) for s in range(3)],
+    ("gradnas (batch)", CalibrationOptions(scorer="gradnas", granularity="batch")),
+    ("gradnas (sample)", CalibrationOptions(scorer="gradnas", granularity="sample")),
+    ("l1", CalibrationOptions(scorer="l1")),
+    *[(f"random (seed {s})", CalibrationOptions(scorer="random", seed=s)) for s in range(3)],
 ]
 
 
@@ -93,9 +95,10 @@ def run(args: argparse.Namespace) -> dict:
     rows = [{"scorer": "dense", "params": 1.0, "flops": 1.0, **evaluate(model, held_out)}]
     results = {}
     for name, options in SCORERS:
-        result = results[name] = fxgradnas.prune(
-            analysis, None, calibration, task_loss, constraint={"params": args.budget}, divisor=args.divisor,
-            progress=False, **options)
+        result = results[name] = fxgradnas.prune(analysis, None, calibration, task_loss,
+                                                 constraint={"params": args.budget}, progress=False,
+                                                 search=SearchOptions(multiple_of=args.multiple_of),
+                                                 calibration=options)
         rows.append({"scorer": name, **result.achieved, **evaluate(result.model, held_out),
                      "score_s": result.seconds["score"], "search_s": result.seconds["search"],
                      "rewrite_s": result.seconds["rewrite"],
@@ -104,12 +107,12 @@ def run(args: argparse.Namespace) -> dict:
     # Ablation: the units l1 / random pick, at the per-group sizes gradnas (batch) chose.
     reference = results["gradnas (batch)"]
     for name in ["l1", *(n for n in results if n.startswith("random"))]:
-        pruned = same_allocation(analysis, reference, results[name].scores, args.divisor)
+        pruned = same_allocation(analysis, reference, results[name].scores, args.multiple_of)
         rows.append({"scorer": f"{name}, gradnas sizes", **reference.achieved, **evaluate(pruned, held_out)})
     return {
         "task": {"vocab": VOCAB, "lag": LAG, "length": args.length, "chance_loss": math.log(VOCAB)},
         "model": MODEL, "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "threads": args.threads, "budget": {"params": args.budget}, "divisor": args.divisor,
+        "threads": args.threads, "budget": {"params": args.budget}, "multiple_of": args.multiple_of,
         "calibration_batches": args.calibration_batches, "held_out": args.held_out,
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu, "analyze_seconds": analyze_seconds,
@@ -127,7 +130,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=24)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--budget", type=float, default=0.6, help="params ratio to keep")
-    parser.add_argument("--divisor", type=int, default=8)
+    parser.add_argument("--multiple-of", type=int, default=8)
     parser.add_argument("--calibration-batches", type=int, default=16)
     parser.add_argument("--held-out", type=int, default=512, help="held-out sequences")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: deterministic, robust to a busy CPU)")

@@ -6,7 +6,9 @@ The pipeline, one module per pass: :mod:`~fxgradnas.capture` (torch.export) -> :
 :mod:`~fxgradnas.rewrite` (the smaller module) -> :mod:`~fxgradnas.compensate` (re-fit what consumed the
 pruned units) -> :mod:`~fxgradnas.heal` (distil the pruned module from the dense one) ->
 :mod:`~fxgradnas.report`; :func:`prune` composes them, :mod:`fxgradnas.hf` keeps Hugging
-Face models Hugging Face models. Names load on first use, so ``import fxgradnas`` does not import torch.
+Face models Hugging Face models. The choices of every step are three option objects (:mod:`~fxgradnas.options`:
+:class:`SearchOptions`, :class:`CalibrationOptions`, :class:`CompensationOptions`). Names load on first use, so
+``import fxgradnas`` does not import torch.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = [
-    "Analysis", "AnalysisError", "ArgumentError", "ArgumentTypeError", "CalibrationError", "CaptureError", "Captured",
-    "ConstraintError", "CostModel", "DataError", "FxGradNasError", "Group", "Plan", "PlanError", "PruneResult",
-    "RewriteError", "Scores", "SearchResult", "UnknownGroupError", "analyze", "apply_plan", "calibrate", "capture",
+    "Analysis", "AnalysisError", "ArgumentError", "ArgumentTypeError", "CalibrationError", "CalibrationOptions",
+    "CaptureError", "Captured", "CompensationOptions", "ConstraintError", "CostModel", "DataError", "FxGradNasError",
+    "Group", "Plan", "PlanError", "PruneResult", "RewriteError", "Scores", "SearchOptions", "SearchResult",
+    "UnknownGroupError", "analyze", "apply_plan", "calibrate", "capture",
     "heal", "instrument", "l1_scores", "masked", "prune", "random_scores", "score", "search",
 ]
 _MODULE_OF = {
@@ -29,6 +32,7 @@ _MODULE_OF = {
     "masked": "instrument", "Plan": "plan", "PruneResult": "prune", "prune": "prune", "score": "prune",
     "apply_plan": "rewrite", "Scores": "scores", "l1_scores": "scores", "random_scores": "scores",
     "SearchResult": "search", "search": "search",
+    "CalibrationOptions": "options", "CompensationOptions": "options", "SearchOptions": "options",
     **dict.fromkeys(["AnalysisError", "ArgumentError", "ArgumentTypeError", "CalibrationError", "CaptureError",
                      "ConstraintError", "DataError", "FxGradNasError", "PlanError", "RewriteError", "UnknownGroupError"],
                     "errors"),
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     )
     from .heal import heal
     from .instrument import instrument, masked
+    from .options import CalibrationOptions, CompensationOptions, SearchOptions
     from .plan import Plan
     from .prune import PruneResult, prune, score
     from .rewrite import apply_plan

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import ArgumentError, ArgumentTypeError, CalibrationError, DataError
+from .errors import ArgumentTypeError, CalibrationError, DataError
 
 EMPTY = "data is empty: pass an iterable with at least one batch (a list, a DataLoader, a generator)"
 
@@ -87,15 +87,6 @@ def check_data(data: Any, name: str = "data") -> None:
                                 f"{type(data).__name__}")
 
 
-def check_max_batches(max_batches: Any) -> None:
-    if max_batches is None:
-        return
-    if isinstance(max_batches, bool) or not isinstance(max_batches, int):
-        raise ArgumentTypeError(f"max_batches must be an int (or None for every batch), not {max_batches!r}")
-    if max_batches < 1:
-        raise ArgumentError(f"max_batches must be at least 1 (or None for every batch), not {max_batches}")
-
-
 def check_callable(value: Any, name: str, arguments: str, optional: bool = True) -> None:
     """Raise ArgumentTypeError unless ``value`` is a function taking ``arguments`` ("output, batch"),
     positionally (or None where ``optional``)."""
@@ -145,7 +136,8 @@ class Reader:
             if self.max_batches is not None and index >= self.max_batches:
                 self.truncated = True
                 warnings.warn(f"{self.what} used the first {self.max_batches} batches of data and left the rest "
-                              f"unread (max_batches={self.max_batches}); pass max_batches=None to use every batch",
+                              f"unread (max_batches={self.max_batches}); pass {self.what.capitalize()}Options(max_batches=None) "
+                              "to use every batch",
                               stacklevel=3)
                 return
             self.count += 1

@@ -14,25 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group, check_groups, ensure_analysis
-from .batches import (
-    Reader,
-    batch_size_of,
-    check_callable,
-    check_data,
-    check_max_batches,
-    default_collect,
-    peek,
-    to_device,
-)
+from .batches import Reader, batch_size_of, check_callable, check_data, default_collect, peek, to_device
 from .capture import check_example_inputs
 from .errors import ArgumentError, ArgumentTypeError, CalibrationError
 from .instrument import GradientRecorder, instrument
 from .modules import check_weights, device_of
+from .options import CalibrationOptions, check_instance
 from .plan import Plan, check_plan
 from .scores import Scores
 from .shard import BLOCKS, recompute_blocks, shard_blocks, split_blocks
-
-MODES = ("batch", "sample")
 
 
 def _relative_change(previous: dict[str, torch.Tensor] | None, current: dict[str, torch.Tensor]) -> float:
@@ -49,97 +39,100 @@ def _per_sample_groups(groups: list[Group], explicit: bool) -> list[Group]:
     shared = [g for g in groups if not all(site.batch_major for site in g.sites)]
     if shared and explicit:
         raise CalibrationError(
-            f"mode='sample' needs a batch axis at every mask site; group(s) {', '.join(g.name for g in shared)} "
-            "have a site shared by all samples. Use mode='batch' or leave them out of groups"
+            f"granularity='sample' needs a batch axis at every mask site; group(s) {', '.join(g.name for g in shared)} "
+            "have a site shared by all samples. Use granularity='batch' or leave them out of groups"
         )
     if shared:
-        warnings.warn(f"mode='sample' leaves out group(s) {', '.join(g.name for g in shared)}: a mask site is "
-                      "shared by all samples (use mode='batch' to score them)", stacklevel=3)
+        warnings.warn(f"granularity='sample' leaves out group(s) {', '.join(g.name for g in shared)}: a mask site "
+                      "is shared by all samples (use granularity='batch' to score them)", stacklevel=3)
     return [g for g in groups if g not in shared]
 
 
-def check_calibration_options(*, mode: Any = "batch", max_batches: Any = 128, collect_fn: Any = None,
-                              autocast_dtype: Any = None, converged_below: Any = None, patience: Any = 5,
-                              shard: Any = False, checkpoint: Any = None, recompute: Any = False) -> None:
-    """Raise ArgumentError/ArgumentTypeError for a calibration option fxgradnas cannot use."""
-    if mode not in MODES:
-        raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
-    check_max_batches(max_batches)
-    check_callable(collect_fn, "collect_fn", "batch")
-    if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
-        raise ArgumentTypeError(f"autocast_dtype must be a floating torch.dtype like torch.bfloat16 (or None), "
-                                f"not {autocast_dtype!r}")
-    if converged_below is not None and (isinstance(converged_below, bool) or not isinstance(converged_below, (int, float))
-                                        or not converged_below >= 0):
-        raise ArgumentError(f"converged_below must be a non-negative number (or None: no early stop), not "
-                            f"{converged_below!r}")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ArgumentError(f"patience must be an int of at least 1, not {patience!r}")
-    if not isinstance(shard, bool):
-        raise ArgumentTypeError(f"shard must be True or False, not {shard!r}")
-    if not isinstance(recompute, bool):
-        raise ArgumentTypeError(f"recompute must be True or False, not {recompute!r}")
-    if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+def check_sharding(options: CalibrationOptions, checkpoint: Any = None) -> None:
+    """Raise ArgumentError unless the sharding ``options`` ask for can run here: ``shard`` needs an initialised
+    torch.distributed, ``checkpoint`` (a safetensors directory the shards are read from) needs ``shard``."""
+    if options.shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ArgumentError("shard=True shards the weights over torch.distributed ranks: call "
                             "torch.distributed.init_process_group() in every rank first")
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, Path)):
             raise ArgumentTypeError(f"checkpoint must be a directory (str or Path), not {type(checkpoint).__name__}")
-        if not shard:
-            raise ArgumentError("checkpoint is read shard by shard into the ranks: pass shard=True with it")
+        if not options.shard:
+            raise ArgumentError("checkpoint is read shard by shard into the ranks: pass "
+                                "CalibrationOptions(shard=True) with it")
         if not Path(checkpoint).is_dir():
             raise ArgumentError(f"checkpoint must be a safetensors checkpoint directory; {checkpoint} is none")
+
+
+def autocast_dtype(options: CalibrationOptions) -> torch.dtype | None:
+    """The torch.dtype of ``options.autocast_dtype`` (a name or a dtype), or None."""
+    dtype = options.autocast_dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def calibrate(
     model: torch.nn.Module | Analysis,
     data: Iterable,
     loss_fn: Callable[[Any, Any], torch.Tensor],
+    options: CalibrationOptions = CalibrationOptions(),
     *,
     example_inputs: Any = None,
     collect_fn: Callable[[Any], Any] | None = None,
-    max_batches: int | None = 128,
-    mode: str = "batch",
     groups: list[Group] | None = None,
     plan: Plan | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    converged_below: float | None = None,
-    patience: int = 5,
-    progress: bool = True,
-    shard: bool = False,
     checkpoint: str | Path | None = None,
-    recompute: bool = False,
+    progress: bool = True,
 ) -> Scores:
     """Score every unit of the prunable groups by ``Sum((dLoss/dMask)^2)`` over calibration batches.
 
-    ``data``: an iterable of batches, read once (without ``example_inputs`` its first batch also
-    captures the model); ``collect_fn(batch)`` gives the model inputs (default :func:`default_collect`),
-    which must have the structure of the example inputs; ``loss_fn(output, batch)`` returns a scalar.
-    At most ``max_batches`` are used (a warning says when more were left). ``mode="batch"`` squares each
-    batch's gradient (the reference); ``"sample"`` squares each sample's (an empirical Fisher), at the
-    same backward cost. Runs where the model is (batches are moved there), always in eval mode (dropout
-    off, BatchNorm on its running statistics; a warning says so for a model in train mode), on read-only
-    views of the model's parameters: only mask gradients are computed, and the model's flags and
-    ``.grad`` are never touched. With ``converged_below``, stops early once the mean relative change of
-    the averaged scores stays below it for ``patience`` batches. Under ``torch.distributed`` the sums are
-    all-reduced, so N ranks on N shards give the scores of one process on all batches. With ``shard`` the
-    graph's blocks are also sharded over the ranks (FSDP2, :func:`fxgradnas.shard.shard_blocks`): each rank
-    keeps 1/N of every block's weights and gathers one block at a time. With ``checkpoint`` (a safetensors
-    checkpoint directory) the ranks read the weights from it one block at a time, each keeping its shard,
-    so the model may have its parameters on the meta device
-    (``accelerate.init_empty_weights(include_buffers=False)``, then ``tie_weights()``). With ``recompute``
-    each block of the graph (``model.layers.N``) runs under activation checkpointing
-    (:func:`fxgradnas.shard.recompute_blocks`): backward keeps each block's inputs only and runs its forward
-    again, so it holds one block's activations instead of all of them, for about one more forward of time;
-    the scores are the same.
+    Runs where the model is (batches are moved there), always in eval mode (dropout off, BatchNorm on its
+    running statistics; a warning says so for a model in train mode), on read-only views of the model's
+    parameters: only mask gradients are computed, and the model's flags and ``.grad`` are never touched.
+    Under ``torch.distributed`` the sums are all-reduced, so N ranks on N shards give the scores of one process
+    on all batches. With ``options.shard`` the graph's blocks are also sharded over the ranks (FSDP2,
+    :func:`fxgradnas.shard.shard_blocks`): each rank keeps 1/N of every block's weights and gathers one block
+    at a time. With ``options.recompute`` each block of the graph (``model.layers.N``) runs under activation
+    checkpointing (:func:`fxgradnas.shard.recompute_blocks`): backward keeps each block's inputs only and runs
+    its forward again, so it holds one block's activations instead of all of them; the scores are the same.
+
+    Args:
+        model: A module, or its analysis (:func:`fxgradnas.analyze`) to score without capturing again.
+        data: An iterable of batches, read once (without ``example_inputs`` its first batch also captures the
+            model); at most ``options.max_batches`` are used (a warning says when more were left).
+        loss_fn: ``loss_fn(output, batch)`` returns a scalar tensor.
+        options: Granularity, batch limit, autocast, early stop, sharding and recomputation
+            (:class:`fxgradnas.CalibrationOptions`; its ``scorer`` must be ``"gradnas"``).
+        example_inputs: What the model is captured with, when ``model`` is a module (default: the first batch).
+        collect_fn: ``collect_fn(batch)`` gives the model inputs (default
+            :func:`fxgradnas.batches.default_collect`), which must have the structure of the example inputs.
+        groups: Groups of the analysis to score (default: every prunable group).
+        plan: Units already pruned: their masks are zero while the others are scored.
+        checkpoint: With ``options.shard``, a safetensors checkpoint directory the ranks read the weights from
+            one block at a time, each keeping its shard, so the model may have its parameters on the meta
+            device (``accelerate.init_empty_weights(include_buffers=False)``, then ``tie_weights()``).
+        progress: Show a progress bar.
+
+    Returns:
+        The averaged unit scores of every scored group, with how they were made.
+
+    Raises:
+        ArgumentTypeError: ``model``, ``data``, ``loss_fn``, ``collect_fn`` or ``options`` has a type
+            calibration cannot use.
+        ArgumentError: ``options.scorer`` is not ``"gradnas"``, ``groups`` or ``plan`` do not belong to the
+            model, or the sharding asked for cannot run here.
+        DataError: ``data`` is empty or a batch does not match the example inputs.
+        CalibrationError: The loss is not a finite scalar depending on the output, or no mask gets a gradient.
     """
     if not isinstance(model, (torch.nn.Module, Analysis)):
         raise ArgumentTypeError(f"model must be a torch.nn.Module or an Analysis, not {type(model).__name__}")
+    check_instance(options, CalibrationOptions, "options")
+    if options.scorer != "gradnas":
+        raise ArgumentError(f"calibrate computes the gradnas scores; CalibrationOptions(scorer={options.scorer!r}) "
+                            "is for fxgradnas.score")
     check_data(data)
     check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
-    check_calibration_options(mode=mode, max_batches=max_batches, collect_fn=collect_fn, autocast_dtype=autocast_dtype,
-                              converged_below=converged_below, patience=patience, shard=shard,
-                              checkpoint=checkpoint, recompute=recompute)
+    check_callable(collect_fn, "collect_fn", "batch")
+    check_sharding(options, checkpoint)
     if example_inputs is not None:
         check_example_inputs(example_inputs)
     check_weights(model.captured.model if isinstance(model, Analysis) else model, "calibration",
@@ -153,7 +146,9 @@ def calibrate(
     chosen = list(groups) if groups is not None else analysis.prunable
     if not chosen:
         raise CalibrationError("the model has no prunable group to score; see analyze(...).table()")
-    if mode == "sample":
+    max_batches, converged_below, patience = options.max_batches, options.converged_below, options.patience
+    shard, recompute, granularity = options.shard, options.recompute, options.granularity
+    if granularity == "sample":
         chosen = _per_sample_groups(chosen, explicit=groups is not None)
     if plan is not None:
         check_plan(plan)
@@ -175,7 +170,7 @@ def calibrate(
                       "the model in eval mode (dropout off, BatchNorm on its running statistics) and leaves its "
                       "modes as they are", stacklevel=2)
     device = device_of(inst.module)
-    recorder = GradientRecorder(per_sample=mode == "sample")
+    recorder = GradientRecorder(per_sample=granularity == "sample")
     if plan is not None:
         inst.set_plan(masked, plan)
     inst.attach(recorder)
@@ -186,9 +181,8 @@ def calibrate(
     for name in (g.name for g in chosen):
         inst.masks[name].requires_grad_(True)
     sums = {g.name: torch.zeros(g.unit_shape, device=device) for g in chosen}
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    )
+    dtype = autocast_dtype(options)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     history: list[float] = []
     previous, calm, count = None, 0, 0
@@ -234,5 +228,5 @@ def calibrate(
             torch.distributed.all_reduce(v)
         count = int(counter.item())
     scores = {k: v.detach().reshape(-1).cpu() for k, v in sums.items()}
-    return Scores(scores, scorer="gradnas", mode=mode, batches=count, seconds=time.perf_counter() - start,
+    return Scores(scores, scorer="gradnas", granularity=granularity, batches=count, seconds=time.perf_counter() - start,
                   history=history, truncated=reader.truncated)

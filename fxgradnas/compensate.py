@@ -6,6 +6,8 @@ For a group whose units feed a Linear ``y = W x + b`` (o_proj for heads, down_pr
 channels), calibration batches give the float64 second moment ``S = E[x x^T]`` and mean of the
 Linear's input. Keeping columns ``K``, the target is the layer's own output ``W x``:
 
+The options (:class:`fxgradnas.CompensationOptions`):
+
 - ``"ls"``: the re-fit ``W'_K = (W S[:, K] + lambda W_K) (S[K, K] + lambda I)^-1``, least squares with
   a ridge that pulls towards the original kept columns (``damping`` scales ``lambda`` by the mean
   diagonal of ``S[K, K]``), which keeps the fit from over-adapting to the calibration text;
@@ -42,31 +44,14 @@ from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
 from .analysis import Analysis, Group, check_analysis
-from .batches import (
-    Reader,
-    batch_size_of,
-    call_with,
-    check_callable,
-    check_data,
-    check_max_batches,
-    default_collect,
-    to_device,
-)
-from .errors import ArgumentError, ArgumentTypeError
+from .batches import Reader, batch_size_of, call_with, check_callable, check_data, default_collect, to_device
+from .errors import ArgumentTypeError
 from .instrument import MaskSite, instrument
 from .modules import device_of
+from .options import CompensationOptions, check_instance
 from .plan import Plan, check_plan
 from .units import keep_grid, kept_masks, removed_blocks, spread
 
-METHODS = ("scale", "ls")
-# The ridge: chosen on SmolLM2-135M calibrated on Python source and evaluated on prose and Shakespeare
-# (benchmarks/RESULTS.md, "Compensation"); 0.3 beat 0.1, 1, 3 and 10 on the prose at 75 % and 90 % params
-# and tied 1 on Shakespeare.
-DAMPING = 0.3
-# The widest consumer input re-fitted by default: its float64 Gram matrix takes width^2 x 8 bytes (2.1 GB
-# here; Llama-3-8B's down_proj reads 14,336 columns). A convolution flattened into a classifier
-# (VGG's 25,088 columns: 5 GB, 13 GB at its peak) is left as pruned unless max_width allows it.
-MAX_WIDTH = 16384
 aten = torch.ops.aten
 
 
@@ -93,6 +78,9 @@ class InputStatistics:
 
 @dataclass
 class LayerReport:
+    """One re-fitted consumer: its group, its weight, the reconstruction error before and after, and whether the
+    new weights were kept (the error went down)."""
+
     group: str
     consumer: str
     error_before: float
@@ -402,29 +390,42 @@ def compensate(
     plan: Plan,
     pruned: GraphModule,
     data: Iterable,
+    options: CompensationOptions = CompensationOptions(),
     *,
-    method: str = "ls",
-    bias: bool = True,
-    damping: float = DAMPING,
-    sequential: bool = True,
     collect_fn: Callable[[Any], Any] | None = None,
-    max_batches: int | None = 128,
-    max_width: int | None = MAX_WIDTH,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Re-fit the Linear layers consuming ``plan``'s pruned units on ``data`` and fold the new weights
-    into ``pruned`` (the module :func:`fxgradnas.apply_plan` made for ``plan``, changed in place);
-    returns one report per layer. ``data`` is read once per call (at most ``max_batches``), in eval mode,
-    on read-only views of the model's tensors. A consumer reading more than ``max_width`` columns (``None``:
-    no limit) is left as pruned, with a warning: its statistics need ``max_width^2`` float64 numbers."""
+    """Re-fit the Linear layers consuming ``plan``'s pruned units on ``data`` and fold the new weights into
+    ``pruned``, changed in place (see the module docstring). ``data`` is read once per call, in eval mode, on
+    read-only views of the model's tensors.
+
+    Args:
+        analysis: The analysis ``plan`` was made for.
+        plan: The plan ``pruned`` was made with.
+        pruned: The module :func:`fxgradnas.apply_plan` made for ``plan``.
+        data: An iterable of calibration batches (at most ``options.max_batches`` are read).
+        options: Method, ridge, bias, sequential fitting and limits (:class:`fxgradnas.CompensationOptions`).
+        collect_fn: ``collect_fn(batch)`` gives the model inputs (default
+            :func:`fxgradnas.batches.default_collect`).
+        progress: Show a progress bar.
+
+    Returns:
+        One report per re-fitted layer: its error before and after, and whether the fit was kept.
+
+    Raises:
+        ArgumentTypeError: ``analysis``, ``plan``, ``pruned``, ``options`` or ``collect_fn`` has the wrong type.
+        DataError: ``data`` is empty or a batch does not match the example inputs.
+    """
     check_analysis(analysis, "compensate")
-    check_compensation_options(method=method, damping=damping, max_batches=max_batches, collect_fn=collect_fn,
-                               max_width=max_width)
+    check_instance(options, CompensationOptions, "options")
+    check_callable(collect_fn, "collect_fn", "batch")
     check_plan(plan)
     check_data(data)
     if not isinstance(pruned, GraphModule):
         raise ArgumentTypeError(f"pruned must be the GraphModule apply_plan made for the plan, not "
                                 f"{type(pruned).__name__}")
+    method, bias, damping, max_batches = options.method, options.bias, options.damping, options.max_batches
+    sequential, max_width = options.sequential, options.max_width
     fitter = _Fitter(method, bias, damping)
     found = consumers(analysis, plan)
     if max_width is not None:
@@ -451,22 +452,10 @@ def compensate(
     return fitter.reports
 
 
-def check_compensation_options(*, method: Any = "ls", damping: Any = DAMPING, max_batches: Any = 128,
-                               collect_fn: Any = None, max_width: Any = MAX_WIDTH) -> None:
-    """Raise ArgumentError/ArgumentTypeError for a compensation option fxgradnas cannot use."""
-    if max_width is not None and (isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 1):
-        raise ArgumentError(f"max_width must be a positive int or None, not {max_width!r}")
-    if method not in METHODS:
-        raise ArgumentError(f"compensate must be one of {METHODS} (or None in prune), not {method!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
-        raise ArgumentError(f"damping must be a finite non-negative number, not {damping!r}")
-    check_max_batches(max_batches)
-    check_callable(collect_fn, "collect_fn", "batch")
-
-
 def timed_compensation(analysis: Analysis, plan: Plan, pruned: GraphModule, data: Iterable,
-                       **options: Any) -> tuple[list[LayerReport], float]:
+                       options: CompensationOptions = CompensationOptions(),
+                       **keywords: Any) -> tuple[list[LayerReport], float]:
     """:func:`compensate` and the seconds it took."""
     start = time.perf_counter()
-    reports = compensate(analysis, plan, pruned, data, **options)
+    reports = compensate(analysis, plan, pruned, data, options, **keywords)
     return reports, time.perf_counter() - start

@@ -59,22 +59,40 @@ def write_back(model: nn.Module, analysis: Analysis, plan: Plan, weights: GraphM
     needs (``num_key_value_groups``, GPT-2 ``split_size``, Linear/Conv1D/norm sizes, RMSNorm rescale
     over a pruned hidden width), so it stays a Hugging Face model (``generate``, ``save_pretrained``).
     Removed blocks are deleted from their ModuleList and the layers renumbered (:func:`remove_layers`).
-    ``weights``: the pruned graph module to take parameter values from (``result.model``, e.g. after
-    compensation) instead of the slices of ``model``'s own; they are copied, or with ``share_weights=True``
-    the model takes ``weights``' own parameters (no memory, but training one then trains the other).
-
-    With ``check`` (and every pruned group exact) the written-back model is compared with ``weights``,
-    or else with the masked reference, on the captured example inputs (relative max difference at most
-    ``tolerance``, default :func:`fxgradnas.rewrite.default_tolerance` of the model's dtype); a mismatch
-    raises RewriteError. Returns the structure (parameter shapes, module attributes) that :func:`load_pruned` re-applies; it is also recorded in ``model.config.fxgradnas``.
 
     Where every layer of the pruned model has the sizes one config can spell (a plan searched with
-    ``uniform=True``, or one that removes blocks only), ``model.config`` is given them (``intermediate_size``,
-    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ...) and ``structure["standard"]`` is True:
-    the model :func:`save_pruned` writes then loads with plain ``from_pretrained``. It is True only when a model
-    built from that config has the pruned model's parameter shapes and, with ``check``, its outputs on the
-    example inputs (without ``check`` a pruned hidden width is not called standard: the outputs are what shows
-    whether the family reads its width from the config at run time)."""
+    ``SearchOptions(uniform=True)``, or one that removes blocks only), ``model.config`` is given them
+    (``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ...) and
+    ``structure["standard"]`` is True: the model :func:`save_pruned` writes then loads with plain
+    ``from_pretrained``. It is True only when a model built from that config has the pruned model's parameter
+    shapes and, with ``check``, its outputs on the example inputs (without ``check`` a pruned hidden width is
+    not called standard: the outputs are what shows whether the family reads its width from the config at run
+    time).
+
+    Args:
+        model: The Hugging Face model ``analysis`` was made from; changed in place.
+        analysis: The analysis the plan was searched on.
+        plan: The units each pruned group keeps.
+        weights: The pruned graph module to take parameter values from (``result.model``, e.g. after
+            compensation) instead of the slices of ``model``'s own.
+        check: With every pruned group exact, compare the written-back model with ``weights`` (or else the
+            masked reference) on the captured example inputs.
+        tolerance: The largest relative max difference the check accepts (default
+            :func:`fxgradnas.rewrite.default_tolerance` of the model's dtype).
+        share_weights: The model takes ``weights``' own parameters instead of copies (no memory, but training
+            one then trains the other).
+
+    Returns:
+        The structure (parameter shapes, module attributes, ``"standard"``) that :func:`load_pruned` re-applies;
+        it is also recorded in ``model.config.fxgradnas``.
+
+    Raises:
+        ArgumentTypeError: ``analysis`` or ``plan`` has the wrong type.
+        PlanError: The plan does not fit the analysis.
+        ArgumentError: ``check`` needs the weights and the model has tensors on the meta device.
+        RewriteError: The plan's layers cannot be removed from this model, or the written-back model's outputs
+            differ from the reference by more than ``tolerance``.
+    """
     check_analysis(analysis, "write_back")
     check_plan(plan)
     if check:

@@ -135,7 +135,7 @@ class MaskSite(nn.Module):
             if not self.batch_major:
                 raise ValueError(
                     f"per-sample scores need the batch as the leading axis at mask site of group "
-                    f"{self.group!r}; use mode='batch'"
+                    f"{self.group!r}; use granularity='batch'"
                 )
             g = g.reshape(recorder.batch_size, -1, length).sum(1)
         else:

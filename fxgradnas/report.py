@@ -101,8 +101,8 @@ def prune_summary(result: PruneResult) -> str:
         f"constraint  {metric} <= {budget:,} ({budget / s.base[metric]:.1%} of {s.base[metric]:,})",
         f"params      {s.base['params']:,} -> {s.costs['params']:,} ({s.achieved['params']:.1%})",
         f"flops       {s.base['flops']:,} -> {s.costs['flops']:,} ({s.achieved['flops']:.1%}, per example input)",
-        f"scores      {result.scores.scorer}" + (f", mode {result.scores.mode}, {result.scores.batches} batches"
-                                                  if result.scores.mode else "")
+        f"scores      {result.scores.scorer}" + (f", granularity {result.scores.granularity}, {result.scores.batches} "
+                                                  "batches" if result.scores.granularity else "")
         + (" (max_batches reached: later batches were not read)" if result.scores.truncated else ""),
     ]
     if result.self_check is not None:

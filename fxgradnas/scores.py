@@ -13,18 +13,18 @@ from .units import fold_to_units
 
 class Scores(dict):
     """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made;
-    ``truncated``: calibration stopped at ``max_batches`` with batches left unread."""
+    ``granularity``: calibration's ("batch" or "sample"; empty for the baselines); ``truncated``: calibration stopped at ``max_batches`` with batches left unread."""
 
-    def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, mode: str = "", batches: int = 0,
+    def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, granularity: str = "", batches: int = 0,
                  seconds: float = 0.0, history: list[float] | None = None, truncated: bool = False) -> None:
         super().__init__(scores)
-        self.scorer, self.mode, self.batches, self.seconds = scorer, mode, batches, seconds
+        self.scorer, self.granularity, self.batches, self.seconds = scorer, granularity, batches, seconds
         self.history = history or []
         self.truncated = truncated
 
     def replaced(self, scores: dict[str, torch.Tensor], **changes: object) -> Scores:
         """New values (and ``changes`` of the attributes), with the rest of how they were made."""
-        fields = {"scorer": self.scorer, "mode": self.mode, "batches": self.batches, "seconds": self.seconds,
+        fields = {"scorer": self.scorer, "granularity": self.granularity, "batches": self.batches, "seconds": self.seconds,
                   "history": self.history, "truncated": self.truncated}
         return Scores(scores, **{**fields, **changes})
 

@@ -19,21 +19,17 @@ import math
 import numbers
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .analysis import Analysis, Group, check_analysis
-from .analysis.groups import KINDS
 from .cost import METRICS, CostModel
 from .errors import ArgumentError, ArgumentTypeError, ConstraintError
+from .options import SearchOptions, check_instance
 from .plan import Plan
-
-RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
-SEARCHERS = ("binary", "greedy")
-GQA = ("both", "kv", "queries")
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,19 @@ class Choice:
 
 @dataclass
 class SearchResult:
+    """What :func:`fxgradnas.search` found.
+
+    Attributes:
+        plan: The units each pruned group keeps.
+        choices: Each searched group's choice (kept counts, kept units, degradation).
+        costs: Params and FLOPs of the plan's model.
+        base: Params and FLOPs of the whole model.
+        budget: The constraint as ``(metric, absolute budget)``.
+        params_removed: Per group, the params its own choice alone removes.
+        history: The search's steps (thresholds tried, groups grown, layers traded) with their costs.
+        seconds: How long the search took.
+    """
+
     plan: Plan
     choices: dict[str, Choice]
     costs: dict[str, int]
@@ -59,6 +68,7 @@ class SearchResult:
 
     @property
     def achieved(self) -> dict[str, float]:
+        """Params and FLOPs of the plan as ratios of the whole model's."""
         return {m: self.costs[m] / self.base[m] for m in METRICS}
 
 
@@ -109,51 +119,25 @@ def parse_constraint(constraint: Any, base: dict[str, int]) -> tuple[str, int]:
     return metric, value
 
 
-def check_search_options(*, searcher: Any = "binary", kinds: Any = ("heads", "channels", "experts"), divisor: Any = 32,
-                         ratios: Any = RATIOS, gqa: Any = "both", uniform: Any = False) -> tuple[str, ...]:
-    """Raise ArgumentError/ArgumentTypeError for a search option fxgradnas cannot use; returns ``kinds`` as
-    a tuple."""
-    if searcher not in SEARCHERS:
-        raise ArgumentError(f"searcher must be one of {SEARCHERS}, not {searcher!r}")
-    if isinstance(kinds, str) or not isinstance(kinds, Iterable):
-        raise ArgumentTypeError(f"kinds must be a tuple of group kinds like ('heads', 'channels'), not {kinds!r}")
-    kinds = tuple(kinds)
-    if not kinds or any(k not in KINDS for k in kinds):
-        raise ArgumentError(f"kinds must be a non-empty tuple of {KINDS}, not {kinds!r}")
-    if isinstance(divisor, bool) or not isinstance(divisor, numbers.Integral) or divisor < 1:
-        raise ArgumentError(f"divisor must be an int of at least 1 (channel counts are multiples of it), "
-                            f"not {divisor!r}")
-    if isinstance(ratios, (str, Mapping)) or not isinstance(ratios, Iterable):
-        raise ArgumentTypeError(f"ratios must be a tuple of floats in (0, 1], not {ratios!r}")
-    ratios = tuple(ratios)
-    if not ratios or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
-        raise ArgumentError(f"ratios must be a non-empty tuple of floats in (0, 1], not {ratios!r}")
-    if gqa not in GQA:
-        raise ArgumentError(f"gqa must be one of {GQA}, not {gqa!r}")
-    if not isinstance(uniform, bool):
-        raise ArgumentTypeError(f"uniform must be True or False, not {uniform!r}")
-    return kinds
-
-
-def _counts(width: int, ratios: tuple[float, ...], divisor: int) -> list[int]:
-    step = divisor if width >= divisor else 1
+def _counts(width: int, ratios: tuple[float, ...], multiple_of: int) -> list[int]:
+    step = multiple_of if width >= multiple_of else 1
     counts = {min(width, max(step, round(r * width / step) * step)) for r in ratios}
     return sorted(counts | {width})
 
 
-def group_choices(group: Group, scores: torch.Tensor, *, ratios: tuple[float, ...] = RATIOS,
-                  divisor: int = 32, gqa: str = "both") -> list[Choice]:
-    """Choices of a group, smallest first, each keeping its top-scored units."""
+def group_choices(group: Group, scores: torch.Tensor, options: SearchOptions = SearchOptions()) -> list[Choice]:
+    """Choices of a group, smallest first, each keeping its top-scored units (channel counts from
+    ``options.ratios`` and ``options.multiple_of``, head counts by ``options.gqa``)."""
     scores = scores.double().reshape(group.unit_shape)
     total = float(scores.sum())
     if group.kind == "heads":
-        return _head_choices(group, scores, total, gqa)
+        return _head_choices(group, scores, total, options.gqa)
     order = torch.argsort(scores, descending=True, stable=True)
     pruned_tail = torch.cumsum(scores[order].flip(0), 0).flip(0)  # pruned_tail[k] = sum of order[k:]
     choices = []
     # experts and blocks: every count from the fewest up (few, and each one large)
     every = group.kind in ("experts", "blocks")
-    counts = range(group.min_units, group.size + 1) if every else _counts(group.size, ratios, divisor)
+    counts = range(group.min_units, group.size + 1) if every else _counts(group.size, options.ratios, options.multiple_of)
     for k in counts:
         lost = float(pruned_tail[k]) if k < group.size else 0.0
         units = tuple(order[:k].sort().values.tolist())
@@ -267,35 +251,49 @@ def search(
     analysis: Analysis,
     scores: dict[str, torch.Tensor],
     constraint: dict,
+    options: SearchOptions = SearchOptions(),
     *,
-    searcher: str = "binary",
-    kinds: tuple[str, ...] = ("heads", "channels", "experts"),
-    divisor: int = 32,
-    ratios: tuple[float, ...] = RATIOS,
-    gqa: str = "both",
-    uniform: bool = False,
     cost_model: CostModel | None = None,
 ) -> SearchResult:
     """A plan meeting ``constraint`` with the least total degradation the searcher finds.
 
-    ``kinds``: which group kinds are searched (the others stay whole); add ``"hidden"`` to prune
-    the residual width too, ``"blocks"`` to remove whole layers. ``uniform``: the groups of one kind and unit
-    shape (:func:`uniform_classes`: every MLP, every attention) keep one count, chosen by their degradations
+    Only the groups of ``options.kinds`` are searched (the others stay whole); add ``"hidden"`` to prune the
+    residual width too, ``"blocks"`` to remove whole layers. With ``options.uniform`` the groups of one kind and
+    unit shape (:func:`uniform_classes`: every MLP, every attention) keep one count, chosen by their degradations
     summed; each group keeps its own best units. A Hugging Face model pruned so has one size per config entry: a
     standard checkpoint.
+
+    Args:
+        analysis: The analysed model (:func:`fxgradnas.analyze`).
+        scores: Unit scores per group name (:func:`fxgradnas.score` or :func:`fxgradnas.calibrate`); a group
+            without scores stays whole.
+        constraint: One budget: a ratio ``{"params": 0.75}``, a percentage ``{"flops": "70%"}`` or a count
+            ``{"params": 100_000_000}``.
+        options: The searcher, the kinds searched and the choices each group offers (:class:`SearchOptions`).
+        cost_model: The cost model of ``analysis``, when the caller already has one (it is built otherwise).
+
+    Returns:
+        The plan, each group's choice, the plan's costs against the model's and the search's history.
+
+    Raises:
+        ConstraintError: The constraint is malformed, more than the model has, or smaller than the smallest
+            model the options allow.
+        ArgumentTypeError: ``analysis`` is not an Analysis, ``options`` not a SearchOptions or ``scores`` not a
+            mapping.
+        ArgumentError: ``scores`` name a group the analysis has not, or are not finite unit scores of its size.
     """
     check_constraint(constraint)
-    kinds = check_search_options(searcher=searcher, kinds=kinds, divisor=divisor, ratios=ratios, gqa=gqa,
-                                 uniform=uniform)
+    check_instance(options, SearchOptions, "options")
+    searcher, kinds, uniform = options.searcher, options.kinds, options.uniform
     check_analysis(analysis, "search")
     _check_scores(analysis, scores)
     start = time.perf_counter()
     model = cost_model or CostModel(analysis)
     metric, budget = parse_constraint(constraint, model.base)
     groups = [g for g in analysis.prunable if g.kind in kinds and g.name in scores]
-    options = {g.name: group_choices(g, scores[g.name], ratios=ratios, divisor=divisor, gqa=gqa) for g in groups}
+    options_of = {g.name: group_choices(g, scores[g.name], options) for g in groups}
     members = uniform_classes(groups) if uniform else {g.name: [g.name] for g in groups}
-    slots = {s: _shared_choices(options, m) if len(m) > 1 else options[s] for s, m in members.items()}
+    slots = {s: _shared_choices(options_of, m) if len(m) > 1 else options_of[s] for s, m in members.items()}
     smallest = _State(model, slots, {s: 0 for s in slots}, members)
     if smallest.costs[metric] > budget:
         raise ConstraintError(
@@ -309,7 +307,7 @@ def search(
     if layers:
         state = _trade_layers(model, slots, members, metric, budget, searcher, state, layers, history)
     kept = state.kept()
-    choices = {g: next(c for c in options[g] if c.kept == kept[g]) for g in options}
+    choices = {g: next(c for c in options_of[g] if c.kept == kept[g]) for g in options_of}
     plan = Plan({g: list(c.units) for g, c in choices.items() if len(c.units) < analysis.group(g).size})
     removed = {g: -model.delta("params", g, {}, c.kept) for g, c in choices.items()}
     return SearchResult(plan, choices, state.costs, model.base, (metric, budget), removed, history,

@@ -14,8 +14,8 @@ Checks (``CHECKS``):
   every prunable exact group (heads and channels / the hidden width / all of them) is applied with
   ``apply_plan(check=False)`` and compared with ``masked`` on the example inputs and on fresh random
   inputs of the same shapes: pass if the relative max difference is at most ``TOLERANCE``.
-- ``prune``: ``fxgradnas.prune(..., constraint={"params": 0.6}, scorer="random")`` reaches 60 %, with
-  the default re-fit (``compensate="ls"``) on the example batch for Hugging Face models; torchvision
+- ``prune``: ``fxgradnas.prune(..., constraint={"params": 0.6}, calibration=CalibrationOptions(scorer="random"))``
+  reaches 60 %, with the default re-fit (``CompensationOptions()``) on the example batch for Hugging Face models; torchvision
   models, whose only re-fittable layers are classifiers of up to 25,088 inputs, skip it.
 - ``write_back`` (Hugging Face): ``fxgradnas.hf.write_back`` of the ``plan_all`` plan into a copy of
   the model; its output equals the masked graph's.
@@ -246,15 +246,18 @@ def _zero_loss(output: Any, batch: Any) -> torch.Tensor:
     return torch.zeros(())
 
 
-def check_prune(analysis: Any, inputs: Any, compensate: str | None = "ls") -> Check:
+def check_prune(analysis: Any, inputs: Any, refit: bool = True) -> Check:
     """``prune`` to :data:`BUDGET` of the params with its default kinds; where those cannot reach it and the
     residual width is an exact prunable group (a CNN whose BatchNorms make it exact: ResNeXt keeps most of
-    its params in the residual convs), with the hidden width too, as the error message suggests."""
+    its params in the residual convs), with the hidden width too, as the error message suggests; ``refit``:
+    with the default re-fit."""
     import fxgradnas
 
-    def run(**options: Any) -> Any:
+    def run(search: Any = None) -> Any:
         return fxgradnas.prune(analysis, None, [inputs], _zero_loss, constraint={"params": BUDGET},
-                               scorer="random", progress=False, compensate=compensate, **options)
+                               search=search or fxgradnas.SearchOptions(), progress=False,
+                               calibration=fxgradnas.CalibrationOptions(scorer="random"),
+                               compensation=fxgradnas.CompensationOptions() if refit else None)
 
     note = ""
     try:
@@ -267,7 +270,7 @@ def check_prune(analysis: Any, inputs: Any, compensate: str | None = "ls") -> Ch
         if not any(g.kind == "hidden" and g.exact for g in analysis.prunable):
             return failure
         try:
-            result = run(kinds=("heads", "channels", "experts", "hidden"))
+            result = run(fxgradnas.SearchOptions(kinds=("heads", "channels", "experts", "hidden")))
         except fxgradnas.ConstraintError:
             return failure
         note = " (with the hidden width)"
@@ -467,7 +470,7 @@ def run_checks(name: str, checks: tuple[str, ...] = CHECKS, seed: int = 0,
             plan = random_plan(analysis, seed, half=True, kinds=kinds, allow_empty=True)
             record(check, lambda p=plan: check_plan(analysis, p, model, inputs))
     if "prune" in checks:
-        record("prune", lambda: check_prune(analysis, inputs, "ls" if report.source == "hf" else None))
+        record("prune", lambda: check_prune(analysis, inputs, report.source == "hf"))
     hf_checks = [c for c in ("write_back", "generate", "save_load") if c in checks]
     if report.source == "hf" and hf_checks:
         plan = random_plan(analysis, seed, half=True, kinds=PLAN_KINDS["plan_all"], allow_empty=True)

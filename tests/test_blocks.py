@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fxgradnas
-from fxgradnas import CostModel, Plan, PlanError, apply_plan
+from fxgradnas import CostModel, Plan, PlanError, SearchOptions, apply_plan
 from fxgradnas.instrument import instrument
 from fxgradnas.units import keep_grid, kept_per_unit_axis
 from tests import families, zoo
@@ -105,8 +105,8 @@ def test_block_scores_are_squared_mask_gradients() -> None:
 def test_prune_removes_the_best_scored_layers_last_and_meets_the_budget() -> None:
     model, ids = zoo.llama(n_layer=4)
     batches = [_tokens(seed) for seed in range(4)]
-    result = fxgradnas.prune(model, ids, batches, _next_token_loss, constraint={"params": 0.75}, kinds=("blocks",),
-                             compensate=None, progress=False)
+    result = fxgradnas.prune(model, ids, batches, _next_token_loss, constraint={"params": 0.75},
+                             progress=False, search=SearchOptions(kinds=("blocks",)), compensation=None)
     kept = result.plan.keep["blocks"]
     assert len(kept) == 2  # one layer less is 78 % of the params
     assert kept == sorted(torch.argsort(result.scores["blocks"], descending=True)[:2].tolist())
@@ -118,7 +118,7 @@ def test_blocks_combine_with_heads_and_channels_and_the_refit_skips_removed_laye
     model, ids = zoo.llama(n_layer=4)
     batches = [_tokens(seed) for seed in range(4)]
     result = fxgradnas.prune(model, ids, batches, _next_token_loss, constraint={"params": 0.5},
-                             kinds=("blocks", "heads", "channels"), progress=False)
+                             progress=False, search=SearchOptions(kinds=("blocks", "heads", "channels")))
     assert len(result.plan.keep["blocks"]) < 4
     assert result.search.costs["params"] == _params(result.model) <= 0.5 * _params(model)
     removed = tuple(p + "." for p in _removed(result.analysis, result.plan))
@@ -321,11 +321,13 @@ def test_the_search_trades_layers_for_width_by_the_least_total_degradation(unifo
         scores = {g.name: torch.rand(g.size, generator=generator) * (scale if g.kind == "blocks" else 1)
                   for g in analysis.prunable}
         for budget in (0.5, 0.7):
-            both = fxgradnas.search(analysis, scores, {"params": budget}, kinds=("blocks", *widths), uniform=uniform)
+            both = fxgradnas.search(analysis, scores, {"params": budget},
+                                    SearchOptions(kinds=("blocks", *widths), uniform=uniform))
             assert both.costs["params"] <= both.budget[1]
             for alone in (widths, ("blocks",)):  # each is one of the candidates the trade compares
                 try:
-                    other = fxgradnas.search(analysis, scores, {"params": budget}, kinds=alone, uniform=uniform)
+                    other = fxgradnas.search(analysis, scores, {"params": budget},
+                                             SearchOptions(kinds=alone, uniform=uniform))
                 except fxgradnas.ConstraintError:
                     continue
                 assert lost(both) <= lost(other) + 1e-12

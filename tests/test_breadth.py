@@ -96,8 +96,8 @@ def _result(name: str, check: str) -> bc.Check:
         plan = random_plan(analysis, half=True, kinds=bc.PLAN_KINDS[check], allow_empty=True)
         return bc.timed(lambda: bc.check_plan(analysis, plan, state["model"], state["inputs"]))
     if check == "prune":
-        compensate = "ls" if state["report"].source == "hf" else None
-        return bc.timed(lambda: bc.check_prune(analysis, state["inputs"], compensate))
+        refit = state["report"].source == "hf"
+        return bc.timed(lambda: bc.check_prune(analysis, state["inputs"], refit))
     return _hf_checks(name, state)[check]
 
 

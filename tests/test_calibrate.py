@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxgradnas import Analysis, Plan, analyze, instrument
+from fxgradnas import Analysis, CalibrationOptions, Plan, analyze, instrument
 from fxgradnas.batches import call_with
 from fxgradnas.calibrate import calibrate
 from fxgradnas.errors import CalibrationError
@@ -77,8 +77,10 @@ def assert_scores_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=rtol * scale + 1e-12, msg=name)
 
 
-def run(target: nn.Module | Analysis, data: Any, loss: Callable = ce_loss, **kw: Any) -> Scores:
-    return calibrate(target, data, loss, progress=False, **kw)
+def run(target: nn.Module | Analysis, data: Any, loss: Callable = ce_loss, **options: Any) -> Scores:
+    """Calibrate without progress bars; ``options``: :class:`CalibrationOptions` fields and calibrate's keywords."""
+    keywords = {k: options.pop(k) for k in ("groups", "plan", "example_inputs") if k in options}
+    return calibrate(target, data, loss, CalibrationOptions(**options), progress=False, **keywords)
 
 
 # --------------------------------------------------------------------------- hand-computed reference
@@ -105,8 +107,8 @@ def reference_scores(model: nn.Sequential, batches: list[Batch], mode: str) -> t
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_matches_hand_computed_reference(mode: str) -> None:
     model, batches = tiny_mlp(), tiny_batches(3)
-    scores = run(model, batches, mode=mode)
-    assert list(scores) == ["0"] and scores.mode == mode and scores.batches == 3
+    scores = run(model, batches, granularity=mode)
+    assert list(scores) == ["0"] and scores.granularity == mode and scores.batches == 3
     assert len(scores.history) == 3 and scores.seconds > 0
     want = reference_scores(model, batches, mode)
     assert want.abs().max() > 0
@@ -226,13 +228,13 @@ def test_sample_mode_vs_batch_mode(name: str) -> None:
     analysis, inputs = shared(name)  # batch of 3, independent samples (eval mode)
     singles = [rows(inputs, slice(i, i + 1)) for i in range(3)]
     for single in singles:  # batch of 1: one sample is the batch
-        assert_scores_close(run(analysis, [single], logits_loss, mode="sample"),
-                            run(analysis, [single], logits_loss, mode="batch"), rtol=1e-6)
-    batch = run(analysis, [inputs], logits_loss, mode="batch")
-    sample = run(analysis, [inputs], logits_loss, mode="sample")
+        assert_scores_close(run(analysis, [single], logits_loss, granularity="sample"),
+                            run(analysis, [single], logits_loss, granularity="batch"), rtol=1e-6)
+    batch = run(analysis, [inputs], logits_loss, granularity="batch")
+    sample = run(analysis, [inputs], logits_loss, granularity="sample")
     assert any(not torch.allclose(batch[k], sample[k], rtol=1e-2) for k in batch)
     # a mean loss over B samples: each sample contributes grad(loss_i) / B to the batch gradient
-    on_singles = run(analysis, singles, logits_loss, mode="batch")
+    on_singles = run(analysis, singles, logits_loss, granularity="batch")
     assert_scores_close(sample, {k: v / 9 for k, v in on_singles.items()})
 
 
@@ -241,12 +243,12 @@ def test_sample_mode_leaves_out_groups_with_a_site_shared_by_all_samples() -> No
     sample shares: per-sample gradients cannot be read there. The other groups are scored."""
     analysis, ids = shared("nanogpt")
     with pytest.warns(UserWarning, match="leaves out group"):
-        sample = run(analysis, [ids], logits_loss, mode="sample")
+        sample = run(analysis, [ids], logits_loss, granularity="sample")
     assert "hidden" not in sample and sample
     singles = run(analysis, [ids[i : i + 1] for i in range(3)], logits_loss)
     assert_scores_close(sample, {k: v / 9 for k, v in singles.items() if k in sample})
     with pytest.raises(CalibrationError, match="shared by all samples"):
-        run(analysis, [ids], logits_loss, mode="sample", groups=[analysis.group("hidden")])
+        run(analysis, [ids], logits_loss, granularity="sample", groups=[analysis.group("hidden")])
 
 
 # --------------------------------------------------------------------------- no side effects
@@ -284,7 +286,7 @@ def test_leaves_model_as_it_was() -> None:
     model.conv1.weight.grad = torch.full_like(model.conv1.weight, 0.5)
     before = model_state(model)
     for mode in ("batch", "sample"):
-        run(model, [x, 2 * x], logits_loss, mode=mode)
+        run(model, [x, 2 * x], logits_loss, granularity=mode)
         assert_same_state(before, model_state(model))
 
 
@@ -303,14 +305,14 @@ def test_failed_calibration_restores_requires_grad() -> None:
 
 def _dist_worker(rank: int, world: int) -> dict:
     batches = tiny_batches(4)[rank::world]
-    result = {mode: run(tiny_mlp(), batches, mode=mode) for mode in ("batch", "sample")}
+    result = {mode: run(tiny_mlp(), batches, granularity=mode) for mode in ("batch", "sample")}
     return {mode: (dict(s), s.batches) for mode, s in result.items()}
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     results = run_gloo_ranks(_dist_worker, tmp_path, timeout=120)
     for mode in ("batch", "sample"):
-        single = run(tiny_mlp(), tiny_batches(4), mode=mode)
+        single = run(tiny_mlp(), tiny_batches(4), granularity=mode)
         for rank in range(2):
             scores, batches = results[rank][mode]
             assert batches == 4
@@ -338,8 +340,8 @@ def test_errors() -> None:
         run(model, batches, lambda out, b: torch.tensor(1.0))
     with pytest.raises(CalibrationError, match="prunable"):
         run(nn.Linear(6, 3), batches)
-    with pytest.raises(ValueError, match="mode"):
-        run(model, batches, mode="bogus")
+    with pytest.raises(ValueError, match="granularity"):
+        run(model, batches, granularity="bogus")
 
 
 # --------------------------------------------------------------------------- early stop, max_batches

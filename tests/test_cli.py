@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas.cli import CORPORA, MODES, SCORERS, build_parser, fraction, main
+from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions
+from fxgradnas.cli import CORPORA, build_parser, fraction, main
 from tests.zoo import mlp, save_hf_checkpoint
 
 ROOT = Path(__file__).parent.parent
-TINY = ["--batches", "2", "--batch-size", "2", "--seq-len", "16", "--divisor", "4"]
+TINY = ["--batches", "2", "--batch-size", "2", "--seq-len", "16", "--multiple-of", "4"]
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -63,14 +64,9 @@ def test_console_script_plot_extra_and_choices_match_the_library() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["fxgradnas"] == "fxgradnas.cli:main"
     assert any(r.startswith("matplotlib") for r in project["optional-dependencies"]["plot"])
-    from fxgradnas.calibrate import MODES as calibrate_modes
-    from fxgradnas.prune import SCORERS as prune_scorers
-
-    assert SCORERS == prune_scorers and MODES == calibrate_modes
     assert set(CORPORA) == {"shakespeare", "shakespeare-heldout", "python-docs", "stdlib"}
-    from fxgradnas.compensate import DAMPING
-
-    assert build_parser().parse_args(["prune", "m", "--params", "0.5", "--out", "o"]).damping == DAMPING
+    args = build_parser().parse_args(["prune", "m", "--params", "0.5", "--out", "o"])
+    assert args.damping == fxgradnas.CompensationOptions().damping  # the rest: tests/test_options.py
 
 
 def test_fraction() -> None:
@@ -133,33 +129,34 @@ class Letters:
 
 def test_several_calibration_texts_are_mixed_in_every_batch() -> None:
     """``--calibration A B``: windows of A and B in turn (not A's windows first, which would leave B out)."""
-    from fxgradnas.cli import _calibration_batches, _token_windows
+    from fxgradnas.cli import calibration_batches, evaluation_batches, text_windows
 
-    args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1)
-    parts, evaluation = _token_windows(args, Letters(), {"a": "a" * 400, "b": "b" * 400}, {"b": "b" * 40})
-    calibration = _calibration_batches(args, list(parts.values()))
+    batches, batch_size, seq_len = 3, 2, 4
+    parts = text_windows(Letters(), {"a": "a" * 400, "b": "b" * 400}, seq_len, batches * batch_size)
+    evaluation = evaluation_batches(Letters(), {"b": "b" * 40}, seq_len, 1, batch_size)
+    calibration = calibration_batches(list(parts.values()), batches, batch_size, seq_len)
     assert [[chr(int(w[0])) for w in batch] for batch in calibration] == [["a", "b"]] * 3
     assert list(evaluation) == ["b"] and evaluation["b"][0].shape == (2, 4)
-    parts, _ = _token_windows(args, Letters(), {"a": "a" * 400, "b": "b" * 9}, {})  # b has 2 windows
-    short = _calibration_batches(args, list(parts.values()))
+    parts = text_windows(Letters(), {"a": "a" * 400, "b": "b" * 9}, seq_len, batches * batch_size)  # b: 2 windows
+    short = calibration_batches(list(parts.values()), batches, batch_size, seq_len)
     assert "".join(chr(int(w[0])) for batch in short for w in batch) == "ababaa"
 
 
 def test_calibration_self_interleaves_text_the_model_samples() -> None:
     """``--calibration a self``: every other window is sampled by the model, seeded by ``--seed``."""
     transformers = pytest.importorskip("transformers")
-    from fxgradnas.cli import _calibration_batches, _sampled, _token_windows
+    from fxgradnas.cli import calibration_batches, sampled_text, text_windows
     from fxgradnas.datasets import sampled_windows
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
-    args = argparse.Namespace(batches=3, batch_size=2, seq_len=4, eval_batches=1, seed=5)
-    sampled = _sampled(args, model, Letters(), share=2)
+    batches, batch_size, seq_len = 3, 2, 4
+    sampled = sampled_text(model, Letters(), batches * batch_size // 2, seq_len, seed=5, batch_size=batch_size)
     assert torch.equal(sampled, sampled_windows(model, 3, 4, seed=5, batch_size=8, progress=False))
-    parts, _ = _token_windows(args, Letters(), {"a": "a" * 400}, {})
-    calibration = _calibration_batches(args, [sampled, parts["a"]])
+    parts = text_windows(Letters(), {"a": "a" * 400}, seq_len, batches * batch_size)
+    calibration = calibration_batches([sampled, parts["a"]], batches, batch_size, seq_len)
     windows = torch.cat(calibration)
     assert windows.shape == (6, 4) and (windows[1::2] == ord("a")).all() and torch.equal(windows[::2], sampled)
 
@@ -181,7 +178,7 @@ def mlp_data() -> tuple[list, object]:
 
 def test_prune_a_factory_model_and_reload_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run(["prune", "tests.zoo:mlp", "--params", "0.6", "--data", "tests.test_cli:mlp_data",
-                        "--compensate", "ls", "--divisor", "1", "--out", str(tmp_path)], capsys)
+                        "--compensate", "ls", "--multiple-of", "1", "--out", str(tmp_path)], capsys)
     assert code == 0
     assert "== Plan" in out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -195,7 +192,7 @@ def test_prune_a_factory_model_and_reload_it(tmp_path: Path, capsys: pytest.Capt
 
 def test_flops_percentage_with_weight_magnitude_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, _ = run(["prune", "tests.zoo:mlp", "--flops", "70%", "--scorer", "l1", "--compensate", "none",
-                      "--divisor", "1", "--out", str(tmp_path)], capsys)
+                      "--multiple-of", "1", "--out", str(tmp_path)], capsys)
     assert code == 0
     flops = json.loads((tmp_path / "report.json").read_text())["sizes"]["flops per example input"]
     assert flops["after"] <= 0.7 * flops["before"]
@@ -318,7 +315,9 @@ def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Pa
     evaluation = batched(token_windows(tokenizer, (checkpoint / "eval.txt").read_text(), 16, 4), 2)
     dense = perplexity(model, evaluation)
     result = fxgradnas.prune(model, calibration[0], calibration, causal_lm_loss, constraint={"params": 0.8},
-                             divisor=4, max_batches=2, compensate="ls", damping=0.1, progress=False)
+                             progress=False, search=SearchOptions(multiple_of=4),
+                             calibration=CalibrationOptions(max_batches=2),
+                             compensation=CompensationOptions(damping=0.1, max_batches=2))
     write_back(model, result.analysis, result.plan, weights=result.model)
     report = json.loads((pruned[0] / "report.json").read_text())
     (figures,) = report["perplexity"].values()
@@ -352,8 +351,11 @@ def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) ->
         if refit is not None:
             sampled = datasets.sampled_windows(model, 2, 16, start_token=tokenizer.eos_token_id, batch_size=8, progress=False)
             refit = datasets.batched(datasets.interleaved([text, sampled])[:4], 2)
-        result = fxgradnas.prune(model, text[:2], datasets.batched(text, 2), datasets.causal_lm_loss, constraint={"params": 0.8},
-                                 divisor=4, max_batches=2, damping=0.1, compensation_data=refit, progress=False)
+        result = fxgradnas.prune(model, text[:2], datasets.batched(text, 2), datasets.causal_lm_loss,
+                                 constraint={"params": 0.8}, compensation_data=refit, progress=False,
+                                 search=SearchOptions(multiple_of=4),
+                                 calibration=CalibrationOptions(max_batches=2),
+                                 compensation=CompensationOptions(damping=0.1, max_batches=2))
         write_back(model, result.analysis, result.plan, weights=result.model)
         after[label] = datasets.perplexity(model, evaluation)
     assert report["perplexity"][eval_file]["after"] == pytest.approx(after["text and samples"], rel=1e-6)

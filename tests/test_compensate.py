@@ -9,7 +9,7 @@ import torch
 from torch.fx import Interpreter
 
 import fxgradnas
-from fxgradnas import Plan, apply_plan
+from fxgradnas import CompensationOptions, Plan, SearchOptions, apply_plan
 from fxgradnas.compensate import compensate, consumers, input_flattener
 from tests.zoo import ZOO
 
@@ -34,7 +34,8 @@ def test_errors_never_go_up_and_structure_is_kept(setup, method: str, sequential
     _, analysis, batches, plan = setup
     plain = apply_plan(analysis, plan)
     fitted = apply_plan(analysis, plan)
-    reports = compensate(analysis, plan, fitted, batches, method=method, sequential=sequential, progress=False)
+    reports = compensate(analysis, plan, fitted, batches,
+                         CompensationOptions(method=method, sequential=sequential), progress=False)
     assert {r.group for r in reports} == set(plan.keep)
     for r in reports:
         assert r.error_after <= r.error_before
@@ -53,7 +54,8 @@ def test_biases_take_the_mean_and_errors_drop() -> None:
     vocab = int(inputs.max()) + 1
     fitted = apply_plan(analysis, plan)
     before = {n: p.clone() for n, p in fitted.named_parameters()}
-    reports = compensate(analysis, plan, fitted, _batches(vocab), method="ls", progress=False)
+    reports = compensate(analysis, plan, fitted, _batches(vocab), CompensationOptions(method="ls"),
+                         progress=False)
     assert reports and all(r.error_after <= r.error_before for r in reports)
     changed_biases = [n for n, p in fitted.named_parameters() if n.endswith("bias") and not torch.equal(p, before[n])]
     assert changed_biases
@@ -66,7 +68,7 @@ def test_ls_reconstructs_a_layer_better_than_pruning(setup) -> None:
     one = Plan({name: plan.keep[name]})
     plain = apply_plan(analysis, one)
     fitted = apply_plan(analysis, one)
-    compensate(analysis, one, fitted, batches, method="ls", damping=1e-2, progress=False)
+    compensate(analysis, one, fitted, batches, CompensationOptions(method="ls", damping=1e-2), progress=False)
     dense_w = model.get_parameter("model.layers.0.mlp.down_proj.weight")
     kept = torch.tensor(one.keep[name])
     captured = []
@@ -120,7 +122,8 @@ def test_sequential_fits_on_the_inputs_of_the_compensated_pruned_model(setup) ->
     _, analysis, batches, _ = setup
     plan = Plan({"model.layers.0.mlp": list(range(0, 64, 3)), "model.layers.1.mlp": list(range(40))})
     fitted = apply_plan(analysis, plan)
-    reports = {r.group: r for r in compensate(analysis, plan, fitted, batches, method="ls", progress=False)}
+    reports = {r.group: r for r in compensate(analysis, plan, fitted, batches,
+                                              CompensationOptions(method="ls"), progress=False)}
     first, later = consumers(analysis, plan)
     assert reports[first.group.name].applied and reports[later.group.name].applied
     compensated_first = torch.zeros_like(analysis.captured.module.get_parameter(first.weight))
@@ -143,7 +146,8 @@ def test_sequential_walk_masks_the_groups_it_does_not_refit(setup) -> None:
     _, analysis, batches, _ = setup
     plan = Plan({"hidden": list(range(24)), "model.layers.1.mlp": list(range(40))})
     fitted = apply_plan(analysis, plan)
-    (report,) = compensate(analysis, plan, fitted, batches, method="ls", bias=False, progress=False)
+    (report,) = compensate(analysis, plan, fitted, batches, CompensationOptions(method="ls", bias=False),
+                           progress=False)
     (c,) = consumers(analysis, plan)
     x = _outputs_of(fxgradnas.masked(analysis, plan), c.group.sites[0].node, batches)
     weight = analysis.captured.module.get_parameter(c.weight).double()
@@ -157,7 +161,8 @@ def test_nothing_pruned_changes_nothing(setup, sequential: bool) -> None:
     plan = Plan({"model.layers.0.mlp": list(range(64))})
     plain = apply_plan(analysis, plan)
     fitted = apply_plan(analysis, plan)
-    reports = compensate(analysis, plan, fitted, batches, method="ls", sequential=sequential, progress=False)
+    reports = compensate(analysis, plan, fitted, batches,
+                         CompensationOptions(method="ls", sequential=sequential), progress=False)
     assert not any(r.applied for r in reports)
     for (n, a), (_, b) in zip(plain.named_parameters(), fitted.named_parameters(), strict=True):
         assert torch.equal(a, b), n
@@ -169,37 +174,42 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
     def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
 
-    result = fxgradnas.prune(model, None, batches, loss, constraint={"params": 0.7}, divisor=8, progress=False)
+    result = fxgradnas.prune(model, None, batches, loss, constraint={"params": 0.7}, progress=False,
+                             search=SearchOptions(multiple_of=8))
     assert result.compensation and "compensate" in result.seconds  # "ls" is the default
     assert "reconstruction error" in result.table()
-    plain = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, divisor=8,
-                            progress=False, compensate=None)
+    plain = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, progress=False,
+                            search=SearchOptions(multiple_of=8), compensation=None)
     assert plain.plan.keep == result.plan.keep and not plain.compensation and "compensate" not in plain.seconds
     refitted = apply_plan(result.analysis, result.plan)
-    compensate(result.analysis, result.plan, refitted, batches, method="ls", progress=False)
+    compensate(result.analysis, result.plan, refitted, batches, CompensationOptions(method="ls"),
+               progress=False)
     for (name, b), (_, c) in zip(result.model.named_parameters(), refitted.named_parameters(), strict=True):
-        torch.testing.assert_close(b, c, msg=name)  # the default is compensate(..., method="ls")'s defaults
+        torch.testing.assert_close(b, c, msg=name)  # the default is compensate(...)'s defaults
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), result.model.parameters(),
                                                      strict=True))
-    weak = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, divisor=8,
-                           progress=False, damping=0.01)
+    weak = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, progress=False,
+                           search=SearchOptions(multiple_of=8),
+                           compensation=CompensationOptions(damping=0.01))
     refitted = apply_plan(result.analysis, result.plan)
-    compensate(result.analysis, result.plan, refitted, batches, damping=0.01, progress=False)
+    compensate(result.analysis, result.plan, refitted, batches, CompensationOptions(damping=0.01),
+               progress=False)
     for (name, b), (_, c) in zip(weak.model.named_parameters(), refitted.named_parameters(), strict=True):
         torch.testing.assert_close(b, c, msg=name)  # prune's damping is compensate's
     assert any(not torch.equal(a, b) for a, b in zip(weak.model.parameters(), result.model.parameters(), strict=True))
     other = _batches(64)[::-1][:3]
-    broad = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, divisor=8,
-                            progress=False, compensation_data=iter(other))  # one-shot: read once, by the re-fit
+    broad = fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, progress=False,
+                            search=SearchOptions(multiple_of=8),
+                            compensation_data=iter(other))  # one-shot: read once, by the re-fit
     assert broad.plan.keep == result.plan.keep  # the scores still come from data
     refitted = apply_plan(result.analysis, result.plan)
     compensate(result.analysis, result.plan, refitted, other, progress=False)
     for (name, b), (_, c) in zip(broad.model.named_parameters(), refitted.named_parameters(), strict=True):
         torch.testing.assert_close(b, c, msg=name)  # the re-fit read compensation_data, not data
     assert any(not torch.equal(a, b) for a, b in zip(broad.model.parameters(), result.model.parameters(), strict=True))
-    with pytest.raises(ValueError, match="compensate=None there is no re-fit"):
-        fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None,
-                        compensation_data=batches)
+    with pytest.raises(ValueError, match="compensation=None there is no re-fit"):
+        fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7},
+                        compensation_data=batches, compensation=None)
     once = iter(batches)
     with pytest.raises(ValueError, match="compensation_data is the iterator data is"):
         fxgradnas.prune(result.analysis, None, once, loss, constraint={"params": 0.7}, compensation_data=once)
@@ -207,13 +217,13 @@ def test_prune_with_compensation_reports_each_layer(setup) -> None:
         fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensation_data=batches[0])
     for bad in (-1, float("inf")):
         with pytest.raises(ValueError, match="damping must be a finite non-negative number"):
-            fxgradnas.prune(result.analysis, None, batches, loss, constraint={"params": 0.7}, compensate=None,
-                            damping=bad)
+            fxgradnas.CompensationOptions(damping=bad)
     with pytest.raises(ValueError):
-        compensate(result.analysis, result.plan, result.model, batches, method="bogus")
+        compensate(result.analysis, result.plan, result.model, batches, CompensationOptions(method="bogus"))
     for sequential in (True, False):
         with pytest.raises(fxgradnas.CalibrationError, match="no calibration batch"):
-            compensate(result.analysis, result.plan, result.model, [], sequential=sequential)
+            compensate(result.analysis, result.plan, result.model, [],
+                       CompensationOptions(sequential=sequential))
 
 
 @pytest.mark.hf
@@ -237,7 +247,7 @@ def test_sequential_walk_takes_keyword_inputs_and_agrees_on_the_first_layer() ->
     found = consumers(analysis, plan)
     walked, streamed = apply_plan(analysis, plan), apply_plan(analysis, plan)
     reports = compensate(analysis, plan, walked, batches, progress=False)
-    compensate(analysis, plan, streamed, batches, sequential=False, progress=False)
+    compensate(analysis, plan, streamed, batches, CompensationOptions(sequential=False), progress=False)
     assert len(reports) == len(found) == 2 and all(r.error_after <= r.error_before for r in reports)
     first = found[0].weight
     torch.testing.assert_close(walked.get_parameter(first), streamed.get_parameter(first))
@@ -280,7 +290,8 @@ def test_a_consumer_whose_outputs_are_pruned_too(sequential: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(8, 16, generator=gen) for _ in range(4)]
     fitted = apply_plan(analysis, plan)
-    reports = compensate(analysis, plan, fitted, batches, sequential=sequential, progress=False)
+    reports = compensate(analysis, plan, fitted, batches, CompensationOptions(sequential=sequential),
+                         progress=False)
     assert len(reports) == 2 and any(r.applied for r in reports)
     assert {n: p.shape for n, p in fitted.named_parameters()} == {
         n: p.shape for n, p in apply_plan(analysis, plan).named_parameters()}
@@ -293,13 +304,16 @@ def test_consumers_wider_than_max_width_are_left_as_pruned(setup) -> None:
     wide = {name for name, width in widths.items() if width > limit}
     assert wide and len(wide) < len(widths)
     with pytest.warns(UserWarning, match="max_width"):
-        reports = compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=limit, progress=False)
+        reports = compensate(analysis, plan, apply_plan(analysis, plan), batches,
+                             CompensationOptions(max_width=limit), progress=False)
     assert {r.consumer for r in reports} == set(widths) - wide
-    full = compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=None, progress=False)
+    full = compensate(analysis, plan, apply_plan(analysis, plan), batches,
+                      CompensationOptions(max_width=None), progress=False)
     assert {r.consumer for r in full} == set(widths)
     for bad in (0, 2.5, True):
         with pytest.raises(fxgradnas.errors.ArgumentError, match="max_width"):
-            compensate(analysis, plan, apply_plan(analysis, plan), batches, max_width=bad, progress=False)
+            compensate(analysis, plan, apply_plan(analysis, plan), batches,
+                       CompensationOptions(max_width=bad), progress=False)
 
 
 class _Bilinear(torch.nn.Module):
@@ -332,7 +346,8 @@ def test_statistics_are_taken_before_the_fitted_groups_own_mask(b_first: bool) -
     plan = Plan({b.name: list(range(8)), a.name: [0, 1]})
     (c,) = consumers(analysis, plan)
     batches = [torch.randn(16, 6) for _ in range(4)]
-    (report,) = compensate(analysis, plan, apply_plan(analysis, plan), batches, bias=False, progress=False)
+    (report,) = compensate(analysis, plan, apply_plan(analysis, plan), batches,
+                           CompensationOptions(bias=False), progress=False)
     x = _outputs_of(fxgradnas.masked(analysis, Plan({})), c.group.sites[0].node, batches)
     weight = analysis.captured.module.get_parameter(c.weight).double()
     before = (x @ weight.T - x[:, c.kept] @ weight[:, c.kept].T).pow(2).sum(1).mean()

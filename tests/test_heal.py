@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas import Plan, apply_plan
+from fxgradnas import Plan, SearchOptions, apply_plan
 from fxgradnas.errors import ArgumentError, ArgumentTypeError, DataError
 from fxgradnas.heal import distillation_loss, heal
 from tests.zoo import ZOO
@@ -57,7 +57,8 @@ def test_healing_a_prune_result_is_deterministic_and_drops_the_stale_self_check(
     results = []
     for _ in range(2):
         result = fxgradnas.prune(analysis, None, batches, lambda out, b: out.float().logsumexp(-1).mean(),
-                                 constraint={"params": 0.8}, divisor=8, progress=False)
+                                 constraint={"params": 0.8}, progress=False,
+                                 search=SearchOptions(multiple_of=8))
         assert result.self_check is not None
         heal(result, model, batches, steps=6, lr=1e-3, seed=3, progress=False)
         assert result.self_check is None

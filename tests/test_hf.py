@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas import Plan
+from fxgradnas import Plan, SearchOptions
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,8 +81,9 @@ def test_write_back_carries_compensated_weights(name: str) -> None:
     graph module (GPT-2: Conv1D weights stored (in, out))."""
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (3, 7), generator=gen) for _ in range(4)]
-    result = fxgradnas.prune(analysis_of(name), None, batches, causal_lm_loss, constraint={"params": 0.8}, divisor=4,
-                             progress=False, compensate="ls", collect_fn=lambda b: {"input_ids": b, "use_cache": False})
+    result = fxgradnas.prune(analysis_of(name), None, batches, causal_lm_loss, constraint={"params": 0.8},
+                             progress=False, collect_fn=lambda b: {"input_ids": b, "use_cache": False},
+                             search=SearchOptions(multiple_of=4))
     applied = [r for r in result.compensation if r.applied]
     assert applied
     model, inputs = HF_ZOO[name]()  # the same weights as the analysed model (same seed)

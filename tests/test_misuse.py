@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxgradnas
-from fxgradnas import Plan
+from fxgradnas import CalibrationOptions, CompensationOptions, Plan, SearchOptions
 from fxgradnas.cli import main
 from fxgradnas.compensate import compensate
 from fxgradnas.errors import (
@@ -158,14 +158,15 @@ def test_a_one_batch_generator_is_one_batch_and_an_empty_list_a_data_error() -> 
 
 def test_max_batches_truncation_is_said(analysis: fxgradnas.Analysis) -> None:
     model = analysis.captured.model
-    with untouched(model), pytest.warns(UserWarning, match=r"first 128 batches .* max_batches=None"):
+    with untouched(model), pytest.warns(UserWarning, match=r"first 128 batches .* CalibrationOptions\(max_batches=None\)"):
         result = fxgradnas.prune(analysis, None, batches(200, size=2), ce, constraint={"params": 0.8},
                                  progress=False)
     assert result.scores.batches == 128 and result.scores.truncated
     assert "max_batches reached" in result.summary()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every batch read: nothing to say
-        scores = fxgradnas.calibrate(analysis, batches(200, size=2), ce, max_batches=None, progress=False)
+        scores = fxgradnas.calibrate(analysis, batches(200, size=2), ce, CalibrationOptions(max_batches=None),
+                                     progress=False)
     assert scores.batches == 200 and not scores.truncated
 
 
@@ -183,10 +184,11 @@ def test_size_one_example_keeps_batch_and_sequence_dynamic(batch: int, seq: int)
     torch.testing.assert_close(analysis.captured.module(ids), model(ids))
 
 
-def test_sample_mode_with_a_size_one_example_scores_every_group() -> None:
+def test_sample_granularity_with_a_size_one_example_scores_every_group() -> None:
     model, _ = ZOO["llama"]()
     with untouched(model):
-        scores = fxgradnas.calibrate(model, token_batches(2, 1, 7), lm_loss, mode="sample", progress=False)
+        scores = fxgradnas.calibrate(model, token_batches(2, 1, 7), lm_loss, CalibrationOptions(granularity="sample"),
+                                     progress=False)
     analysis = fxgradnas.analyze(model, token_batches(1, 3, 7)[0])
     assert set(scores) == {g.name for g in analysis.prunable}
 
@@ -459,9 +461,11 @@ CASES = [
     Case("data", "prune-empty-list", lambda e: prune(e, data=[]), DataError, "empty"),
     Case("data", "prune-without-data-or-example", lambda e: prune(e, data=None), ArgumentTypeError, "need"),
     Case("data", "generator", lambda e: calibrate(e, data=_gen(3)), None),
-    Case("data", "max-batches-0", lambda e: calibrate(e, max_batches=0), ArgumentError, "max_batches"),
-    Case("data", "max-batches-float", lambda e: calibrate(e, max_batches=2.5), ArgumentTypeError, "max_batches"),
-    Case("data", "max-batches-bool", lambda e: calibrate(e, max_batches=True), ArgumentTypeError, "max_batches"),
+    Case("data", "max-batches-0", lambda e: calibrate(e, options=CalibrationOptions(max_batches=0)), ArgumentError, "max_batches"),
+    Case("data", "max-batches-float", lambda e: calibrate(e, options=CalibrationOptions(max_batches=2.5)),
+         ArgumentTypeError, "max_batches"),
+    Case("data", "max-batches-bool", lambda e: calibrate(e, options=CalibrationOptions(max_batches=True)),
+         ArgumentTypeError, "max_batches"),
     Case("data", "wrong-feature-size", lambda e: calibrate(e, data=[(X5, torch.zeros(4).long())]),
          DataError, r"shape \(4, 5\).*example_inputs"),
     Case("data", "samples-not-batches", lambda e: calibrate(e, data=[(X1, torch.tensor(0))]),
@@ -476,7 +480,8 @@ CASES = [
          "collect_fn"),
     Case("data", "empty-tuple-batch", lambda e: calibrate(e, data=[()]), DataError, "collect_fn"),
     Case("data", "batch-of-one-sample", lambda e: calibrate(e, data=[(X[:1], torch.zeros(1).long())]), None),
-    Case("data", "compensate-with-generator", lambda e: prune(e, data=_gen(3), compensate="ls"), None),
+    Case("data", "compensate-with-generator", lambda e: prune(e, data=_gen(3), compensation=CompensationOptions(method="ls")),
+         None),
     # losses
     Case("losses", "none", lambda e: calibrate(e, loss=None), ArgumentTypeError, "loss_fn"),
     Case("losses", "not-callable", lambda e: calibrate(e, loss="ce"), ArgumentTypeError, "loss_fn"),
@@ -492,10 +497,12 @@ CASES = [
          "depend"),
     Case("losses", "bfloat16-scalar", lambda e: calibrate(e, loss=lambda o, b: ce(o, b).bfloat16()), None),
     Case("losses", "prune-needs-loss", lambda e: prune(e, loss=None), ArgumentTypeError, "loss_fn"),
-    Case("losses", "l1-needs-no-loss", lambda e: prune(e, loss=None, data=None, example=X, scorer="l1",
-                                                        compensate=None), None),
-    Case("data", "default-re-fit-needs-data", lambda e: prune(e, loss=None, data=None, example=X, scorer="l1"),
-         ArgumentTypeError, "compensate=None"),
+    Case("losses", "l1-needs-no-loss", lambda e: prune(e, loss=None, data=None, example=X,
+                                                        calibration=CalibrationOptions(scorer="l1"), compensation=None),
+         None),
+    Case("data", "default-re-fit-needs-data", lambda e: prune(e, loss=None, data=None, example=X,
+                                                                  calibration=CalibrationOptions(scorer="l1")),
+         ArgumentTypeError, "compensation=None"),
     # constraints
     *[Case("constraints", f"bad-{value!r}", lambda e, v=value: prune(e, constraint={"params": v}), ConstraintError,
            "ratio|percentage|count")
@@ -533,11 +540,15 @@ CASES = [
                                                     data=[(X.double(), torch.zeros(4).long())]), None),
     Case("dtypes", "float64-batch-for-float32", lambda e: calibrate(e, data=[(X.double(), torch.zeros(4).long())]),
          DataError, "dtype"),
-    Case("dtypes", "autocast-bfloat16", lambda e: calibrate(e, autocast_dtype=torch.bfloat16), None),
-    Case("dtypes", "autocast-int8", lambda e: calibrate(e, autocast_dtype=torch.int8), ArgumentTypeError,
+    Case("dtypes", "autocast-bfloat16", lambda e: calibrate(e, options=CalibrationOptions(autocast_dtype=torch.bfloat16)),
+         None),
+    Case("dtypes", "autocast-int8", lambda e: calibrate(e, options=CalibrationOptions(autocast_dtype=torch.int8)),
+         ArgumentTypeError,
          "autocast_dtype"),
-    Case("dtypes", "autocast-string", lambda e: calibrate(e, autocast_dtype="bf16"), ArgumentTypeError,
-         "autocast_dtype"),
+    Case("dtypes", "autocast-string", lambda e: calibrate(e, options=CalibrationOptions(autocast_dtype="bf16")),
+         ArgumentError, "autocast_dtype"),
+    Case("dtypes", "autocast-name", lambda e: calibrate(e, options=CalibrationOptions(autocast_dtype="bfloat16")),
+         None),
     Case("dtypes", "int-token-batch-for-float-model", lambda e: calibrate(e, data=[(X.long(), torch.zeros(4).long())]),
          DataError, "dtype"),
     # devices
@@ -547,23 +558,43 @@ CASES = [
                                                                    progress=False), ArgumentError, "move them"),
     Case("devices", "batches-elsewhere-are-moved", lambda e: _on_meta_model_device(e), None),
     # modes and options
-    Case("modes", "mode", lambda e: calibrate(e, mode="samples"), ArgumentError, "mode"),
-    Case("modes", "prune-mode", lambda e: prune(e, mode="per-sample"), ArgumentError, "mode"),
-    Case("modes", "scorer", lambda e: prune(e, scorer="magnitude"), ArgumentError, "scorer"),
-    Case("modes", "score-scorer", lambda e: fxgradnas.score(e.analysis, "magnitude"), ArgumentError, "scorer"),
-    Case("modes", "searcher", lambda e: prune(e, searcher="beam"), ArgumentError, "searcher"),
-    Case("modes", "kinds-string", lambda e: prune(e, kinds="heads"), ArgumentTypeError, "kinds"),
-    Case("modes", "kinds-unknown", lambda e: prune(e, kinds=("mlp",)), ArgumentError, "kinds"),
-    Case("modes", "kinds-empty", lambda e: search(e, kinds=()), ArgumentError, "kinds"),
-    Case("modes", "divisor-zero", lambda e: prune(e, divisor=0), ArgumentError, "divisor"),
-    Case("modes", "ratios", lambda e: prune(e, ratios=(0.5, 2.0)), ArgumentError, "ratios"),
-    Case("modes", "gqa", lambda e: prune(e, gqa="all"), ArgumentError, "gqa"),
-    Case("modes", "compensate", lambda e: prune(e, compensate="lsq"), ArgumentError, "compensate"),
-    Case("modes", "unknown-option", lambda e: prune(e, batch_size=8), ArgumentTypeError, "batch_size"),
-    Case("modes", "patience", lambda e: calibrate(e, patience=0), ArgumentError, "patience"),
-    Case("modes", "converged-below", lambda e: calibrate(e, converged_below=-1.0), ArgumentError, "converged_below"),
+    Case("modes", "granularity", lambda e: calibrate(e, options=CalibrationOptions(granularity="samples")),
+         ArgumentError, "granularity"),
+    Case("modes", "prune-granularity", lambda e: prune(e, calibration=CalibrationOptions(granularity="per-sample")),
+         ArgumentError, "granularity"),
+    Case("modes", "scorer", lambda e: prune(e, calibration=CalibrationOptions(scorer="magnitude")), ArgumentError,
+         "scorer"),
+    Case("modes", "calibrate-another-scorer", lambda e: calibrate(e, options=CalibrationOptions(scorer="l1")),
+         ArgumentError, "fxgradnas.score"),
+    Case("modes", "score-options-a-string", lambda e: fxgradnas.score(e.analysis, options="magnitude"),
+         ArgumentTypeError, "CalibrationOptions"),
+    Case("modes", "searcher", lambda e: prune(e, search=SearchOptions(searcher="beam")), ArgumentError, "searcher"),
+    Case("modes", "kinds-string", lambda e: prune(e, search=SearchOptions(kinds="heads")), ArgumentTypeError, "kinds"),
+    Case("modes", "kinds-unknown", lambda e: prune(e, search=SearchOptions(kinds=("mlp",))), ArgumentError, "kinds"),
+    Case("modes", "kinds-empty", lambda e: search(e, options=SearchOptions(kinds=())), ArgumentError, "kinds"),
+    Case("modes", "multiple-of-zero", lambda e: prune(e, search=SearchOptions(multiple_of=0)), ArgumentError,
+         "multiple_of"),
+    Case("modes", "ratios", lambda e: prune(e, search=SearchOptions(ratios=(0.5, 2.0))), ArgumentError, "ratios"),
+    Case("modes", "gqa", lambda e: prune(e, search=SearchOptions(gqa="all")), ArgumentError, "gqa"),
+    Case("modes", "compensation-method", lambda e: prune(e, compensation=CompensationOptions(method="lsq")),
+         ArgumentError, "method.*compensation=None"),
+    Case("modes", "options-as-a-dict", lambda e: prune(e, calibration={"batch_size": 8}), ArgumentTypeError,
+         "CalibrationOptions"),
+    Case("modes", "search-options-as-a-dict", lambda e: fxgradnas.search(e.analysis, fxgradnas.random_scores(
+        e.analysis), {"params": 0.8}, {"kinds": ("heads",)}), ArgumentTypeError, "SearchOptions"),
+    Case("modes", "patience", lambda e: calibrate(e, options=CalibrationOptions(patience=0)), ArgumentError,
+         "patience"),
+    Case("modes", "converged-below", lambda e: calibrate(e, options=CalibrationOptions(converged_below=-1.0)),
+         ArgumentError, "converged_below"),
+    Case("modes", "rounds-with-l1", lambda e: prune(e, calibration=CalibrationOptions(scorer="l1", rounds=2)),
+         ArgumentError, "does not calibrate"),
+    Case("modes", "seed-string", lambda e: prune(e, calibration=CalibrationOptions(scorer="random", seed="0")),
+         ArgumentTypeError, "seed"),
+    Case("modes", "recompute-not-bool", lambda e: calibrate(e, options=CalibrationOptions(recompute="yes")),
+         ArgumentTypeError, "recompute"),
     Case("modes", "groups-not-of-analysis", lambda e: calibrate(e, groups=["fc"]), ArgumentError, "groups"),
-    Case("modes", "sample-mode", lambda e: calibrate(e, mode="sample"), None),
+    Case("modes", "sample-granularity", lambda e: calibrate(e, options=CalibrationOptions(granularity="sample")),
+         None),
     Case("modes", "model-in-train-mode", lambda e: _in_train_mode(e), None),
     Case("modes", "scores-of-another-model", lambda e: search(e, scores={"layers.0": torch.ones(64)}), ArgumentError,
          "not a prunable group"),
@@ -592,8 +623,12 @@ CASES = [
          "seed"),
     Case("inputs", "instrument-a-model", lambda e: fxgradnas.instrument(e.model), ArgumentTypeError, "Analysis"),
     Case("inputs", "compensate-method",
-         lambda e: compensate(e.analysis, Plan(), fxgradnas.apply_plan(e.analysis, Plan()), batches(1), method="lsq"),
-         ArgumentError, "compensate"),
+         lambda e: compensate(e.analysis, Plan(), fxgradnas.apply_plan(e.analysis, Plan()), batches(1),
+                              CompensationOptions(method="lsq")),
+         ArgumentError, "method"),
+    Case("inputs", "compensate-options-a-string",
+         lambda e: compensate(e.analysis, Plan(), fxgradnas.apply_plan(e.analysis, Plan()), batches(1), "ls"),
+         ArgumentTypeError, "CompensationOptions"),
     # interruption
     Case("interrupt", "in-loss", lambda e: calibrate(e, loss=_interrupt), KeyboardInterrupt),
     Case("interrupt", "in-collect-fn", lambda e: calibrate(e, collect_fn=_interrupt), KeyboardInterrupt),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxgradnas
-from fxgradnas import Analysis, Group, Plan, PlanError
+from fxgradnas import Analysis, Group, Plan, PlanError, SearchOptions
 from tests import families
 from tests.zoo import MOE_EXPERT_WIDTH as W
 from tests.zoo import MOE_EXPERTS as E
@@ -114,7 +114,7 @@ def test_experts_get_gradnas_scores_and_the_search_removes_them() -> None:
     experts = only(a, "experts", "router.weight", 0)
     scores = fxgradnas.calibrate(a, [x, torch.randn(3, 5, H)], lambda out, batch: out.pow(2).mean())
     assert scores[experts.name].shape == (E,) and bool((scores[experts.name] > 0).all())
-    found = fxgradnas.search(a, scores, {"params": 0.7}, divisor=4)
+    found = fxgradnas.search(a, scores, {"params": 0.7}, SearchOptions(multiple_of=4))
     assert K <= len(found.plan.kept(experts.name)) < E
     fxgradnas.apply_plan(a, found.plan)  # self-checked against the masked model
 

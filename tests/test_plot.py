@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import fxgradnas
+from fxgradnas import CalibrationOptions, SearchOptions
 from fxgradnas.plot import _positions
 from tests.zoo import llama
 
@@ -27,8 +28,9 @@ def test_layers_are_ordered_by_number_and_other_groups_by_name() -> None:
 def _result() -> fxgradnas.PruneResult:
     """One pruning for both pictures (``plot`` only reads the result)."""
     model, inputs = llama(n_layer=3)
-    return fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.6}, scorer="l1", divisor=4,
-                           compensate=None, kinds=("heads", "channels", "hidden"), progress=False)
+    return fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.6}, progress=False,
+                           search=SearchOptions(multiple_of=4, kinds=("heads", "channels", "hidden")),
+                           calibration=CalibrationOptions(scorer="l1"), compensation=None)
 
 
 @pytest.mark.parametrize("scores", [False, True])

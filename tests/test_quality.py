@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fxgradnas
+from fxgradnas import CalibrationOptions, SearchOptions
 from tests.tasks import VOCAB, sequences, task_loss
 from tests.zoo import llama
 
@@ -64,13 +65,14 @@ def outcome() -> dict:
                 return float(task_loss(m(held_out), held_out))
 
         analysis = fxgradnas.analyze(model, example)
-        runs = {"gradnas batch": dict(scorer="gradnas", mode="batch"),
-                "gradnas sample": dict(scorer="gradnas", mode="sample"),
-                **{f"random {s}": dict(scorer="random", seed=s) for s in RANDOM_SEEDS}}
+        runs = {"gradnas batch": CalibrationOptions(scorer="gradnas", granularity="batch"),
+                "gradnas sample": CalibrationOptions(scorer="gradnas", granularity="sample"),
+                **{f"random {s}": CalibrationOptions(scorer="random", seed=s) for s in RANDOM_SEEDS}}
         out = {"dense": held_out_loss(model)}
         for name, options in runs.items():
             result = fxgradnas.prune(analysis, None, calibration, task_loss, constraint={"params": BUDGET},
-                                     divisor=8, progress=False, compensate=None, **options)
+                                     search=SearchOptions(multiple_of=8), calibration=options, compensation=None,
+                                     progress=False)
             out[name] = {"loss": held_out_loss(result.model), **result.achieved}
         return out
     finally:

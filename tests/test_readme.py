@@ -33,7 +33,7 @@ README = ROOT / "README.md"
 NOT_RUN = ("make ", "tox ", "pytest ", "python benchmarks/", "PYTHONPATH=.venv/torchvision python benchmarks/")
 # options appended to each command line (argparse: the last one given wins) so that it runs in seconds
 FAST = {
-    "prune": ["--batches", "2", "--batch-size", "2", "--seq-len", "16", "--divisor", "4", "--eval-batches", "1",
+    "prune": ["--batches", "2", "--batch-size", "2", "--seq-len", "16", "--multiple-of", "4", "--eval-batches", "1",
               "--new-tokens", "2"],
     "eval": ["--batches", "1", "--seq-len", "16"],
     "inspect": [],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas import Plan
+from fxgradnas import CalibrationOptions, Plan, SearchOptions
 from fxgradnas.cost import CostModel
 from fxgradnas.errors import ArgumentError
 from fxgradnas.modules import check_weights
@@ -73,7 +73,8 @@ def test_meta_analysis_cost_and_search_equal_the_real_model() -> None:
     found_real = fxgradnas.search(real, random_scores(real), {"params": 0.6})
     assert found_meta.plan.keep == found_real.plan.keep
     assert found_meta.achieved == found_real.achieved and found_meta.achieved["params"] <= 0.6
-    assert fxgradnas.search(meta, fxgradnas.score(meta, "random"), {"params": 0.6}).plan.keep == found_meta.plan.keep
+    randomly = fxgradnas.score(meta, options=CalibrationOptions(scorer="random"))
+    assert fxgradnas.search(meta, randomly, {"params": 0.6}).plan.keep == found_meta.plan.keep
     # scores computed elsewhere: the later units of every group score higher, so the search keeps those
     by_hand = fxgradnas.Scores({g.name: torch.arange(g.size, dtype=torch.float) for g in meta.prunable},
                                scorer="external")
@@ -90,7 +91,8 @@ def test_steps_that_need_weights_name_the_meta_device() -> None:
         "calibrate": lambda: fxgradnas.calibrate(meta, batches, lambda out, batch: out.logits.sum()),
         "l1": lambda: l1_scores(meta),
         "apply_plan": lambda: fxgradnas.apply_plan(meta, plan),
-        "prune": lambda: fxgradnas.prune(model, batches[0], None, None, constraint={"params": 0.6}, scorer="random"),
+        "prune": lambda: fxgradnas.prune(model, batches[0], None, None, constraint={"params": 0.6},
+                                         calibration=CalibrationOptions(scorer="random")),
         "write_back": lambda: write_back(model, meta, plan),
     }
     for name, call in calls.items():
@@ -188,10 +190,11 @@ def _sharded_worker(rank: int, world: int, checkpoint: str) -> dict:
     batches = _sharded_batches()
     analysis = fxgradnas.analyze(model, batches[0])
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, progress=False)
+    scores = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, CalibrationOptions(shard=True),
+                                 progress=False)
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
-    recomputed = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss, shard=True, recompute=True,
-                                     progress=False)
+    recomputed = fxgradnas.calibrate(analysis, batches[rank::world], _lm_loss,
+                                     CalibrationOptions(shard=True, recompute=True), progress=False)
     sharded = shard_blocks(analysis.captured.module)
     local = {n: tuple(p.to_local().shape) for n, p in sharded.named_parameters()}
     # no weights in memory: every rank reads its shard of each parameter from the checkpoint
@@ -200,8 +203,8 @@ def _sharded_worker(rank: int, world: int, checkpoint: str) -> dict:
     with init_empty_weights(include_buffers=False):
         empty = transformers.LlamaForCausalLM(_config(tied=True)).eval()
     empty.tie_weights()  # init_empty_weights unties them
-    loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, example_inputs=batches[0], shard=True,
-                                 checkpoint=checkpoint, progress=False)
+    loaded = fxgradnas.calibrate(empty, batches[rank::world], _lm_loss, CalibrationOptions(shard=True),
+                                 example_inputs=batches[0], checkpoint=checkpoint, progress=False)
     return {"scores": dict(scores), "batches": scores.batches, "local": local, "loaded": dict(loaded),
             "recomputed": dict(recomputed)}
 
@@ -230,7 +233,7 @@ def test_two_gloo_ranks_with_sharded_blocks_equal_one_process(tmp_path) -> None:
 def test_shard_needs_an_initialised_process_group(tmp_path) -> None:
     meta = _meta_analysis(_config())
     with pytest.raises(ArgumentError, match="init_process_group"):
-        fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, shard=True)
+        fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, CalibrationOptions(shard=True))
     with pytest.raises(ArgumentError, match="shard=True"):
         fxgradnas.calibrate(meta, [{"input_ids": IDS}], _lm_loss, checkpoint=tmp_path)
     with pytest.raises(ArgumentError, match="buffers on the meta device"):  # rotary frequencies
@@ -266,13 +269,16 @@ def test_recompute_gives_the_scores_without_it(mode: str) -> None:
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 96, (3, 9), generator=generator) for _ in range(3)]
     analysis = fxgradnas.analyze(model, batches[0])
-    plain = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, mode=mode, progress=False)
-    recomputed = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, mode=mode, progress=False, recompute=True)
+    plain = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch, CalibrationOptions(granularity=mode),
+                                progress=False)
+    recomputed = fxgradnas.calibrate(analysis, batches, _lm_loss_of_batch,
+                                     CalibrationOptions(granularity=mode, recompute=True), progress=False)
     assert plain.keys() == recomputed.keys() and len(plain) == 6  # hidden, 2 x (heads, channels), blocks
     for name in plain:
         assert torch.equal(plain[name], recomputed[name]), name
-    result = fxgradnas.prune(analysis, None, batches, _lm_loss_of_batch, constraint={"params": 0.8}, divisor=4,
-                             progress=False, recompute=True)
+    result = fxgradnas.prune(analysis, None, batches, _lm_loss_of_batch, constraint={"params": 0.8},
+                             progress=False, search=SearchOptions(multiple_of=4),
+                             calibration=CalibrationOptions(recompute=True))
     assert torch.equal(result.scores["model.layers.1.mlp"], plain["model.layers.1.mlp"]) or mode == "sample"
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas import ConstraintError, CostModel, apply_plan
+from fxgradnas import CalibrationOptions, ConstraintError, CostModel, SearchOptions, apply_plan
 from fxgradnas.search import group_choices, parse_constraint, search
 from fxgradnas.units import keep_grid, kept_per_unit_axis
 from tests.flops import flops_of
@@ -83,15 +83,15 @@ def test_infeasible_constraint_names_the_smallest_achievable() -> None:
     analysis = analysis_of("llama")
     scores = fxgradnas.random_scores(analysis)
     with pytest.raises(ConstraintError, match=r"smallest model .* keeps [\d,]+ params"):
-        search(analysis, scores, {"params": 0.05}, divisor=1)
+        search(analysis, scores, {"params": 0.05}, SearchOptions(multiple_of=1))
 
 
-def _assert_tight(analysis, result, scores, metric, budget, kinds, divisor) -> None:
+def _assert_tight(analysis, result, scores, metric, budget, kinds, multiple_of) -> None:
     """No searched group can grow one choice (losing less score) without breaking the budget."""
     model = CostModel(analysis)
     kept = {g: c.kept for g, c in result.choices.items()}
     for g, choice in result.choices.items():
-        options = group_choices(analysis.group(g), scores[g], divisor=divisor)
+        options = group_choices(analysis.group(g), scores[g], SearchOptions(multiple_of=multiple_of))
         i = options.index(choice)
         if i + 1 < len(options) and options[i + 1].degradation <= choice.degradation:
             extra = model.delta(metric, g, kept, options[i + 1].kept)
@@ -113,7 +113,8 @@ def test_budget_is_met_and_used(name: str, searcher: str, constraint: dict) -> N
         constraint = {"params": int(model.base["params"] * 0.8)}
     kinds = ("heads", "channels", "hidden")
     scores = fxgradnas.random_scores(analysis, seed=3)
-    result = search(analysis, scores, constraint, searcher=searcher, kinds=kinds, divisor=4)
+    result = search(analysis, scores, constraint,
+                    SearchOptions(searcher=searcher, kinds=kinds, multiple_of=4))
     metric, budget = result.budget
     assert result.costs[metric] <= budget
     assert result.costs == model.evaluate({g: c.kept for g, c in result.choices.items()})
@@ -126,9 +127,10 @@ def test_budget_is_met_and_used(name: str, searcher: str, constraint: dict) -> N
 def test_search_is_scale_invariant(factor: float) -> None:
     analysis = analysis_of("llama")
     scores = fxgradnas.random_scores(analysis, seed=5)
-    reference = search(analysis, scores, {"params": 0.6}, divisor=4, kinds=("heads", "channels", "hidden"))
-    scaled = search(analysis, scores.scaled(factor), {"params": 0.6}, divisor=4,
-                    kinds=("heads", "channels", "hidden"))
+    reference = search(analysis, scores, {"params": 0.6},
+                       SearchOptions(multiple_of=4, kinds=("heads", "channels", "hidden")))
+    scaled = search(analysis, scores.scaled(factor), {"params": 0.6},
+                    SearchOptions(multiple_of=4, kinds=("heads", "channels", "hidden")))
     assert scaled.plan.keep == reference.plan.keep
 
 
@@ -143,8 +145,8 @@ def test_prune_plan_does_not_depend_on_loss_scale() -> None:
 
     analysis = analysis_of("llama")  # dynamic batch and sequence: the (4, 9) batches fit
     plans = [
-        fxgradnas.prune(analysis, None, batches, loss(s), constraint={"params": 0.6}, divisor=4, progress=False,
-                        check=False).plan.keep
+        fxgradnas.prune(analysis, None, batches, loss(s), constraint={"params": 0.6}, progress=False,
+                        check=False, search=SearchOptions(multiple_of=4)).plan.keep
         for s in (1.0, 0.01, 100.0)
     ]
     assert plans[0] == plans[1] == plans[2]
@@ -160,23 +162,25 @@ def test_gqa_choices_keep_equal_queries_per_kv_head() -> None:
     assert by_kept[(1, 2)].units == (0, 1)  # the better KV group, both queries
     assert by_kept[(2, 1)].units == (0, 2)  # the best query of each KV group
     assert by_kept[(2, 1)].degradation == pytest.approx(3.5)
-    only_kv = group_choices(g, scores, gqa="kv")
+    only_kv = group_choices(g, scores, SearchOptions(gqa="kv"))
     assert {c.kept for c in only_kv} == {(1, 2), (2, 2)}
 
 
-def test_channel_choices_round_to_the_divisor() -> None:
+def test_channel_choices_round_to_the_multiple_of() -> None:
     analysis = analysis_of("llama", intermediate=96)
     g = analysis.group("model.layers.0.mlp")
-    counts = [c.kept[0] for c in group_choices(g, torch.rand(96), divisor=32)]
+    counts = [c.kept[0] for c in group_choices(g, torch.rand(96), SearchOptions(multiple_of=32))]
     assert counts == [32, 64, 96]
-    counts = [c.kept[0] for c in group_choices(analysis.group("hidden"), torch.rand(32), divisor=64)]
-    assert counts[0] == 2 and counts[-1] == 32  # narrower than the divisor: its own granularity
+    counts = [c.kept[0] for c in group_choices(analysis.group("hidden"), torch.rand(32),
+                                               SearchOptions(multiple_of=64))]
+    assert counts[0] == 2 and counts[-1] == 32  # narrower than multiple_of: any count
 
 
 def test_prune_result_reports() -> None:
     model, inputs = ZOO["llama"]()
-    result = fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.7}, scorer="l1", divisor=4,
-                             compensate=None)
+    result = fxgradnas.prune(model, inputs, None, None, constraint={"params": 0.7},
+                             search=SearchOptions(multiple_of=4), calibration=CalibrationOptions(scorer="l1"),
+                             compensation=None)
     assert result.achieved["params"] <= 0.7
     assert "params" in result.summary() and "model.layers.0.mlp" in result.table()
     assert result.plan.fingerprint is not None
@@ -215,10 +219,11 @@ def test_pruning_in_rounds_meets_the_budget_and_keeps_what_it_pruned() -> None:
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), batch[:, 1:].reshape(-1))
 
     analysis = analysis_of("llama")  # dynamic batch and sequence: the (4, 9) batches fit
-    once = fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, divisor=4, progress=False,
-                           compensate=None)
-    thrice = fxgradnas.prune(analysis, None, iter(batches), loss, constraint={"params": 0.6}, divisor=4,
-                             rounds=3, progress=False, compensate=None)
+    once = fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, progress=False,
+                           search=SearchOptions(multiple_of=4), compensation=None)
+    thrice = fxgradnas.prune(analysis, None, iter(batches), loss, constraint={"params": 0.6}, progress=False,
+                             search=SearchOptions(multiple_of=4), calibration=CalibrationOptions(rounds=3),
+                             compensation=None)
     assert thrice.achieved["params"] <= 0.6 and thrice.search.budget == once.search.budget
     assert thrice.scores.batches == 3
     earlier = {name: set(torch.nonzero(s == 0).flatten().tolist()) for name, s in thrice.scores.items()}
@@ -226,7 +231,8 @@ def test_pruning_in_rounds_meets_the_budget_and_keeps_what_it_pruned() -> None:
     assert thrice.plan.keep != once.plan.keep
     torch.testing.assert_close(thrice.model(batches[1]), fxgradnas.masked(analysis, thrice.plan)(batches[1]))
     with pytest.raises(fxgradnas.errors.ArgumentError, match="rounds"):
-        fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, rounds=0, progress=False)
+        fxgradnas.prune(analysis, None, batches, loss, constraint={"params": 0.6}, progress=False,
+                        calibration=CalibrationOptions(rounds=0))
     with pytest.raises(fxgradnas.errors.ArgumentError, match="does not calibrate"):
-        fxgradnas.prune(analysis, None, None, None, constraint={"params": 0.6}, scorer="l1", rounds=2,
-                        compensate=None)
+        fxgradnas.prune(analysis, None, None, None, constraint={"params": 0.6},
+                        calibration=CalibrationOptions(scorer="l1", rounds=2), compensation=None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas import Plan
+from fxgradnas import Plan, SearchOptions
 from fxgradnas.scores import random_scores
 from tests import families
 
@@ -36,8 +36,8 @@ def _uniform_prune(name: str, seed: int = 0) -> tuple[torch.nn.Module, fxgradnas
     written back into a copy: (the copy, the search, the structure, the plan, the pruned module, token ids)."""
     model, inputs = families.HF_FAMILIES[name](seed)
     analysis = fxgradnas.analyze(model, inputs)
-    found = fxgradnas.search(analysis, random_scores(analysis, seed=seed), {"params": 0.7}, kinds=FAMILIES[name],
-                             uniform=True, divisor=8)
+    found = fxgradnas.search(analysis, random_scores(analysis, seed=seed), {"params": 0.7},
+                             SearchOptions(kinds=FAMILIES[name], uniform=True, multiple_of=8))
     pruned = fxgradnas.apply_plan(analysis, found.plan)
     written = copy.deepcopy(model)
     structure = write_back(written, analysis, found.plan, weights=pruned)
@@ -50,17 +50,19 @@ def test_a_uniform_plan_keeps_one_count_per_kind_and_each_layer_its_own_best_uni
     mlps = [g for g in analysis.prunable if g.kind == "channels"]
     scores = random_scores(analysis, seed=3)
     scores = scores.replaced({**scores, mlps[1].name: scores[mlps[1].name] * 1e-3})  # the second MLP matters less
-    found = fxgradnas.search(analysis, scores, {"params": 0.85}, uniform=True, divisor=8)
+    found = fxgradnas.search(analysis, scores, {"params": 0.85}, SearchOptions(uniform=True, multiple_of=8))
     for kind in ("heads", "channels"):
         assert len({c.kept for g, c in found.choices.items() if analysis.group(g).kind == kind}) == 1, found.choices
     assert found.costs["params"] <= found.budget[1]
-    found = fxgradnas.search(analysis, scores, {"params": 0.85}, kinds=("channels",), uniform=True, divisor=8)
+    found = fxgradnas.search(analysis, scores, {"params": 0.85},
+                             SearchOptions(kinds=("channels",), uniform=True, multiple_of=8))
     count, = {c.kept[0] for c in found.choices.values()}
     assert count < mlps[0].size
     for g in mlps:  # the layer's top-scored channels
         best = torch.argsort(scores[g.name], descending=True, stable=True)[:count].sort().values.tolist()
         assert list(found.plan.kept(g.name)) == best
-    free = fxgradnas.search(analysis, scores, {"params": 0.85}, kinds=("channels",), divisor=8)
+    free = fxgradnas.search(analysis, scores, {"params": 0.85},
+                            SearchOptions(kinds=("channels",), multiple_of=8))
     assert len({c.kept for c in free.choices.values()}) > 1, \
         "the scores should make per-layer widths differ, or the uniform test shows nothing"
 
@@ -69,7 +71,7 @@ def test_uniform_must_be_a_bool() -> None:
     model, inputs = families.HF_FAMILIES["llama"](0)
     analysis = fxgradnas.analyze(model, inputs)
     with pytest.raises(fxgradnas.errors.ArgumentTypeError, match="uniform must be True or False"):
-        fxgradnas.search(analysis, random_scores(analysis), {"params": 0.6}, uniform="yes")
+        fxgradnas.search(analysis, random_scores(analysis), {"params": 0.6}, SearchOptions(uniform="yes"))
 
 
 def test_uniform_checkpoints_load_with_plain_transformers_in_a_process_without_fxgradnas(tmp_path: Path) -> None:

@@ -21,13 +21,13 @@ from math import prod
 
 import torch
 
+from ..options import KINDS
 from .blocks import Block, find_blocks
 from .registry import entry_for
 from .rules.elementwise import keeps_zero
 from .spaces import is_data_size
 from .state import Propagation, op_name
 
-KINDS = ("heads", "channels", "experts", "hidden", "blocks")
 EXACT_FOR_EXPERTS = {"softmax", "log_softmax", "topk", "cumsum"}  # reductions over experts a -inf logit keeps exact
 ZERO_BLIND = {"sum", "linalg_vector_norm", "norm"}  # reductions that zero entries do not change
 
