@@ -32,7 +32,7 @@ def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _positions(groups: list[Group]) -> tuple[list[Group], list[str], str]:
+def layer_positions(groups: list[Group]) -> tuple[list[Group], list[str], str]:
     """The groups in layer order with their tick labels and the axis label: layer numbers when every
     group has a distinct one, else the group names."""
     layers = [_layer_of(g.name) for g in groups]
@@ -70,7 +70,7 @@ def plot_result(result: PruneResult, path: str | Path, *, scores: bool = False, 
     searched = [result.analysis.group(name) for name in result.search.choices]
     kinds = sorted(dict.fromkeys(g.kind for g in searched),
                    key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER))
-    by_kind = {kind: _positions([g for g in searched if g.kind == kind]) for kind in kinds}
+    by_kind = {kind: layer_positions([g for g in searched if g.kind == kind]) for kind in kinds}
     panels: list[tuple[str, str]] = []
     for kind in kinds:
         if len(by_kind[kind][0]) == 1 and by_kind[kind][2] == "group":

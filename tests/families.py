@@ -146,7 +146,7 @@ def _causal(config_cls: str, model_cls: str, seed: int, attn: str | None = None,
     return model, {"input_ids": token_ids(gen, model.config.vocab_size, FIRST_TOKEN if special_tokens else 0)}
 
 
-def _llama_like(config_cls: str, model_cls: str, seed: int, attn: str | None = None, gqa: bool = True,
+def llama_like(config_cls: str, model_cls: str, seed: int, attn: str | None = None, gqa: bool = True,
                 **extra: Any) -> Example:
     """The Llama argument names (hidden_size, intermediate_size, num_key_value_heads, ...)."""
     config = dict(
@@ -179,88 +179,88 @@ def _bert_like(config_cls: str, model_cls: str, seed: int, **extra: Any) -> Exam
 # hf_llama, hf_qwen2, hf_gpt2 and hf_bert take ``options``: config arguments over the family's, ``attn`` and
 # ``special_tokens`` (tests/zoo.py's smaller models of the same families are made with them).
 def hf_llama(seed: int = 0, **options: Any) -> Example:
-    return _llama_like("LlamaConfig", "LlamaForCausalLM", seed, **{"head_dim": HEAD_DIM, **options})
+    return llama_like("LlamaConfig", "LlamaForCausalLM", seed, **{"head_dim": HEAD_DIM, **options})
 
 
 def hf_mistral(seed: int = 0) -> Example:
-    return _llama_like("MistralConfig", "MistralForCausalLM", seed, head_dim=HEAD_DIM)
+    return llama_like("MistralConfig", "MistralForCausalLM", seed, head_dim=HEAD_DIM)
 
 
 def hf_qwen2(seed: int = 0, **options: Any) -> Example:
-    return _llama_like("Qwen2Config", "Qwen2ForCausalLM", seed, **options)
+    return llama_like("Qwen2Config", "Qwen2ForCausalLM", seed, **options)
 
 
 def hf_qwen3(seed: int = 0) -> Example:
-    return _llama_like("Qwen3Config", "Qwen3ForCausalLM", seed, head_dim=HEAD_DIM)
+    return llama_like("Qwen3Config", "Qwen3ForCausalLM", seed, head_dim=HEAD_DIM)
 
 
 def hf_gemma(seed: int = 0) -> Example:
-    return _llama_like("GemmaConfig", "GemmaForCausalLM", seed, head_dim=HEAD_DIM)
+    return llama_like("GemmaConfig", "GemmaForCausalLM", seed, head_dim=HEAD_DIM)
 
 
 def hf_gemma2(seed: int = 0) -> Example:
-    return _llama_like("Gemma2Config", "Gemma2ForCausalLM", seed, attn="eager", head_dim=HEAD_DIM,
+    return llama_like("Gemma2Config", "Gemma2ForCausalLM", seed, attn="eager", head_dim=HEAD_DIM,
                        query_pre_attn_scalar=HEAD_DIM, sliding_window=4)
 
 
 def hf_gemma3(seed: int = 0) -> Example:
-    return _llama_like("Gemma3TextConfig", "Gemma3ForCausalLM", seed, attn="eager", head_dim=HEAD_DIM,
+    return llama_like("Gemma3TextConfig", "Gemma3ForCausalLM", seed, attn="eager", head_dim=HEAD_DIM,
                        query_pre_attn_scalar=HEAD_DIM, sliding_window=4)
 
 
 def hf_phi(seed: int = 0) -> Example:
-    return _llama_like("PhiConfig", "PhiForCausalLM", seed)
+    return llama_like("PhiConfig", "PhiForCausalLM", seed)
 
 
 def hf_phi3(seed: int = 0) -> Example:
-    return _llama_like("Phi3Config", "Phi3ForCausalLM", seed)
+    return llama_like("Phi3Config", "Phi3ForCausalLM", seed)
 
 
 def hf_stablelm(seed: int = 0) -> Example:
-    return _llama_like("StableLmConfig", "StableLmForCausalLM", seed)
+    return llama_like("StableLmConfig", "StableLmForCausalLM", seed)
 
 
 def hf_starcoder2(seed: int = 0) -> Example:
-    return _llama_like("Starcoder2Config", "Starcoder2ForCausalLM", seed)
+    return llama_like("Starcoder2Config", "Starcoder2ForCausalLM", seed)
 
 
 def hf_olmo(seed: int = 0) -> Example:
-    return _llama_like("OlmoConfig", "OlmoForCausalLM", seed)
+    return llama_like("OlmoConfig", "OlmoForCausalLM", seed)
 
 
 def hf_olmo2(seed: int = 0) -> Example:
-    return _llama_like("Olmo2Config", "Olmo2ForCausalLM", seed)
+    return llama_like("Olmo2Config", "Olmo2ForCausalLM", seed)
 
 
 def hf_granite(seed: int = 0) -> Example:
-    return _llama_like("GraniteConfig", "GraniteForCausalLM", seed, embedding_multiplier=2.0,
+    return llama_like("GraniteConfig", "GraniteForCausalLM", seed, embedding_multiplier=2.0,
                        residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=2.0)
 
 
 def hf_cohere(seed: int = 0) -> Example:
-    return _llama_like("CohereConfig", "CohereForCausalLM", seed)
+    return llama_like("CohereConfig", "CohereForCausalLM", seed)
 
 
 def hf_smollm3(seed: int = 0) -> Example:
-    return _llama_like("SmolLM3Config", "SmolLM3ForCausalLM", seed, no_rope_layer_interval=2)
+    return llama_like("SmolLM3Config", "SmolLM3ForCausalLM", seed, no_rope_layer_interval=2)
 
 
 def hf_nemotron(seed: int = 0) -> Example:
-    return _llama_like("NemotronConfig", "NemotronForCausalLM", seed, head_dim=HEAD_DIM)
+    return llama_like("NemotronConfig", "NemotronForCausalLM", seed, head_dim=HEAD_DIM)
 
 
 def hf_mixtral(seed: int = 0) -> Example:
-    return _llama_like("MixtralConfig", "MixtralForCausalLM", seed, head_dim=HEAD_DIM, num_local_experts=4,
+    return llama_like("MixtralConfig", "MixtralForCausalLM", seed, head_dim=HEAD_DIM, num_local_experts=4,
                        num_experts_per_tok=2)
 
 
 def hf_qwen2_moe(seed: int = 0) -> Example:
-    return _llama_like("Qwen2MoeConfig", "Qwen2MoeForCausalLM", seed, num_experts=4, num_experts_per_tok=2,
+    return llama_like("Qwen2MoeConfig", "Qwen2MoeForCausalLM", seed, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=48, shared_expert_intermediate_size=MLP, decoder_sparse_step=1)
 
 
 def hf_qwen3_moe(seed: int = 0) -> Example:
-    return _llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", seed, num_experts=4, num_experts_per_tok=2,
+    return llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", seed, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=48, decoder_sparse_step=1)
 
 
@@ -485,13 +485,13 @@ HF_FAMILIES: dict[str, Callable[..., Example]] = {
 def _tv(name: str, image: int = 64, batch: int = 2, **kwargs: Any) -> Callable[..., Example]:
     """A factory for ``torchvision.models.<name>(weights=None, num_classes=10, **kwargs)`` on
     ``batch`` images of ``image`` x ``image``."""
-    factory = _shallow(lambda models: getattr(models, name)(weights=None, num_classes=CLASSES, **kwargs), image, batch)
+    factory = shallow(lambda models: getattr(models, name)(weights=None, num_classes=CLASSES, **kwargs), image, batch)
     factory.__name__ = f"tv_{name}"
     factory.__doc__ = f"torchvision {name} on ({batch}, 3, {image}, {image}) images"
     return factory
 
 
-def _shallow(build: Callable[[Any], nn.Module], image: int = 64, batch: int = 2) -> Callable[..., Example]:
+def shallow(build: Callable[[Any], nn.Module], image: int = 64, batch: int = 2) -> Callable[..., Example]:
     """A factory for ``build(torchvision.models)`` (10 classes) on ``batch`` images of ``image`` x ``image``."""
 
     def factory(seed: int = 0) -> Example:
@@ -610,28 +610,28 @@ TORCHVISION_MODELS: dict[str, Callable[..., Example]] = {
 # windows, window and grid attention) at least once.
 TORCHVISION_SHALLOW: dict[str, Callable[..., Example]] = {
     **TORCHVISION_MODELS,
-    "resnet50": _shallow(_resnet([1, 2, 1, 1])),
-    "resnext50_32x4d": _shallow(_resnet([1, 2, 1, 1], groups=32, width_per_group=4)),
-    "wide_resnet50_2": _shallow(_resnet([1, 2, 1, 1], width_per_group=128)),
-    "mobilenet_v2": _shallow(lambda models: models.MobileNetV2(
+    "resnet50": shallow(_resnet([1, 2, 1, 1])),
+    "resnext50_32x4d": shallow(_resnet([1, 2, 1, 1], groups=32, width_per_group=4)),
+    "wide_resnet50_2": shallow(_resnet([1, 2, 1, 1], width_per_group=128)),
+    "mobilenet_v2": shallow(lambda models: models.MobileNetV2(
         CLASSES, inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2]])),
-    "mobilenet_v3_small": _shallow(_mobilenet_v3("mobilenet_v3_small", 5)),
-    "mobilenet_v3_large": _shallow(_mobilenet_v3("mobilenet_v3_large", 8)),
-    "efficientnet_b0": _shallow(_efficientnet("efficientnet_b0", 3)),
-    "efficientnet_v2_s": _shallow(_efficientnet("efficientnet_v2_s", 4)),
-    "regnet_x_400mf": _shallow(_regnet(depth=6, w_0=24, w_a=24.48, w_m=2.54, group_width=16)),
-    "regnet_y_400mf": _shallow(_regnet(depth=6, w_0=48, w_a=27.89, w_m=2.09, group_width=8, se_ratio=0.25)),
-    "shufflenet_v2_x0_5": _shallow(lambda models: models.ShuffleNetV2([2, 1, 1], [24, 48, 96, 192, 1024],
+    "mobilenet_v3_small": shallow(_mobilenet_v3("mobilenet_v3_small", 5)),
+    "mobilenet_v3_large": shallow(_mobilenet_v3("mobilenet_v3_large", 8)),
+    "efficientnet_b0": shallow(_efficientnet("efficientnet_b0", 3)),
+    "efficientnet_v2_s": shallow(_efficientnet("efficientnet_v2_s", 4)),
+    "regnet_x_400mf": shallow(_regnet(depth=6, w_0=24, w_a=24.48, w_m=2.54, group_width=16)),
+    "regnet_y_400mf": shallow(_regnet(depth=6, w_0=48, w_a=27.89, w_m=2.09, group_width=8, se_ratio=0.25)),
+    "shufflenet_v2_x0_5": shallow(lambda models: models.ShuffleNetV2([2, 1, 1], [24, 48, 96, 192, 1024],
                                                                       num_classes=CLASSES)),
-    "densenet121": _shallow(lambda models: models.DenseNet(32, (2, 2), 64, num_classes=CLASSES)),
-    "convnext_tiny": _shallow(_convnext, image=32),
-    "vit_b_16": _shallow(lambda models: models.VisionTransformer(
+    "densenet121": shallow(lambda models: models.DenseNet(32, (2, 2), 64, num_classes=CLASSES)),
+    "convnext_tiny": shallow(_convnext, image=32),
+    "vit_b_16": shallow(lambda models: models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=256,
         num_classes=CLASSES), image=32),
-    "swin_t": _shallow(lambda models: models.SwinTransformer(
+    "swin_t": shallow(lambda models: models.SwinTransformer(
         patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[7, 7],
         stochastic_depth_prob=0.2, num_classes=CLASSES)),
-    "maxvit_t": _shallow(lambda models: models.MaxVit(
+    "maxvit_t": shallow(lambda models: models.MaxVit(
         input_size=(56, 56), stem_channels=16, partition_size=7, block_channels=[32, 64], block_layers=[1, 1],
         head_dim=16, stochastic_depth_prob=0.2, num_classes=CLASSES), image=56),
 }

@@ -141,7 +141,7 @@ def test_post_norm_layers_are_frozen_with_the_reason() -> None:
 def test_torchvision_resnet_blocks_are_those_whose_widths_match(random_plan: Callable) -> None:
     from torchvision.models.resnet import BasicBlock
 
-    model, images = families._shallow(lambda models: models.ResNet(BasicBlock, [2, 2, 1, 1], num_classes=10))()
+    model, images = families.shallow(lambda models: models.ResNet(BasicBlock, [2, 2, 1, 1], num_classes=10))()
     analysis = fxgradnas.analyze(model, images)
     groups = {g.name: ([b.path for b in g.blocks], g.prunable) for g in analysis.by_kind("blocks")}
     assert groups["layer1.blocks"] == (["layer1.0", "layer1.1"], True)
@@ -170,7 +170,7 @@ def test_the_command_line_prunes_layers(tmp_path: Path, capsys: pytest.CaptureFi
 # --- Hugging Face ----------------------------------------------------------------------------------
 HF_FAMILIES = {name: lambda seed, name=name: families.HF_FAMILIES[name](seed)
                for name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")}
-HF_FAMILIES["qwen2-sliding"] = lambda seed: families._llama_like(  # layer_types: full, full, sliding, sliding
+HF_FAMILIES["qwen2-sliding"] = lambda seed: families.llama_like(  # layer_types: full, full, sliding, sliding
     "Qwen2Config", "Qwen2ForCausalLM", seed, use_sliding_window=True, max_window_layers=2, sliding_window=4)
 
 
@@ -295,7 +295,7 @@ def test_layers_whose_kind_the_config_derives_from_their_index_are_not_deleted()
     would be rebuilt as a sparse one, so write_back refuses (the pruned graph module still removes it)."""
     from fxgradnas.hf import write_back
 
-    model, inputs = families._llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", 0, num_experts=4,
+    model, inputs = families.llama_like("Qwen3MoeConfig", "Qwen3MoeForCausalLM", 0, num_experts=4,
                                          num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=2)
     analysis = fxgradnas.analyze(model, inputs)
     blocks, = [g for g in analysis.prunable if g.kind == "blocks"]

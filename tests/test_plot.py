@@ -10,7 +10,7 @@ import pytest
 
 import fxgradnas
 from fxgradnas import CalibrationOptions, SearchOptions
-from fxgradnas.plot import _positions
+from fxgradnas.plot import layer_positions
 from tests.zoo import llama
 
 pytest.importorskip("matplotlib")
@@ -18,10 +18,10 @@ pytest.importorskip("matplotlib")
 
 def test_layers_are_ordered_by_number_and_other_groups_by_name() -> None:
     groups = [SimpleNamespace(name=f"model.layers.{i}.mlp") for i in (10, 2, 1)]
-    ordered, ticks, axis = _positions(groups)
+    ordered, ticks, axis = layer_positions(groups)
     assert ticks == ["1", "2", "10"] and axis == "layer" and ordered[0] is groups[2]
     groups = [SimpleNamespace(name=n) for n in ("layer2.0.conv1", "layer10.0.conv1", "layer1.0.conv1")]
-    assert _positions(groups)[1:] == (["layer1.0.conv1", "layer2.0.conv1", "layer10.0.conv1"], "group")
+    assert layer_positions(groups)[1:] == (["layer1.0.conv1", "layer2.0.conv1", "layer10.0.conv1"], "group")
 
 
 @functools.cache
