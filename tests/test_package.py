@@ -116,9 +116,6 @@ PUBLIC_FUNCTIONS = {
 UNDOCUMENTED = {
     "fxgradnas.CostModel", "fxgradnas.CostModel.delta", "fxgradnas.CostModel.evaluate", "fxgradnas.Group",
     "fxgradnas.heal",
-    "fxgradnas.datasets.batched", "fxgradnas.datasets.causal_lm_loss", "fxgradnas.datasets.interleaved",
-    "fxgradnas.datasets.perplexity", "fxgradnas.datasets.python_docs_text", "fxgradnas.datasets.sampled_windows",
-    "fxgradnas.datasets.shakespeare_text", "fxgradnas.datasets.stdlib_text", "fxgradnas.datasets.token_windows",
     "fxgradnas.plot.plot_result", "fxgradnas.report.analysis_table", "fxgradnas.report.markdown_report",
     "fxgradnas.report.prune_summary", "fxgradnas.report.prune_table", "fxgradnas.shard.split_blocks",
 }
