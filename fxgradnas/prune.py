@@ -86,7 +86,7 @@ class PruneResult:
         Args:
             path: The image file to write (its suffix picks the format).
             scores: Also draw every unit's score.
-            title: The figure's title (default: the constraint and what was achieved).
+            title: The title's lead, before the params and FLOPs ratios (default: "pruned model").
 
         Returns:
             The path written.
