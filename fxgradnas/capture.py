@@ -29,7 +29,20 @@ _EXPORT_LOCK = threading.RLock()
 
 @dataclass
 class Captured:
-    """A captured model: the runnable graph module plus what is needed to read it."""
+    """A captured model: the runnable graph module plus what is needed to read it.
+
+    Attributes:
+        module: The exported ATen graph module (eval mode).
+        model: The user's model it was captured from.
+        args: The example inputs' positional args.
+        kwargs: The example inputs' keyword args.
+        names: Per tensor id, every name (tied ones included) the model holds it under.
+        fingerprint: The model's parameter names and shapes, hashed (what a plan is checked against).
+        dynamic_dims: The input dims the graph keeps symbolic ("input_ids dim 0", ...).
+        seconds: How long the capture took.
+        training: The model's mode when it was captured (the graph itself is eval mode's).
+        symbol_values: The sizes of the graph's symbolic dims on the example inputs.
+    """
 
     module: torch.fx.GraphModule
     model: torch.nn.Module
@@ -43,12 +56,23 @@ class Captured:
     symbol_values: dict[sympy.Symbol, int] = field(default_factory=dict)  # symbolic sizes on the example
 
     def names_of(self, tensor: torch.Tensor) -> list[str]:
-        """All names (tied ones included) under which the model holds this tensor."""
+        """All names (tied ones included) under which the model holds this tensor.
+
+        Args:
+            tensor: A parameter or buffer of the model.
+        """
         return self.names.get(id(tensor), [])
 
     def check_inputs(self, inputs: Any, where: str) -> None:
-        """Raise DataError unless ``inputs`` (model inputs, as ``collect_fn`` gives them) have the example
-        inputs' structure, dtypes and the sizes the graph fixed; ``where`` names them ("batch 3")."""
+        """Check that model inputs have the example inputs' structure, dtypes and the sizes the graph fixed.
+
+        Args:
+            inputs: Model inputs, as ``collect_fn`` gives them.
+            where: What names them in the message ("batch 3").
+
+        Raises:
+            DataError: They are not a tensor, tuple or dict, or differ from the example inputs.
+        """
         try:
             args, kwargs = split_inputs(inputs)
         except TypeError:
@@ -68,8 +92,19 @@ class Captured:
             _check_leaf(_input_name(path), got[path], example, node.meta.get("val"), where)
 
     def call(self, module: nn.Module, inputs: Any, where: str) -> Any:
-        """``module`` (the captured graph or a copy of it) on ``inputs``, checked by :meth:`check_inputs`;
-        a torch.export guard that fails on them is reported as a DataError."""
+        """``module`` run on ``inputs``, checked first by :meth:`check_inputs`.
+
+        Args:
+            module: The captured graph or a copy of it.
+            inputs: Model inputs, as ``collect_fn`` gives them.
+            where: What names them in a message ("batch 3").
+
+        Returns:
+            The module's output.
+
+        Raises:
+            DataError: As :meth:`check_inputs` raises it, or a torch.export guard fails on the inputs.
+        """
         self.check_inputs(inputs, where)
         try:
             return call_with(module, inputs)
@@ -275,6 +310,20 @@ def capture(
     BatchNorm of the graph follow the graph module's own ``.train()``/``.eval()``
     (:func:`~fxgradnas.export_passes.follow_training_mode`). The captured module itself is in eval mode. In-place ops become
     out-of-place where nothing else sees their write (:func:`~fxgradnas.export_passes.functionalize`).
+
+    Args:
+        model: The model to export (its training flags are restored afterwards).
+        example_inputs: Its inputs: a tensor, a tuple of positional args or a dict of keyword args.
+        dynamic_shapes: "auto", None (static) or a torch.export dynamic_shapes spec.
+
+    Returns:
+        The captured model.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not a Module, or ``example_inputs`` are not a tensor, tuple or dict
+            or hold no tensor.
+        ArgumentError: ``example_inputs`` are on another device than the model.
+        CaptureError: torch.export fails on the model.
     """
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")

@@ -44,7 +44,11 @@ class Term:
 
 class CostModel:
     """``evaluate({group: kept per unit axis})`` -> ``{"params": n, "flops": n}``; groups not named
-    are kept whole; a blocks group's tuple has 1 (kept) or 0 (removed) per block."""
+    are kept whole; a blocks group's tuple has 1 (kept) or 0 (removed) per block.
+
+    Args:
+        analysis: The analysed model whose params and FLOPs it counts.
+    """
 
     def __init__(self, analysis: Analysis) -> None:
         check_analysis(analysis, "CostModel")
@@ -126,11 +130,23 @@ class CostModel:
         return full
 
     def evaluate(self, kept: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        """Params and FLOPs of the model keeping ``kept``.
+
+        Args:
+            kept: Group name -> units kept per unit axis (groups not named are kept whole).
+        """
         full = self._values(kept)
         return {m: sum(t.value(full) for t in terms) for m, terms in self.terms.items()}
 
     def delta(self, metric: str, group: str, kept: dict[str, tuple[int, ...]], new: tuple[int, ...]) -> int:
-        """Change of ``metric`` when ``group`` moves from its entry in ``kept`` to ``new``."""
+        """Change of ``metric`` when ``group`` moves from its entry in ``kept`` to ``new``.
+
+        Args:
+            metric: "params" or "flops".
+            group: The group that changes.
+            kept: Group name -> units kept per unit axis, as :meth:`evaluate` takes it.
+            new: The group's new units kept per unit axis.
+        """
         terms = self.by_group[metric][group]
         before, after = self._values(kept), self._values({**kept, group: new})
         return sum(t.value(after) - t.value(before) for t in terms)

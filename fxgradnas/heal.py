@@ -122,6 +122,32 @@ def heal(
     runs both forwards under autocast on the student's device. The student runs in train mode and both
     models' modes, and the student's ``requires_grad`` flags, are restored after; the teacher's
     parameters are never touched. Deterministic for a fixed ``seed`` on the CPU.
+
+    Args:
+        student: The pruned model: a PruneResult or a module, trained in place.
+        teacher: The dense model, only run forward.
+        data: Training batches (an iterable, started over when it ends).
+        steps: How many optimizer steps (one batch each).
+        lr: The AdamW learning rate at its peak.
+        temperature: The distillation temperature of the default loss.
+        warmup: The fraction of the steps the learning rate rises linearly over, in [0, 1).
+        max_grad_norm: The gradient norm clip (None: no clipping).
+        loss_fn: ``loss_fn(student_output, teacher_output, batch)`` returning a scalar (default:
+            :func:`distillation_loss`).
+        collect_fn: Makes the model inputs from a batch (default: the batch as it is).
+        autocast_dtype: A floating dtype to run both forwards under autocast in (None: no autocast).
+        seed: The random seed.
+        progress: Show a progress bar.
+
+    Returns:
+        The report: losses per step and how long healing took.
+
+    Raises:
+        ArgumentTypeError: ``student`` or ``teacher`` is not a module, ``data`` is not an iterable of batches,
+            ``loss_fn`` or ``collect_fn`` is not callable, or ``autocast_dtype`` is not a floating dtype.
+        ArgumentError: ``student`` is ``teacher``, an option is out of range, or the student has no
+            floating-point parameter.
+        CalibrationError: The loss is not a finite scalar tensor.
     """
     module = student if isinstance(student, nn.Module) else getattr(student, "model", None)  # a PruneResult
     if not isinstance(module, nn.Module):

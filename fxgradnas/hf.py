@@ -512,7 +512,13 @@ def _set_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> 
 def save_pruned(model: nn.Module, structure: dict, directory: str | Path) -> None:
     """``save_pretrained`` plus the structure :func:`load_pruned` needs (JSON, no pickled code). A standard
     structure (``structure["standard"]``, see :func:`write_back`) is saved as the family saves it, under the
-    checkpoint's own tensor names: plain ``from_pretrained`` loads it."""
+    checkpoint's own tensor names: plain ``from_pretrained`` loads it.
+
+    Args:
+        model: The pruned Hugging Face model (:func:`write_back`'s).
+        structure: What :func:`write_back` returned.
+        directory: The directory to save to.
+    """
     directory = Path(directory)
     # otherwise the model's own parameter names: transformers would rename some back to a legacy checkpoint
     # format (GPT-NeoX's embed_out, ViT's vit.encoder.layer, per-expert keys) that only its loader maps
@@ -522,7 +528,18 @@ def save_pruned(model: nn.Module, structure: dict, directory: str | Path) -> Non
 
 def load_pruned(directory: str | Path, model_class: Any = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pruned`: the architecture from its config, shrunk to the
-    saved shapes and attributes, then the saved weights (a standard one: ``from_pretrained``)."""
+    saved shapes and attributes, then the saved weights (a standard one: ``from_pretrained``).
+
+    Args:
+        directory: What :func:`save_pruned` or :func:`prune_checkpoint` wrote.
+        model_class: The transformers class to build (default: ``AutoModelForCausalLM``).
+
+    Returns:
+        The pruned model, in eval mode.
+
+    Raises:
+        RewriteError: The saved weights do not fit the rebuilt model.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -564,7 +581,24 @@ def prune_checkpoint(source: str | Path, analysis: Analysis, plan: Plan, target:
 
     ``analysis`` may be of the model built on the meta device from the checkpoint's config (no weights
     are needed, nor loaded): its parameter names and shapes must be the checkpoint's. The model class
-    to rebuild is the analysed model's (``model_class`` overrides it). Returns the structure."""
+    to rebuild is the analysed model's (``model_class`` overrides it).
+
+    Args:
+        source: The checkpoint directory (config.json and safetensors).
+        analysis: The analysis of the model of this checkpoint (its meta-device model will do).
+        plan: The units each group keeps.
+        target: The directory to write the pruned checkpoint to (not ``source``).
+        model_class: The class to rebuild the model with (default: the analysed model's).
+
+    Returns:
+        The structure, as :func:`write_back` returns it.
+
+    Raises:
+        ArgumentTypeError: ``analysis`` is not an Analysis, or ``plan`` not a Plan.
+        ArgumentError: ``source`` has no config.json, ``target`` is ``source``, or the checkpoint's tensors
+            or the analysis are of another model.
+        PlanError: The plan does not fit the model.
+    """
     from transformers import AutoConfig
 
     check_analysis(analysis, "prune_checkpoint")

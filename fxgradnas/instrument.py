@@ -181,6 +181,20 @@ def instrument(analysis: Analysis, groups: list[Group] | None = None, *, share_w
     With ``read_only=True`` it holds read-only views of the model's tensors (no memory; parameters that
     require no grad, so nothing done with it reaches the model's) and stays in eval mode: what
     calibration and compensation read the model with.
+
+    Args:
+        analysis: The analysed model (:func:`fxgradnas.analyze`).
+        groups: The groups to mask (default: ``analysis.prunable``).
+        share_weights: Hold the model's own parameters and buffers instead of copies.
+        read_only: Hold read-only views of the model's tensors, in eval mode.
+
+    Returns:
+        The instrumented copy: its module, and per group its mask and mask sites.
+
+    Raises:
+        ArgumentTypeError: ``analysis`` is not an Analysis, or ``groups`` not a list.
+        ArgumentError: ``groups`` holds a group of another analysis, or both ``share_weights`` and
+            ``read_only`` are set.
     """
     check_analysis(analysis, "instrument")
     inst = _instrument(analysis, groups, _tensors(share_weights, read_only))
@@ -231,6 +245,23 @@ def masked(model: torch.nn.Module | Analysis, plan: Plan, example_inputs: Exampl
     (dropout, BatchNorm) and starts in the mode the model was in when captured. ``read_only=True`` gives
     it read-only views of the model's tensors (no memory) in eval mode: a reference to compare with, not
     to train.
+
+    Args:
+        model: The model, or its analysis (:func:`fxgradnas.analyze`).
+        plan: The units each group keeps.
+        example_inputs: The model's inputs, to capture it (not needed with an Analysis).
+        share_weights: Hold the model's own parameters and buffers instead of copies.
+        read_only: Hold read-only views of the model's tensors, in eval mode.
+
+    Returns:
+        The masked graph module.
+
+    Raises:
+        ArgumentTypeError: ``plan`` is not a Plan, ``model`` not a Module or Analysis, or a Module comes
+            without ``example_inputs``.
+        ArgumentError: Both ``share_weights`` and ``read_only`` are set.
+        PlanError: The plan does not fit the model (:meth:`fxgradnas.Plan.validate`).
+        CaptureError: As :func:`fxgradnas.capture` raises it.
     """
     check_plan(plan)
     tensors = _tensors(share_weights, read_only)

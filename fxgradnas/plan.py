@@ -25,6 +25,14 @@ class Plan:
 
     For a heads group the indices are query-head indices (query head ``h`` of a grouped-query
     layer reads KV head ``h // queries_per_kv``).
+
+    Attributes:
+        keep: Group name -> flat indices of the units it keeps (distinct non-negative ints).
+        fingerprint: The fingerprint of the model the plan was made for (None: not checked).
+
+    Raises:
+        PlanError: ``keep`` is not a mapping of string names to distinct non-negative int indices, or
+            ``fingerprint`` is not a string or None.
     """
 
     keep: dict[str, list[int]] = field(default_factory=dict)
@@ -44,12 +52,24 @@ class Plan:
         self.keep = keep
 
     def to_json(self) -> str:
+        """The plan as JSON text (format, fingerprint, keep), which :meth:`from_json` reads back."""
         return json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "keep": self.keep}, indent=1)
 
     @classmethod
     def from_json(cls, text: str | bytes, analysis: Analysis | None = None) -> Plan:
-        """The plan :meth:`to_json` wrote; with ``analysis`` also checked against it (:meth:`validate`).
-        Anything else raises PlanError naming what is wrong."""
+        """The plan :meth:`to_json` wrote.
+
+        Args:
+            text: The JSON text (str or bytes).
+            analysis: When given, the plan is also checked against it (:meth:`validate`).
+
+        Returns:
+            The plan.
+
+        Raises:
+            ArgumentTypeError: ``text`` is not a str or bytes.
+            PlanError: The text is not a JSON fxgradnas plan, or (with ``analysis``) does not fit it.
+        """
         if not isinstance(text, (str, bytes, bytearray)):
             raise ArgumentTypeError(f"Plan.from_json takes the JSON text, not {type(text).__name__}")
         try:
@@ -69,9 +89,17 @@ class Plan:
         return plan
 
     def validate(self, analysis: Analysis, model: torch.nn.Module | None = None) -> None:
-        """Raise PlanError naming the first problem: another model (``model``'s fingerprint, default the
-        analysed model's as captured), an unknown or frozen group, an index that is not a distinct int in
-        range, or a group left with no unit (or with fewer than its ``min_units``: a router's top-k)."""
+        """Check that the plan fits the analysed model.
+
+        Args:
+            analysis: The analysis the plan is applied with.
+            model: The model whose fingerprint the plan's must match (default: the analysed model's as captured).
+
+        Raises:
+            PlanError: Naming the first problem: another model, an unknown or frozen group, an index that is not
+                a distinct int in range, or a group left with no unit (or with fewer than its ``min_units``: a
+                router's top-k).
+        """
         expected = fingerprint(model) if model is not None else analysis.captured.fingerprint
         if self.fingerprint is not None and self.fingerprint != expected:
             raise PlanError(
@@ -98,7 +126,11 @@ class Plan:
                 raise PlanError(f"indices {bad} out of range for group {name!r} of {group.size} units")
 
     def kept(self, name: str) -> list[int] | None:
-        """Sorted kept indices of a group, or None when the plan keeps it whole."""
+        """Sorted kept indices of a group, or None when the plan keeps it whole.
+
+        Args:
+            name: The group's name.
+        """
         return sorted(self.keep[name]) if name in self.keep else None
 
 

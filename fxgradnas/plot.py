@@ -64,7 +64,15 @@ def plot_result(result: PruneResult, path: str | Path, *, scores: bool = False, 
     blue the kept ones with the count on top ("KVxQ" for grouped-query heads: KV heads x queries per KV
     head). A kind with one model-wide group (the residual width) is one horizontal bar. The title gives
     the params and FLOPs ratios. With ``scores`` each per-layer panel gets one below with every unit's
-    score (relative to the best unit of its group, log scale): kept units blue, pruned ones red."""
+    score (relative to the best unit of its group, log scale): kept units blue, pruned ones red.
+
+    Args:
+        result: What :func:`fxgradnas.prune` made.
+        path: The image file to write (its suffix picks the format).
+        scores: Also draw every unit's score.
+        title: The title's lead, before the params and FLOPs ratios (default: "pruned model").
+        dpi: Resolution of a raster image.
+    """
     from matplotlib.figure import Figure
 
     searched = [result.analysis.group(name) for name in result.search.choices]

@@ -68,7 +68,11 @@ class PruneResult:
         return self.model.meta.get("self_check")
 
     def table(self, tablefmt: str = "simple") -> str:
-        """One row per group: its units before and after (a tabulate ``tablefmt``)."""
+        """One row per group: its units before and after.
+
+        Args:
+            tablefmt: A tabulate table format.
+        """
         return prune_table(self, tablefmt=tablefmt)
 
     def summary(self) -> str:
@@ -77,7 +81,16 @@ class PruneResult:
 
     def plot(self, path: str | Path, *, scores: bool = False, title: str | None = None) -> Path:
         """Draw the units kept per layer against the original (and with ``scores`` every unit's score) to
-        ``path``; needs matplotlib (the ``plot`` extra). See :func:`fxgradnas.plot.plot_result`."""
+        ``path``; needs matplotlib (the ``plot`` extra). See :func:`fxgradnas.plot.plot_result`.
+
+        Args:
+            path: The image file to write (its suffix picks the format).
+            scores: Also draw every unit's score.
+            title: The title's lead, before the params and FLOPs ratios (default: "pruned model").
+
+        Returns:
+            The path written.
+        """
         from .plot import plot_result
 
         return plot_result(self, path, scores=scores, title=title)

@@ -43,7 +43,12 @@ def group_rows(analysis: Analysis) -> list[dict]:
 
 
 def analysis_table(analysis: Analysis, tablefmt: str = "simple") -> str:
-    """One row per group: what it is, what it touches, whether it can be pruned and exactly."""
+    """One row per group: what it is, what it touches, whether it can be pruned and exactly.
+
+    Args:
+        analysis: The analysed model.
+        tablefmt: A tabulate table format.
+    """
     rows = [[r["group"], r["kind"], _units(g), r["unit_width"], f"{r['params_per_unit']:,.0f}", _params(g), r["exact"],
              r["status"]] for g, r in zip(analysis.groups, group_rows(analysis), strict=True)]
     headers = ["group", "kind", "units", "unit width", "params/unit", "parameters", "exact", "status"]
@@ -74,7 +79,12 @@ def plan_rows(result: PruneResult) -> list[dict]:
 
 
 def prune_table(result: PruneResult, tablefmt: str = "simple") -> str:
-    """One row per searched group: units kept, its own parameter saving, the score it gave up."""
+    """One row per searched group: units kept, its own parameter saving, the score it gave up.
+
+    Args:
+        result: What :func:`fxgradnas.prune` made.
+        tablefmt: A tabulate table format.
+    """
     records = plan_rows(result)
     rows = [[r["group"], r["kind"], f"{r['kept']}/{r['of']}", r["per_axis"], f"{r['params_removed']:,}",
              "-" if r["score_lost"] is None else f"{r['score_lost']:.1%}"] for r in records]
@@ -95,6 +105,11 @@ def _kept_shape(g: Group, kept: tuple[int, ...]) -> str:
 
 
 def prune_summary(result: PruneResult) -> str:
+    """The constraint, what was achieved, the scores, the self-check and the times, one line each.
+
+    Args:
+        result: What :func:`fxgradnas.prune` made.
+    """
     s = result.search
     metric, budget = s.budget
     lines = [
@@ -114,7 +129,11 @@ def prune_summary(result: PruneResult) -> str:
 def markdown_report(data: dict) -> str:
     """The report of a ``fxgradnas prune`` run as markdown, from the plain record the command writes as
     JSON: sizes, perplexity and a generation before/after, the plan per group, the analysis, settings and
-    times."""
+    times.
+
+    Args:
+        data: The record the command writes as JSON.
+    """
     md = "github"
     lines = [f"# fxgradnas prune: {data['model']}", "", f"`{data['command']}`", ""]
     sizes = [[name, f"{v['before']:,}", f"{v['after']:,}", f"{v['after'] / v['before']:.1%}"]

@@ -114,6 +114,25 @@ def apply_plan(
     reference's in eval mode, on the example inputs and on fresh random inputs of their shapes; a relative
     max difference above ``tolerance`` (default :func:`default_tolerance`, by dtype) raises RewriteError.
     The figures are in ``module.meta["self_check"]`` (:class:`SelfCheck`).
+
+    Args:
+        model: The model, or its analysis (:func:`fxgradnas.analyze`).
+        plan: The units each group keeps.
+        example_inputs: The model's inputs, to capture it (not needed with an Analysis).
+        check: Compare the pruned outputs with the masked reference's.
+        tolerance: The largest relative difference the check accepts (default: by dtype).
+        share_weights: Hold the model's own memory for the tensors the plan leaves whole.
+
+    Returns:
+        The pruned graph module.
+
+    Raises:
+        ArgumentTypeError: ``plan`` is not a Plan, ``model`` not a Module or Analysis, or a Module comes
+            without ``example_inputs``.
+        ArgumentError: ``tolerance`` is not a non-negative number, or the weights are on the meta device.
+        PlanError: The plan does not fit the model (:meth:`fxgradnas.Plan.validate`).
+        CaptureError: As :func:`fxgradnas.capture` raises it.
+        RewriteError: The self-check finds the pruned module differs from the masked one.
     """
     check_plan(plan)
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))

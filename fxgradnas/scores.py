@@ -13,7 +13,17 @@ from .units import fold_to_units
 
 class Scores(dict):
     """``{group name: tensor of unit scores}`` (flat unit index, as in plans) plus how they were made;
-    ``granularity``: calibration's ("batch" or "sample"; empty for the baselines); ``truncated``: calibration stopped at ``max_batches`` with batches left unread."""
+    ``granularity``: calibration's ("batch" or "sample"; empty for the baselines); ``truncated``: calibration stopped at ``max_batches`` with batches left unread.
+
+    Args:
+        scores: Group name -> flat tensor of unit scores.
+        scorer: What made them ("gradnas", "l1", "random(seed)").
+        granularity: Calibration's granularity ("batch" or "sample"; empty for the baselines).
+        batches: How many calibration batches were read.
+        seconds: How long scoring took.
+        history: Calibration's per-round values (empty for the baselines).
+        truncated: Calibration stopped at ``max_batches`` with batches left unread.
+    """
 
     def __init__(self, scores: dict[str, torch.Tensor], *, scorer: str, granularity: str = "", batches: int = 0,
                  seconds: float = 0.0, history: list[float] | None = None, truncated: bool = False) -> None:
@@ -23,12 +33,22 @@ class Scores(dict):
         self.truncated = truncated
 
     def replaced(self, scores: dict[str, torch.Tensor], **changes: object) -> Scores:
-        """New values (and ``changes`` of the attributes), with the rest of how they were made."""
+        """New values, with the rest of how they were made.
+
+        Args:
+            scores: Group name -> flat tensor of unit scores.
+            **changes: New values of the attributes (``scorer``, ``batches``, ...).
+        """
         fields = {"scorer": self.scorer, "granularity": self.granularity, "batches": self.batches, "seconds": self.seconds,
                   "history": self.history, "truncated": self.truncated}
         return Scores(scores, **{**fields, **changes})
 
     def scaled(self, factor: float) -> Scores:
+        """Every score times ``factor``, with how they were made.
+
+        Args:
+            factor: The multiplier.
+        """
         return self.replaced({k: v * factor for k, v in self.items()})
 
 
@@ -42,7 +62,19 @@ def _to_unit_grid(values: torch.Tensor, group: Group, layout: Layout) -> torch.T
 
 def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
     """Unit score = the L1 norm of every weight slice the unit owns (a block's: of its parameters; the
-    magnitude ranking)."""
+    magnitude ranking).
+
+    Args:
+        analysis: The analysed model (:func:`fxgradnas.analyze`).
+        groups: The groups to score (default: ``analysis.prunable``).
+
+    Returns:
+        The unit scores per group.
+
+    Raises:
+        ArgumentTypeError: ``analysis`` is not an Analysis, or ``groups`` not a list.
+        ArgumentError: ``groups`` holds a group of another analysis, or the weights are on the meta device.
+    """
     check_analysis(analysis, "l1_scores")
     check_groups(analysis, groups)
     model = analysis.captured.model
@@ -60,7 +92,20 @@ def l1_scores(analysis: Analysis, groups: list[Group] | None = None) -> Scores:
 
 
 def random_scores(analysis: Analysis, groups: list[Group] | None = None, seed: int = 0) -> Scores:
-    """Unit scores drawn uniformly at random from ``seed``: the baseline any ranking must beat."""
+    """Unit scores drawn uniformly at random from ``seed``: the baseline any ranking must beat.
+
+    Args:
+        analysis: The analysed model (:func:`fxgradnas.analyze`).
+        groups: The groups to score (default: ``analysis.prunable``).
+        seed: The random generator's seed.
+
+    Returns:
+        The unit scores per group.
+
+    Raises:
+        ArgumentTypeError: ``analysis`` is not an Analysis, ``groups`` not a list or ``seed`` not an int.
+        ArgumentError: ``groups`` holds a group of another analysis.
+    """
     check_analysis(analysis, "random_scores")
     check_groups(analysis, groups)
     if isinstance(seed, bool) or not isinstance(seed, int):

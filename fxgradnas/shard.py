@@ -43,7 +43,11 @@ def split_blocks(gm: GraphModule) -> GraphModule:
     """``gm`` as a root graph calling one submodule per run of nodes of the same block, in graph order;
     each submodule holds the parameters only it reads (the others stay on the root). Computes what ``gm``
     computes, with its inputs and outputs; ``split.meta[NAMES]`` maps each moved parameter to its name in
-    ``gm``."""
+    ``gm``.
+
+    Args:
+        gm: The graph module to split (a captured or masked model's).
+    """
     part: dict[Node, int] = {}
     key: object = object()
     current, previous = -1, ""

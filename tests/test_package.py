@@ -4,9 +4,13 @@ the report and the picture are leaves, and importing it stays cheap."""
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
+import textwrap
+import types
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 
@@ -95,3 +99,114 @@ def test_analysis_does_not_load_the_presentation_layer() -> None:
             "print(sorted(m for m in ('fxgradnas.report', 'tabulate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# The documented public API: every name of ``fxgradnas.__all__`` but the errors (with the public methods of
+# its classes), and the functions of the other modules that README.md names or that the package points to.
+PUBLIC_FUNCTIONS = {
+    "fxgradnas.hf": ["write_back", "save_pruned", "load_pruned", "prune_checkpoint"],
+    "fxgradnas.datasets": ["stdlib_text", "shakespeare_text", "python_docs_text", "token_windows", "interleaved",
+                           "sampled_windows", "batched", "causal_lm_loss", "perplexity"],
+    "fxgradnas.report": ["analysis_table", "prune_table", "prune_summary", "markdown_report"],
+    "fxgradnas.plot": ["plot_result"],
+    "fxgradnas.compensate": ["compensate"],
+    "fxgradnas.shard": ["split_blocks"],
+}
+_SECTIONS = ("Args", "Attributes", "Returns", "Yields", "Raises", "Example", "Examples", "Note", "Notes")
+
+
+def _section(doc: str, title: str) -> list[str]:
+    """The names a Google-style ``title:`` section lists (``name:``, ``name (type):``, ``a, b:``, ``**kw:``)."""
+    lines = inspect.cleandoc(doc).splitlines()
+    names, inside, indent = [], False, None
+    for line in lines:
+        stripped = line.strip()
+        if not line.startswith(" ") and stripped.rstrip(":") in _SECTIONS and stripped.endswith(":"):
+            inside, indent = stripped[:-1] == title, None
+            continue
+        if not inside or not stripped:
+            continue
+        depth = len(line) - len(line.lstrip())
+        if not depth:
+            inside = False
+            continue
+        indent = depth if indent is None else indent
+        if depth == indent and ":" in stripped:
+            head = stripped.split(":", 1)[0].split(" (", 1)[0]
+            names += [n.strip().lstrip("*") for n in head.split(",")]
+    return names
+
+
+def _public_objects() -> list[tuple[str, Any]]:
+    import importlib
+
+    import fxgradnas.errors
+
+    found = []
+    for name in fxgradnas.__all__:
+        value = getattr(fxgradnas, name)
+        if isinstance(value, type) and issubclass(value, BaseException):
+            continue
+        found.append((f"fxgradnas.{name}", value))
+        if isinstance(value, type):
+            found += [(f"fxgradnas.{name}.{attr}", getattr(value, attr)) for attr, member in vars(value).items()
+                      if not attr.startswith("_") and isinstance(member, (types.FunctionType, classmethod,
+                                                                             staticmethod))]
+    for module, names in PUBLIC_FUNCTIONS.items():
+        found += [(f"{module}.{n}", getattr(importlib.import_module(module), n)) for n in names]
+    assert fxgradnas.errors.FxGradNasError not in [v for _, v in found]
+    return found
+
+
+def _raises_on_purpose(function: Any) -> bool:
+    """Whether ``function``'s own body raises an fxgradnas error or calls a ``check_*`` / ``ensure_*`` helper."""
+    import fxgradnas.errors
+
+    errors = {n for n, v in vars(fxgradnas.errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name) and exc.id in errors:
+                return True
+        if isinstance(node, ast.Call):
+            called = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if called.startswith(("check_", "ensure_")):
+                return True
+    return False
+
+
+def test_every_public_function_documents_its_parameters_and_errors() -> None:
+    import dataclasses
+
+    missing = []
+    checked = _public_objects()
+    assert len(checked) > 50
+    for qualname, value in checked:
+        function = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
+        doc = inspect.getdoc(function) or ""
+        if isinstance(function, type):
+            if dataclasses.is_dataclass(function):
+                wanted = [f.name for f in dataclasses.fields(function) if f.init]
+            else:
+                wanted = [p for p in inspect.signature(function).parameters if p not in ("self", "cls")]
+            listed = _section(doc, "Attributes") + _section(doc, "Args")
+            init = function.__dict__.get("__init__")
+            if init is not None and not dataclasses.is_dataclass(function):
+                listed += _section(inspect.getdoc(init) or "", "Args")
+            missing += [f"{qualname}: {p}" for p in wanted if p not in listed]
+            continue
+        parameters = [p for p in inspect.signature(function).parameters if p not in ("self", "cls")]
+        listed = _section(doc, "Args")
+        missing += [f"{qualname}: {p}" for p in parameters if p not in listed]
+        if _raises_on_purpose(function) and not _section(doc, "Raises"):
+            missing.append(f"{qualname}: Raises")
+    assert missing == [], "\n".join(missing)
+
+
+def test_the_docstring_checker_reads_google_sections() -> None:
+    doc = ("Summary.\n\nArgs:\n    a: one.\n    b (int): two,\n        continued: here.\n    *args, **kw: rest.\n\n"
+           "Raises:\n    ArgumentError, DataError: when.\n")
+    assert _section(doc, "Args") == ["a", "b", "args", "kw"]
+    assert _section(doc, "Raises") == ["ArgumentError", "DataError"]
+    assert _section(doc, "Returns") == []

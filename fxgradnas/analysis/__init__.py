@@ -25,7 +25,14 @@ __all__ = [
 
 @dataclass
 class Analysis:
-    """The groups of a captured model, with the walk that found them."""
+    """The groups of a captured model, with the walk that found them.
+
+    Attributes:
+        captured: The captured model (:func:`fxgradnas.capture`).
+        groups: Every group found, prunable or frozen with its reason.
+        walk: The propagation over the graph that found the groups (what the cost model reads).
+        seconds: Seconds per step ("capture", "analysis").
+    """
 
     captured: Captured
     groups: list[Group]
@@ -33,6 +40,14 @@ class Analysis:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def group(self, name: str) -> Group:
+        """The group named ``name``.
+
+        Args:
+            name: The group's name (``group.name``, as a plan names it).
+
+        Raises:
+            UnknownGroupError: No group has that name.
+        """
         for g in self.groups:
             if g.name == name:
                 return g
@@ -43,6 +58,11 @@ class Analysis:
         return [g for g in self.groups if g.prunable]
 
     def by_kind(self, kind: str) -> list[Group]:
+        """The groups of one kind.
+
+        Args:
+            kind: A group kind ("heads", "channels", "hidden", ...).
+        """
         return [g for g in self.groups if g.kind == kind]
 
     @property
@@ -63,7 +83,11 @@ class Analysis:
 
     # --- what the cost model reads: tensors and contractions as products of leaf spaces ----------
     def leaf_size(self, leaf: int) -> Size:
-        """Size of a leaf space (an int, or a sympy expression for batch/sequence)."""
+        """Size of a leaf space (an int, or a sympy expression for batch/sequence).
+
+        Args:
+            leaf: The leaf space's index in the walk.
+        """
         return self.walk.spaces.size(leaf)
 
     def parameter_leaves(self) -> list[tuple[torch.Tensor, list[list[list[int]]]]]:
@@ -78,7 +102,11 @@ class Analysis:
         return [(node, [self.walk.spaces.segments(s) for s in spaces]) for node, spaces in self.walk.records.flops]
 
     def table(self, tablefmt: str = "simple") -> str:
-        """The groups as a table (:func:`fxgradnas.report.analysis_table`)."""
+        """The groups as a table (:func:`fxgradnas.report.analysis_table`).
+
+        Args:
+            tablefmt: A tabulate table format.
+        """
         from ..report import analysis_table  # the presentation layer, loaded when a table is asked for
 
         return analysis_table(self, tablefmt=tablefmt)
@@ -134,5 +162,16 @@ def analyze(model: torch.nn.Module, example_inputs: ExampleInputs, *, dynamic_sh
     """Capture ``model`` on ``example_inputs`` and find its prunable groups.
 
     Every dimension a rule does not understand is frozen with a reason, never guessed.
+
+    Args:
+        model: The model to analyse (not modified).
+        example_inputs: Its inputs: a tensor, a tuple of positional args or a dict of keyword args.
+        dynamic_shapes: "auto" (dynamic batch and sequence), None (static) or a torch.export spec.
+
+    Returns:
+        The analysis: the captured model and its groups.
+
+    Raises:
+        ArgumentTypeError, ArgumentError, CaptureError: as :func:`fxgradnas.capture` raises them.
     """
     return analyze_captured(capture(model, example_inputs, dynamic_shapes=dynamic_shapes))

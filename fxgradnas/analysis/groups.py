@@ -114,7 +114,27 @@ class NodeAxis:
 
 @dataclass
 class Group:
-    """One prunable dimension (or a frozen one, with the reason)."""
+    """One prunable dimension (or a frozen one, with the reason).
+
+    Attributes:
+        name: The group's name, as plans and scores name it.
+        kind: What its units are ("heads", "channels", "hidden", "experts", "blocks", ...).
+        unit_shape: The unit grid (``(kv_heads, queries_per_kv)`` for grouped-query heads, ``(C,)`` otherwise).
+        prunable: Whether a plan may prune it.
+        reason: Why it is frozen (empty when prunable).
+        exact: Whether pruning it gives exactly the masked model's outputs.
+        exact_reason: Why it is not exact (empty when exact).
+        unit_width: Channels per unit along its axes (a head's dim; 1 for channels).
+        params: The parameter axes it slices.
+        buffers: The buffer axes it slices.
+        sites: The graph nodes its mask multiplies.
+        shape_constants: The view/reshape/expand nodes whose size constants it patches.
+        reductions: The reductions over its axes, as ``(node, kind)``.
+        leaves: The leaf spaces of its unit grid.
+        shared_kv: Multi-query attention: every query head reads the one KV head.
+        min_units: The fewest units a plan may keep (an experts group: the router's top-k).
+        blocks: A blocks group's units.
+    """
 
     name: str
     kind: str
