@@ -159,7 +159,8 @@ def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: 
         progress: Show a progress bar.
 
     Raises:
-        ArgumentTypeError: ``model`` has no ``generate()``, or ``seed`` is not an int.
+        ArgumentTypeError: ``model`` has no ``generate()``, ``seed`` is not an int, or ``temperature`` is not a
+            number.
         ArgumentError: ``count``, ``seq_len`` or ``batch_size`` is not a positive int, ``temperature`` is not
             positive, or no start token is given or configured.
     """
@@ -171,6 +172,8 @@ def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: 
             raise ArgumentError(f"sampled_windows: {name} must be a positive int, not {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentTypeError(f"sampled_windows: seed must be an int, not {seed!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ArgumentTypeError(f"sampled_windows: temperature must be a number, not {temperature!r}")
     if not temperature > 0:
         raise ArgumentError(f"sampled_windows: temperature must be > 0, not {temperature!r}")
     holders = (model.generation_config, getattr(model, "config", None))
@@ -216,7 +219,12 @@ def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     Args:
         windows: The windows, ``(count, seq_len)``.
         batch_size: Windows per batch.
+
+    Raises:
+        ArgumentError: ``batch_size`` is not a positive int.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ArgumentError(f"batched: batch_size must be a positive int, not {batch_size!r}")
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
@@ -239,6 +247,9 @@ def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
     Args:
         model: A causal LM taking token ids.
         batches: Batches of token ids, ``(batch, seq_len)`` each.
+
+    Raises:
+        DataError: ``batches`` holds no next token to predict (empty, or windows of one token).
     """
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
@@ -248,4 +259,6 @@ def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
         nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
         total += float(nll)
         tokens += batch[:, 1:].numel()
+    if tokens == 0:
+        raise DataError("perplexity needs batches of token windows of at least 2 tokens; none were given")
     return math.exp(total / tokens)

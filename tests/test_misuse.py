@@ -39,7 +39,7 @@ from fxgradnas.errors import (
 from fxgradnas.rewrite import default_tolerance
 from fxgradnas.search import check_constraint
 from tests.seeding import seeded
-from tests.zoo import ZOO, analysis_of
+from tests.zoo import HF_ZOO, ZOO, analysis_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -756,3 +756,30 @@ def test_token_windows_and_interleaved_raise_fxgradnas_errors() -> None:
         interleaved([])
     assert issubclass(DataError, ValueError) and issubclass(DataError, FxGradNasError)
     assert interleaved([torch.zeros(2, 3), torch.ones(1, 3)]).tolist() == [[0] * 3, [1] * 3, [0] * 3]
+
+
+def test_batched_perplexity_and_sampled_windows_check_their_arguments() -> None:
+    """A batch size below 1, batches with nothing to predict and a temperature that is not a number are
+    fxgradnas errors, not a silent empty list, a ZeroDivisionError or a bare TypeError."""
+    from fxgradnas.datasets import batched, perplexity
+
+    windows = torch.arange(12).reshape(4, 3)
+    assert [b.shape[0] for b in batched(windows, 3)] == [3, 1]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ArgumentError, match="batch_size must be a positive int"):
+            batched(windows, bad)
+    model = torch.nn.Embedding(16, 16)
+    with pytest.raises(DataError, match="at least 2 tokens"):
+        perplexity(model, [])
+    with pytest.raises(DataError, match="at least 2 tokens"):
+        perplexity(model, [torch.zeros(2, 1, dtype=torch.long)])
+    assert perplexity(model, [windows]) > 1.0
+
+
+@pytest.mark.hf
+def test_sampled_windows_refuses_a_temperature_that_is_not_a_number() -> None:
+    from fxgradnas.datasets import sampled_windows
+
+    lm, _ = HF_ZOO["hf_llama"]()
+    with pytest.raises(ArgumentTypeError, match="temperature must be a number"):
+        sampled_windows(lm, 2, 4, temperature="hot", progress=False)
