@@ -236,7 +236,8 @@ def prune(
             or loss where they are needed).
         ArgumentError: An argument has a value prune cannot use.
         ConstraintError: The constraint is malformed or cannot be met.
-        DataError: ``data`` is empty or a batch does not match the example inputs.
+        DataError: ``data`` is empty, a batch does not match the example inputs, or ``searcher="evolve"`` holds
+            out every batch.
         CaptureError, AnalysisError, CalibrationError, RewriteError: a step fails on this model.
     """
     _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, search=search,
