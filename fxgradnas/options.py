@@ -26,8 +26,14 @@ KINDS = ("heads", "channels", "experts", "hidden", "blocks")
 convolution's filters), experts of a mixture, the residual width, whole layers."""
 DEFAULT_KINDS = ("heads", "channels", "experts")
 """The kinds searched by default: the residual width and whole layers are opt-in."""
-SEARCHERS = ("binary", "greedy")
-"""``binary``: one degradation threshold for every group (the reference); ``greedy``: grow from the smallest."""
+SEARCHERS = ("binary", "greedy", "evolve")
+"""``binary``: one degradation threshold for every group (the reference); ``greedy``: grow from the smallest;
+``evolve``: the binary plan refined by level trades between groups, each scored by the masked model's loss on
+held-out batches (:func:`fxgradnas.evolve.evolve`; :func:`fxgradnas.prune` only, it needs data and a loss)."""
+EVOLVE_FORWARDS = 256
+"""Forward passes ``searcher="evolve"`` may run by default (the start's evaluation included)."""
+EVOLVE_BATCHES = 4
+"""Batches of data ``searcher="evolve"`` holds out from scoring by default, to measure each candidate's loss on."""
 GQA = ("both", "kv", "queries")
 """How grouped-query attention loses heads: whole KV groups, queries within each KV group, or both."""
 RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -102,7 +108,10 @@ class SearchOptions:
 
     Attributes:
         searcher: ``"binary"`` (one degradation threshold for every group, then grown while the budget
-            allows; the reference) or ``"greedy"`` (grown from the smallest choices).
+            allows; the reference), ``"greedy"`` (grown from the smallest choices) or ``"evolve"`` (the binary
+            plan, then trades of levels between groups within the budget, each candidate kept only when the
+            masked model's mean loss on ``evolve_batches`` held-out batches is lower; :func:`fxgradnas.prune`
+            holds out the last ``evolve_batches`` batches it reads from ``data`` and does not score them).
         kinds: Group kinds searched (the others stay whole): any of ``"heads"``, ``"channels"``,
             ``"experts"``, ``"hidden"`` (the residual width), ``"blocks"`` (whole layers). Kept as a tuple.
         multiple_of: Kept channel counts are multiples of it (a group narrower than it: any count).
@@ -111,10 +120,15 @@ class SearchOptions:
             number of queries in each KV group) or ``"both"``.
         uniform: Every group of one kind and unit shape (every MLP, every attention) keeps one count, so a
             Hugging Face model written back has a standard config.
+        evolve_forwards: With ``searcher="evolve"``: the forward passes the refinement may run in all (each
+            candidate, the start included, costs ``evolve_batches``); at least ``2 * evolve_batches``.
+        evolve_batches: With ``searcher="evolve"``: how many batches of ``data`` are held out to measure the
+            loss on (at least 1; ``data`` needs one more to score).
 
     Raises:
         ArgumentError: A field has a value outside its choices or range.
-        ArgumentTypeError: A field has the wrong type (``kinds`` or ``ratios`` a string, ``uniform`` not a bool).
+        ArgumentTypeError: A field has the wrong type (``kinds`` or ``ratios`` a string, ``uniform`` not a bool,
+            ``evolve_forwards`` or ``evolve_batches`` not an int).
     """
 
     searcher: str = "binary"
@@ -123,6 +137,8 @@ class SearchOptions:
     ratios: tuple[float, ...] = RATIOS
     gqa: str = "both"
     uniform: bool = False
+    evolve_forwards: int = EVOLVE_FORWARDS
+    evolve_batches: int = EVOLVE_BATCHES
 
     def __post_init__(self) -> None:
         owner = "SearchOptions"
@@ -148,6 +164,17 @@ class SearchOptions:
         object.__setattr__(self, "ratios", ratios)
         _one_of(owner, "gqa", self.gqa, GQA)
         _flag(owner, "uniform", self.uniform)
+        for name in ("evolve_batches", "evolve_forwards"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ArgumentTypeError(f"{owner}: {name} must be an int, not {value!r}")
+        if self.evolve_batches < 1:
+            raise ArgumentError(f"{owner}: evolve_batches must be at least 1 (the held-out batches the loss is "
+                                f"measured on), not {self.evolve_batches}")
+        if self.evolve_forwards < 2 * self.evolve_batches:
+            raise ArgumentError(f"{owner}: evolve_forwards={self.evolve_forwards} cannot measure the start and one "
+                                f"candidate on evolve_batches={self.evolve_batches} batches: pass evolve_forwards >= "
+                                f"{2 * self.evolve_batches} or fewer evolve_batches")
 
 
 @dataclass(frozen=True)
@@ -163,7 +190,7 @@ class CalibrationOptions:
             when batches were left.
         rounds: :func:`fxgradnas.prune` prunes in this many rounds, re-calibrating with the units pruned so
             far masked (more than 1 needs ``scorer="gradnas"``).
-        seed: The seed of ``scorer="random"``.
+        seed: The seed of ``scorer="random"`` and of ``SearchOptions(searcher="evolve")``'s mutations.
         autocast_dtype: Run the forward under autocast in this dtype (``"bfloat16"``, ``"float16"`` or a
             floating torch.dtype); None: the model's own dtype.
         converged_below: Stop early once the mean relative change of the averaged scores stays below it for

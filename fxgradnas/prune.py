@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -14,11 +15,12 @@ from torch.fx import GraphModule
 
 from .analysis import Analysis, ensure_analysis
 from .batches import check_callable, check_data, default_collect, is_one_shot, peek, to_device
-from .calibrate import calibrate, check_sharding
+from .calibrate import autocast_dtype, calibrate, check_sharding
 from .capture import ExampleInputs, check_example_inputs
 from .compensate import LayerReport, timed_compensation
 from .cost import CostModel
 from .errors import ArgumentError, ArgumentTypeError
+from .evolve import check_held_out, evolve
 from .modules import check_weights, device_of
 from .options import CalibrationOptions, CompensationOptions, SearchOptions, check_instance
 from .plan import Plan
@@ -40,7 +42,7 @@ class PruneResult:
         scores: The unit scores the plan was searched on (the last round's).
         search: The search's result: choices, costs, budget and history.
         analysis: The analysis of the original model.
-        seconds: Seconds per step (analyze, score, search, rewrite, compensate).
+        seconds: Seconds per step (analyze, score, search, evolve, rewrite, compensate).
         compensation: One report per re-fitted layer (empty without compensation).
     """
 
@@ -141,6 +143,17 @@ def _keep_pruned(analysis: Analysis, scores: Scores, plan: Plan) -> Scores:
                             for name, value in scores.items()})
 
 
+def _hold_out(data: Iterable, batches: int, calibration: CalibrationOptions,
+              compensation: CompensationOptions | None) -> tuple[list, list]:
+    """The batches scored (and re-fitted on) and the last ``batches`` of those read, held out for
+    ``searcher="evolve"``: at most the most batches a step reads plus ``batches`` are read."""
+    limits = [calibration.max_batches] + ([compensation.max_batches] if compensation is not None else [])
+    most = None if None in limits else max(limits) + batches
+    read = list(itertools.islice(data, most))
+    check_held_out(read, batches)
+    return read[:-batches], read[-batches:]
+
+
 def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *, constraint: Any,
                      search: Any, calibration: Any, compensation: Any, compensation_data: Any,
                      collect_fn: Any) -> None:
@@ -166,7 +179,8 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
             raise ArgumentError("compensation_data is the iterator data is: the scores would use up its batches; "
                                 "leave compensation_data out to re-fit on data (it is then kept in a list)")
     gradnas = calibration.scorer == "gradnas"
-    needs_data = [why for why, needed in (("scorer='gradnas'", gradnas),
+    evolving = search.searcher == "evolve"
+    needs_data = [why for why, needed in (("scorer='gradnas'", gradnas), ("searcher='evolve'", evolving),
                                           (f"compensation method {compensation.method!r}" if compensation else "",
                                            compensation is not None and compensation_data is None),
                                           ("example_inputs=None (the first batch captures the model)",
@@ -176,7 +190,10 @@ def _check_arguments(model: Any, example_inputs: Any, data: Any, loss_fn: Any, *
             skip = " (or compensation=None to skip the re-fit)" if compensation is not None else ""
             raise ArgumentTypeError(f"{' and '.join(needs_data)} need(s) calibration data; pass data{skip}")
         check_data(data)
-    if gradnas:
+    if gradnas or evolving:
+        if evolving and loss_fn is None:
+            raise ArgumentTypeError("searcher='evolve' measures the loss of each candidate plan: pass a loss_fn "
+                                    "(or use SearchOptions(searcher='binary'))")
         check_callable(loss_fn, "loss_fn", "output, batch", optional=False)
 
 
@@ -198,7 +215,10 @@ def prune(
 
     With ``calibration.rounds`` > 1 round r calibrates with the units pruned so far masked and searches for
     ``r / rounds`` of the way from the whole model to the budget; units pruned in earlier rounds score zero, so
-    they go first. With ``search.uniform`` a Hugging Face model written back (:func:`fxgradnas.hf.write_back`)
+    they go first. With ``search.searcher="evolve"`` the last ``search.evolve_batches`` batches read from
+    ``data`` are held out (neither scored nor re-fitted on) and the binary search's plan is refined by level
+    trades measured on them (:func:`fxgradnas.evolve.evolve`); ``result.search.evolve`` says what it did. With
+    ``search.uniform`` a Hugging Face model written back (:func:`fxgradnas.hf.write_back`)
     has a standard config: plain ``from_pretrained`` loads it.
 
     Args:
@@ -206,7 +226,8 @@ def prune(
         example_inputs: What the model is captured with (None: the first batch of ``data``).
         data: Calibration batches, read through ``collect_fn`` (needed by the gradnas scorer, by the re-fit
             without ``compensation_data``, and without ``example_inputs``).
-        loss_fn: ``loss_fn(output, batch)`` returning a scalar tensor (needed by the gradnas scorer).
+        loss_fn: ``loss_fn(output, batch)`` returning a scalar tensor (needed by the gradnas scorer and by
+            ``searcher="evolve"``).
         constraint: One budget: ``{"params": 0.75}``, ``{"flops": "70%"}`` or ``{"params": 100_000_000}``.
         search: How the plan is searched (:class:`fxgradnas.SearchOptions`).
         calibration: How units are scored (:class:`fxgradnas.CalibrationOptions`).
@@ -228,7 +249,8 @@ def prune(
             or loss where they are needed).
         ArgumentError: An argument has a value prune cannot use.
         ConstraintError: The constraint is malformed or cannot be met.
-        DataError: ``data`` is empty or a batch does not match the example inputs.
+        DataError: ``data`` is empty, a batch does not match the example inputs, or ``searcher="evolve"`` holds
+            out every batch.
         CaptureError, AnalysisError, CalibrationError, RewriteError: a step fails on this model.
     """
     _check_arguments(model, example_inputs, data, loss_fn, constraint=constraint, search=search,
@@ -237,6 +259,9 @@ def prune(
     rounds = calibration.rounds
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    held_out = None
+    if search.searcher == "evolve":
+        data, held_out = _hold_out(data, search.evolve_batches, calibration, compensation)
     if ((compensation is not None and compensation_data is None) or rounds > 1) and is_one_shot(data):  # read twice
         limits = [calibration.max_batches] + ([compensation.max_batches] if compensation is not None else [])
         most = None if None in limits else max(limits)
@@ -252,6 +277,7 @@ def prune(
     metric, budget = parse_constraint(constraint, cost_model.base)
     plan: Plan | None = None
     seconds["score"] = seconds["search"] = 0.0
+    binary = dataclasses.replace(search, searcher="binary") if held_out is not None else search  # evolve's start
     for round_ in range(1, rounds + 1):
         start = time.perf_counter()
         scores = score(analysis, data, loss_fn, calibration, collect_fn=collect_fn, progress=progress,
@@ -262,9 +288,14 @@ def prune(
         start = time.perf_counter()
         base = cost_model.base[metric]
         target = base - (base - budget) * round_ // rounds  # the budget itself in the last round
-        found = search_plan(analysis, scores, {metric: target}, search, cost_model=cost_model)
+        found = search_plan(analysis, scores, {metric: target}, binary, cost_model=cost_model)
         plan = found.plan
         seconds["search"] += time.perf_counter() - start
+    if held_out is not None:
+        start = time.perf_counter()
+        found = evolve(analysis, found, scores, held_out, loss_fn, search, seed=calibration.seed, collect_fn=collect_fn,
+                       cost_model=cost_model, autocast_dtype=autocast_dtype(calibration), progress=progress)
+        seconds["evolve"] = time.perf_counter() - start
     found.plan.fingerprint = analysis.captured.fingerprint
     start = time.perf_counter()
     pruned = apply_plan(analysis, found.plan, check=check)

@@ -120,6 +120,8 @@ def prune_summary(result: PruneResult) -> str:
                                                   "batches" if result.scores.granularity else "")
         + (" (max_batches reached: later batches were not read)" if result.scores.truncated else ""),
     ]
+    if s.evolve is not None:
+        lines.append(f"evolve      {s.evolve}")
     if result.self_check is not None:
         lines.append(f"self-check  {result.self_check}")
     lines.append("time        " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))

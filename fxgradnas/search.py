@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from .cost import METRICS, CostModel
 from .errors import ArgumentError, ArgumentTypeError, ConstraintError
 from .options import SearchOptions, check_instance
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .evolve import EvolveReport
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,11 @@ class SearchResult:
         base: Params and FLOPs of the whole model.
         budget: The constraint as ``(metric, absolute budget)``.
         params_removed: Per group, the params its own choice alone removes.
-        history: The search's steps (thresholds tried, groups grown, layers traded) with their costs.
-        seconds: How long the search took.
+        history: The search's steps (thresholds tried, groups grown, layers traded, the loss-measured refinement)
+            with their costs.
+        seconds: How long the search took (the refinement's time is in ``evolve``).
+        evolve: What ``searcher="evolve"`` did (held-out loss before and after, candidates, forward passes,
+            seconds); None for the other searchers.
     """
 
     plan: Plan
@@ -65,6 +71,7 @@ class SearchResult:
     params_removed: dict[str, int] = field(default_factory=dict)  # per group, by its own choice alone
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    evolve: EvolveReport | None = None
 
     @property
     def achieved(self) -> dict[str, float]:
@@ -280,11 +287,17 @@ def search(
             model the options allow.
         ArgumentTypeError: ``analysis`` is not an Analysis, ``options`` not a SearchOptions or ``scores`` not a
             mapping.
-        ArgumentError: ``scores`` name a group the analysis has not, or are not finite unit scores of its size.
+        ArgumentError: ``scores`` name a group the analysis has not, or are not finite unit scores of its size;
+            ``options.searcher`` is ``"evolve"`` (it needs data: :func:`fxgradnas.prune` or
+            :func:`fxgradnas.evolve.evolve`).
     """
     check_constraint(constraint)
     check_instance(options, SearchOptions, "options")
     searcher, kinds, uniform = options.searcher, options.kinds, options.uniform
+    if searcher == "evolve":
+        raise ArgumentError("searcher='evolve' measures the masked model's loss on data, which search has not: use "
+                            "fxgradnas.prune(..., search=SearchOptions(searcher='evolve')), or search with "
+                            "searcher='binary' and refine with fxgradnas.evolve.evolve(...)")
     check_analysis(analysis, "search")
     _check_scores(analysis, scores)
     start = time.perf_counter()
