@@ -329,7 +329,8 @@ def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Pa
 @pytest.mark.hf
 def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) -> None:
     """``--calibration a --refit a self``: the scores read the text, the re-fit the text and the model's samples
-    taken in turn: the Python API's ``compensation_data``."""
+    taken in turn: the Python API's ``compensation_data``. Without ``--refit`` that is the default for a
+    checkpoint; ``--refit a`` re-fits on the text alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fxgradnas import datasets
@@ -360,6 +361,16 @@ def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) ->
         after[label] = datasets.perplexity(model, evaluation)
     assert report["perplexity"][eval_file]["after"] == pytest.approx(after["text and samples"], rel=1e-6)
     assert after["text"] != pytest.approx(after["text and samples"], rel=1e-4)
+    # the default without --refit is the text and samples; naming the text alone re-fits on it alone
+    for label, refit in (("text and samples", []), ("text", ["--refit", text_file])):
+        options = [a for a in argv if a not in ("--refit", "self")]
+        options.remove(text_file)  # named twice: for --calibration and for --refit
+        out = tmp_path / label.replace(" ", "-")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main([*options, *refit, "--out", str(out)]) == 0
+        default = json.loads((out / "report.json").read_text())
+        assert default["settings"]["refit on"] == (f"{text_file}, self" if not refit else text_file)
+        assert default["perplexity"][eval_file]["after"] == pytest.approx(after[label], rel=1e-6)
 
 
 @pytest.mark.hf

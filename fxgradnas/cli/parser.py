@@ -168,9 +168,10 @@ def _add_prune(sub: argparse._SubParsersAction, corpora: str) -> None:
                             "samples itself (its share of the windows, seeded by --seed; a file named self: ./self), "
                             "for a model meant for more than the text given")
     prune.add_argument("--refit", nargs="+", metavar="TEXT",
-                       help="text(s) the re-fit reads instead of the calibration text, e.g. the calibration text and "
-                            f"{SAMPLED!r}: the scores choose units on the calibration text, the re-fit reproduces the "
-                            "layers on broader text")
+                       help="text(s) the re-fit reads (default for a checkpoint: the calibration text and "
+                            f"{SAMPLED!r}, as many windows again that the model samples itself, so that the re-fit "
+                            "reproduces the layers on broader text than the scores chose units on; name only the "
+                            "calibration text to re-fit on it alone)")
     prune.add_argument("--eval", nargs="+", metavar="TEXT", help="text(s) to measure perplexity on, before and after")
     prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,6 +206,17 @@ def write_outputs(result: PruneResult, model: Any, tokenizer: Any, source: Sourc
     return files, after, checkpoint
 
 
+def default_refit(texts: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The texts of a checkpoint's prune with the re-fit's default: without ``--refit``, the calibration text
+    and as many windows again that the model samples itself (:data:`SAMPLED`), so that the re-fit reproduces
+    the layers on text as broad as the model's own rather than on the calibration domain alone. Naming the
+    calibration text in ``--refit`` re-fits on it alone."""
+    calibration = texts["--calibration"]
+    if texts["--refit"] or not calibration or SAMPLED in calibration:
+        return dict(texts)
+    return {**texts, "--refit": (*calibration, SAMPLED)}
+
+
 def run_prune(settings: PruneSettings) -> int:
     """``fxgradnas prune``: see the parser's description."""
     source = Source.parse(settings.model)
@@ -213,6 +224,8 @@ def run_prune(settings: PruneSettings) -> int:
     calibration, compensation = settings.calibration, settings.compensation
     gradnas, refits = calibration.scorer == "gradnas", compensation is not None
     check_inputs(source, settings.texts, settings.data, gradnas=gradnas, refits=refits, heal=settings.heal)
+    if source.directory is not None and refits:
+        settings = replace(settings, texts=default_refit(settings.texts))
     steps = Steps()
     start = time.perf_counter()
     texts = read_named_texts(settings.texts)
