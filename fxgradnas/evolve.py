@@ -32,7 +32,7 @@ from .instrument import instrument
 from .modules import device_of
 from .options import SearchOptions, check_instance
 from .plan import Plan
-from .search import Choice, SearchResult, _shared_choices, _State, group_choices, uniform_classes
+from .search import Choice, SearchResult, _State, search_slots
 
 MAX_DOWN = 3
 """At most this many slots move down in one mutation."""
@@ -192,9 +192,7 @@ def _slots(analysis: Analysis, found: SearchResult, scores: dict[str, torch.Tens
     if missing:
         raise ArgumentError(f"scores have no entry for group(s) {', '.join(missing)} that found chose for: pass the "
                             "scores found was searched on")
-    options_of = {g.name: group_choices(g, scores[g.name], options) for g in groups}
-    members = uniform_classes(groups) if options.uniform else {g.name: [g.name] for g in groups}
-    slots = {s: _shared_choices(options_of, m) if len(m) > 1 else options_of[s] for s, m in members.items()}
+    slots, members, options_of = search_slots(groups, scores, options)
     index = {}
     for s, choices in slots.items():
         kept = found.choices[s].kept

@@ -7,7 +7,7 @@ import operator
 import warnings
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -186,10 +186,10 @@ def self_check(analysis: Analysis, plan: Plan, pruned: GraphModule, tolerance: f
     else:
         fresh = output_difference(expected, outputs_on(pruned, args, kwargs))
         inputs.append((args, kwargs))
-    float64 = None
-    if max(example, fresh or 0.0) > tolerance:
-        float64 = float64_difference(reference, pruned, inputs)
-    return SelfCheck(example, fresh, tolerance, float64)
+    result = SelfCheck(example, fresh, tolerance)
+    if not result.passed:  # decided in float64
+        result = replace(result, float64=float64_difference(reference, pruned, inputs))
+    return result
 
 
 def float64_difference(reference: GraphModule, other: GraphModule, inputs: list[tuple[tuple, dict[str, Any]]]

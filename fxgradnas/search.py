@@ -198,6 +198,17 @@ def _shared_choices(options: dict[str, list[Choice]], members: list[str]) -> lis
     return choices
 
 
+def search_slots(groups: list[Group], scores: Mapping[str, torch.Tensor], options: SearchOptions
+                 ) -> tuple[dict[str, list[Choice]], dict[str, list[str]], dict[str, list[Choice]]]:
+    """What the search chooses among: the choices of each slot (a group, or under ``options.uniform`` a
+    :func:`uniform_classes` class whose members keep one count), the members of each slot, and each group's own
+    choices (:func:`group_choices`)."""
+    own = {g.name: group_choices(g, scores[g.name], options) for g in groups}
+    members = uniform_classes(groups) if options.uniform else {g.name: [g.name] for g in groups}
+    slots = {s: _shared_choices(own, m) if len(m) > 1 else own[s] for s, m in members.items()}
+    return slots, members, own
+
+
 class _State:
     """Current choice index per slot (a group, or a class of groups that keep one count), with the running cost."""
 
@@ -304,9 +315,7 @@ def search(
     model = cost_model or CostModel(analysis)
     metric, budget = parse_constraint(constraint, model.base)
     groups = [g for g in analysis.prunable if g.kind in kinds and g.name in scores]
-    options_of = {g.name: group_choices(g, scores[g.name], options) for g in groups}
-    members = uniform_classes(groups) if uniform else {g.name: [g.name] for g in groups}
-    slots = {s: _shared_choices(options_of, m) if len(m) > 1 else options_of[s] for s, m in members.items()}
+    slots, members, options_of = search_slots(groups, scores, options)
     smallest = _State(model, slots, {s: 0 for s in slots}, members)
     if smallest.costs[metric] > budget:
         raise ConstraintError(
