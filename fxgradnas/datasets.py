@@ -208,6 +208,41 @@ def sampled_windows(model: nn.Module, count: int, seq_len: int, *, temperature: 
     return torch.cat(windows)
 
 
+def with_samples(model: nn.Module, windows: torch.Tensor, *, seed: int = 0, start_token: int | None = None,
+                 batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """``windows`` taken in turn (:func:`interleaved`) with as many windows of the same length that ``model``
+    samples itself (:func:`sampled_windows`): calibration and re-fit data for a Hugging Face causal LM whose
+    calibration text is narrower than what it will see. Batch it (:func:`batched`) for ``fxgradnas.prune``,
+    with the weaker ridge such data wants (``CompensationOptions(damping=fxgradnas.options.SAMPLED_DAMPING)``).
+
+    SmolLM2-135M at 75 % params calibrated on 256 windows of code with it: 1.73x-1.78x the dense perplexity
+    on Shakespeare and 1.75x-1.80x on the Python docs over three seeds, against 2.66x / 1.83x on the code
+    alone (benchmarks/RESULTS.md). Sampling takes about as long on a CPU as calibrating on the windows.
+
+    Args:
+        model: A Hugging Face causal LM (with ``generate()``).
+        windows: Token ids, ``(count, seq_len)``.
+        seed: The sampling seed.
+        start_token: The token each sample starts from (default: the model's ``bos_token_id``).
+        batch_size: Windows sampled at once.
+        progress: Show a progress bar.
+
+    Raises:
+        ArgumentTypeError: ``windows`` is not a 2-d tensor of token ids, or :func:`sampled_windows` rejects the
+            model or the seed.
+        ArgumentError: ``windows`` is empty, or :func:`sampled_windows` rejects a setting.
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point():
+        got = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ArgumentTypeError(f"with_samples: windows must be a (count, seq_len) tensor of token ids, such as "
+                                f"token_windows gives, not {got}")
+    if not windows.numel():
+        raise ArgumentError(f"with_samples: windows is empty {tuple(windows.shape)}; pass at least one window")
+    sampled = sampled_windows(model, len(windows), windows.shape[1], seed=seed, start_token=start_token,
+                              batch_size=batch_size, progress=progress)
+    return interleaved([windows, sampled.to(windows.dtype)])
+
+
 def _first_set(holders: tuple[Any, ...], attribute: str) -> Any:
     """The first of ``holders`` whose ``attribute`` is not None: that value, else None."""
     return next((value for h in holders if (value := getattr(h, attribute, None)) is not None), None)

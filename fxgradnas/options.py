@@ -57,6 +57,10 @@ DAMPING = 0.3
 """The re-fit's ridge. Chosen on SmolLM2-135M calibrated on Python source and evaluated on prose and Shakespeare
 (benchmarks/RESULTS.md, "Compensation"): 0.3 beat 0.1, 1, 3 and 10 on the prose at 75 % and 90 % params and
 tied 1 on Shakespeare."""
+SAMPLED_DAMPING = 0.03
+"""The ridge for data that mixes the model's own samples into the calibration text
+(:func:`fxgradnas.datasets.with_samples`): the data then covers more than its domain, and a weaker pull towards
+the original weights fits it better (SmolLM2 at 75 % params: benchmarks/RESULTS.md, rows ° of the quality benchmark)."""
 MAX_WIDTH = 16384
 """The widest consumer input re-fitted by default: its float64 Gram matrix takes width^2 x 8 bytes (2.1 GB
 here; Llama-3-8B's down_proj reads 14,336 columns). A convolution flattened into a classifier (VGG's 25,088

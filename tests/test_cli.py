@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fxgradnas
-from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions
+from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions, options
 from fxgradnas.cli import CORPORA, build_parser, fraction, main
 from tests.zoo import mlp, save_hf_checkpoint
 
@@ -66,7 +66,7 @@ def test_console_script_plot_extra_and_choices_match_the_library() -> None:
     assert any(r.startswith("matplotlib") for r in project["optional-dependencies"]["plot"])
     assert set(CORPORA) == {"shakespeare", "shakespeare-heldout", "python-docs", "stdlib"}
     args = build_parser().parse_args(["prune", "m", "--params", "0.5", "--out", "o"])
-    assert args.damping == fxgradnas.CompensationOptions().damping  # the rest: tests/test_options.py
+    assert args.damping is None and args.batches is None  # defaults by what is read: tests/test_options.py
 
 
 def test_fraction() -> None:
@@ -227,8 +227,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def prune_argv(checkpoint: Path, out: Path) -> list[str]:
+    """Calibration on a text file, which a checkpoint's prune mixes with the model's own samples by default."""
     return ["prune", str(checkpoint / "model"), "--params", "0.8", "--calibration", str(checkpoint / "calibration.txt"),
-            "self", "--eval", str(checkpoint / "eval.txt"), "--eval-batches", "2", "--compensate", "ls", "--damping", "0.1",
+            "--eval", str(checkpoint / "eval.txt"), "--eval-batches", "2", "--compensate", "ls",
             "--prompt", "def", "--new-tokens", "4", *TINY, "--out", str(out)]
 
 
@@ -293,8 +294,9 @@ def test_uniform_writes_a_standard_checkpoint_and_says_so(checkpoint: Path, prun
 
 @pytest.mark.hf
 def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Path, str]) -> None:
-    """The same settings through the Python API give the same plan and the same perplexities; ``self``
-    is half the calibration windows, sampled from the tokenizer's only special token."""
+    """The same settings through the Python API give the same plan and the same perplexities: by default the
+    calibration (scores and re-fit) reads the text and the model's samples, half the windows each, sampled
+    from the tokenizer's only special token, and the re-fit's ridge is the weaker one for sampled data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fxgradnas.datasets import (
@@ -317,9 +319,13 @@ def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Pa
     result = fxgradnas.prune(model, calibration[0], calibration, causal_lm_loss, constraint={"params": 0.8},
                              progress=False, search=SearchOptions(multiple_of=4),
                              calibration=CalibrationOptions(max_batches=2),
-                             compensation=CompensationOptions(damping=0.1, max_batches=2))
+                             compensation=CompensationOptions(damping=options.SAMPLED_DAMPING, max_batches=2))
     write_back(model, result.analysis, result.plan, weights=result.model)
     report = json.loads((pruned[0] / "report.json").read_text())
+    settings = report["settings"]
+    assert settings["calibration"].endswith(", self") and settings["refit on"] == settings["calibration"]
+    assert settings["damping"] == options.SAMPLED_DAMPING
+    assert settings["self"] == "2 windows of 16 tokens the model sampled from its start token (seed 0)"
     (figures,) = report["perplexity"].values()
     assert json.loads((pruned[0] / "plan.json").read_text())["keep"] == result.plan.keep
     assert figures["before"] == pytest.approx(dense, rel=1e-6)
@@ -329,8 +335,7 @@ def test_cli_perplexity_equals_the_python_api(checkpoint: Path, pruned: tuple[Pa
 @pytest.mark.hf
 def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) -> None:
     """``--calibration a --refit a self``: the scores read the text, the re-fit the text and the model's samples
-    taken in turn: the Python API's ``compensation_data``. Without ``--refit`` that is the default for a
-    checkpoint; ``--refit a`` re-fits on the text alone."""
+    taken in turn: the Python API's ``compensation_data``; ``--no-self`` scores and re-fits on the text alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fxgradnas import datasets
@@ -361,16 +366,14 @@ def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) ->
         after[label] = datasets.perplexity(model, evaluation)
     assert report["perplexity"][eval_file]["after"] == pytest.approx(after["text and samples"], rel=1e-6)
     assert after["text"] != pytest.approx(after["text and samples"], rel=1e-4)
-    # the default without --refit is the text and samples; naming the text alone re-fits on it alone
-    for label, refit in (("text and samples", []), ("text", ["--refit", text_file])):
-        options = [a for a in argv if a not in ("--refit", "self")]
-        options.remove(text_file)  # named twice: for --calibration and for --refit
-        out = tmp_path / label.replace(" ", "-")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert main([*options, *refit, "--out", str(out)]) == 0
-        default = json.loads((out / "report.json").read_text())
-        assert default["settings"]["refit on"] == (f"{text_file}, self" if not refit else text_file)
-        assert default["perplexity"][eval_file]["after"] == pytest.approx(after[label], rel=1e-6)
+    options = [a for a in argv if a not in ("--refit", "self")]
+    options.remove(text_file)  # named twice: for --calibration and for --refit
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main([*options, "--no-self", "--out", str(tmp_path / "text")]) == 0
+    alone = json.loads((tmp_path / "text" / "report.json").read_text())
+    assert alone["settings"]["calibration"] == alone["settings"]["refit on"] == text_file
+    assert alone["settings"]["self"] == "-"
+    assert alone["perplexity"][eval_file]["after"] == pytest.approx(after["text"], rel=1e-6)
 
 
 @pytest.mark.hf

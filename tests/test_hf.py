@@ -18,6 +18,7 @@ from fxgradnas.datasets import (  # noqa: E402
     perplexity,
     sampled_windows,
     token_windows,
+    with_samples,
 )
 from fxgradnas.hf import load_pruned, save_pruned, write_back  # noqa: E402
 from tests.zoo import HF_ZOO, analysis_of  # noqa: E402
@@ -158,6 +159,23 @@ def test_sampled_windows_are_seeded_and_touch_neither_the_model_nor_the_global_r
     with pytest.raises(ValueError, match="pass start_token="):
         sampled_windows(model, 1, 4)
     assert sampled_windows(model, 1, 4, start_token=3, progress=False).shape == (1, 4)
+
+
+def test_with_samples_takes_the_windows_in_turn_with_as_many_samples() -> None:
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    windows = torch.randint(3, 16, (3, 6), dtype=torch.int32)
+    mixed = with_samples(model, windows, seed=4, batch_size=2, progress=False)
+    sampled = sampled_windows(model, 3, 6, seed=4, batch_size=2, progress=False)
+    assert mixed.dtype == windows.dtype and torch.equal(mixed[0::2], windows)
+    assert torch.equal(mixed[1::2], sampled.to(torch.int32))
+    assert not torch.equal(with_samples(model, windows, seed=5, progress=False), mixed)
+    for bad, error in ((windows[0], TypeError), (windows.float(), TypeError), ([[1, 2]], TypeError),
+                       (windows[:0], ValueError)):
+        with pytest.raises(error, match="with_samples: windows"):
+            with_samples(model, bad, progress=False)
 
 
 @pytest.mark.parametrize("family", ["Gemma2", "Olmo2"])

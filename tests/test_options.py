@@ -136,7 +136,7 @@ def test_the_command_line_reads_choices_and_defaults_from_the_options() -> None:
     assert args.scorer == calibration.scorer and args.granularity == calibration.granularity
     assert args.rounds == calibration.rounds and args.seed == calibration.seed
     assert args.recompute == calibration.recompute
-    assert args.compensate == compensation.method and args.damping == compensation.damping
+    assert args.compensate == compensation.method and args.damping is None  # resolved by PruneSettings
     for argv, choices in ((["--scorer", "magnitude"], options.SCORERS),
                           (["--granularity", "samples"], options.GRANULARITIES),
                           (["--compensate", "lsq"], (*options.COMPENSATION_METHODS, "none"))):
@@ -157,6 +157,37 @@ def test_the_command_line_makes_the_option_objects() -> None:
     assert settings.compensation == CompensationOptions(method="scale", damping=0.1, max_batches=4)
     argv = [*PRUNE, "--compensate", "none"]
     assert PruneSettings.from_args(build_parser().parse_args(argv), argv).compensation is None
+
+
+def test_a_checkpoint_reads_the_models_samples_by_default(tmp_path: Path) -> None:
+    """For a checkpoint, ``--calibration TEXT`` reads TEXT and ``self`` (the model's samples), with 64 batches
+    and damping 0.03; ``--no-self``, a factory, or ``self`` named anywhere keep what is given, and the batches
+    and damping default to 16 and 0.3 without samples in what they bound."""
+    from fxgradnas.cli import PruneSettings
+    from fxgradnas.cli.parser import BATCHES, BATCHES_SAMPLED
+
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = ["prune", str(tmp_path), "--params", "0.8", "--out", "o"]
+
+    def settings(*argv: str, model: list[str] = checkpoint) -> tuple:
+        found = PruneSettings.from_args(build_parser().parse_args([*model, *argv]), argv)
+        damping = found.compensation.damping if found.compensation is not None else None
+        return found.texts["--calibration"], found.texts["--refit"], found.batches, damping
+
+    text, dense = "code.txt", CompensationOptions().damping
+    assert settings("--calibration", text) == ((text, "self"), (), BATCHES_SAMPLED, options.SAMPLED_DAMPING)
+    assert settings("--calibration", text, "--no-self") == ((text,), (), BATCHES, dense)
+    assert settings("--calibration", text, "--refit", text, "self") == ((text,), (text, "self"), BATCHES_SAMPLED,
+                                                                         options.SAMPLED_DAMPING)
+    assert settings("--calibration", text, "--refit", text) == ((text, "self"), (text,), BATCHES_SAMPLED, dense)
+    assert settings("--calibration", "self", text, "--batches", "3", "--damping", "0.2") == (("self", text), (), 3,
+                                                                                             0.2)
+    assert settings("--calibration", text, "--compensate", "none") == ((text, "self"), (), BATCHES_SAMPLED, None)
+    assert settings("--scorer", "l1", "--compensate", "none") == ((), (), BATCHES, None)
+    factory = ["prune", "tests.zoo:mlp", "--params", "0.8", "--out", "o"]
+    assert settings("--data", "m:f", model=factory) == ((), (), BATCHES, dense)
+    with pytest.raises(UsageError, match="--no-self leaves out"):
+        settings("--calibration", text, "self", "--no-self")
 
 
 def test_options_import_without_torch() -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .inputs import Source
 from .models import checkpoint_bytes
-from .parser import NO_COMPENSATION, PruneSettings, UsageError
+from .parser import NO_COMPENSATION, SAMPLED, PruneSettings, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -87,8 +87,10 @@ def draw(result: PruneResult, path: Path, title: str) -> bool:
     return True
 
 
-def settings_record(settings: PruneSettings, result: PruneResult, device: torch.device) -> dict[str, Any]:
-    """The report's settings: what was asked for and what was achieved."""
+def settings_record(settings: PruneSettings, result: PruneResult, device: torch.device,
+                    sampled: int = 0) -> dict[str, Any]:
+    """The report's settings: what was asked for and what was achieved (``sampled``: windows the model sampled
+    for the texts named :data:`SAMPLED`)."""
     search, calibration, compensation = settings.search, settings.calibration, settings.compensation
     metric, budget = result.search.budget
     texts = settings.texts
@@ -105,6 +107,8 @@ def settings_record(settings: PruneSettings, result: PruneResult, device: torch.
         "refit on": (", ".join(texts["--refit"] or texts["--calibration"]) or settings.data or "-")
         if compensation is not None else "-",
         "calibration windows": f"{result.scores.batches} batches of {windows}" if result.scores.batches else "-",
+        SAMPLED: (f"{sampled} windows of {settings.seq_len} tokens the model sampled from its start token "
+                  f"(seed {settings.calibration.seed})") if sampled else "-",
         "eval": ", ".join(texts["--eval"]) or "-",
         "eval windows": f"up to {settings.eval_batches} batches of {windows}",
         "device": str(device), "dtype": settings.dtype, "seed": calibration.seed,

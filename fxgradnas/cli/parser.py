@@ -28,6 +28,20 @@ CORPORA = {
     "stdlib": "CPython standard-library sources",
 }
 SAMPLED = "self"  # --calibration name of text the model samples itself (fxgradnas.datasets.sampled_windows)
+BATCHES = 16  # --batches' default on the text given alone
+BATCHES_SAMPLED = 64  # ... and when the model's own samples are read (half of the windows each)
+
+
+def default_texts(texts: dict[str, tuple[str, ...]], *, checkpoint: bool,
+                  no_self: bool) -> dict[str, tuple[str, ...]]:
+    """The texts a prune reads: for a checkpoint calibrated on text that names no :data:`SAMPLED` (and
+    without ``--no-self``), the calibration text and as many windows again that the model samples itself, so
+    that the scores and the re-fit cover text as broad as the model's own and not the calibration domain
+    alone. ``--refit``, when given, is read as given."""
+    calibration = texts["--calibration"]
+    if not checkpoint or no_self or not calibration or SAMPLED in (*calibration, *texts["--refit"]):
+        return dict(texts)
+    return {**texts, "--calibration": (*calibration, SAMPLED)}
 
 
 class UsageError(Exception):
@@ -87,8 +101,10 @@ def table_format(name: str) -> str:
 class PruneSettings:
     """Everything ``fxgradnas prune`` is asked for, read once from the command line.
 
-    ``texts``: the names each text option gives (``--calibration``, ``--refit``, ``--eval``); ``batches``
-    bounds both calibration and the re-fit; ``compensation`` is None for ``--compensate none``.
+    ``texts``: the names each text option gives (``--calibration``, ``--refit``, ``--eval``) with
+    :func:`default_texts` applied; ``batches`` bounds both calibration and the re-fit; ``compensation`` is
+    None for ``--compensate none``. ``--batches`` and ``--damping`` default to :data:`BATCHES_SAMPLED` and
+    :data:`options.SAMPLED_DAMPING` when the model's own samples are read (by the re-fit, for the damping).
     """
 
     model: str
@@ -119,18 +135,26 @@ class PruneSettings:
             raise UsageError(f"--kinds: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(options.KINDS)}")
         if args.heal < 0:
             raise UsageError(f"--heal takes a number of steps (0: no healing), not {args.heal}")
+        if args.no_self and SAMPLED in (*(args.calibration or ()), *(args.refit or ())):
+            raise UsageError(f"--no-self leaves out the model's own samples, which --calibration/--refit {SAMPLED} "
+                             "asks for; give one of the two")
+        texts = default_texts({"--calibration": tuple(args.calibration or ()), "--refit": tuple(args.refit or ()),
+                               "--eval": tuple(args.eval or ())}, checkpoint=Path(args.model).is_dir(),
+                              no_self=args.no_self)
+        refit_texts = texts["--refit"] or texts["--calibration"]
+        batches = args.batches or (BATCHES_SAMPLED if SAMPLED in (*texts["--calibration"], *refit_texts) else BATCHES)
+        damping = (args.damping if args.damping is not None else
+                   options.SAMPLED_DAMPING if SAMPLED in refit_texts else CompensationOptions().damping)
         compensation = (None if args.compensate == NO_COMPENSATION else
-                        CompensationOptions(method=args.compensate, damping=args.damping, max_batches=args.batches))
+                        CompensationOptions(method=args.compensate, damping=damping, max_batches=batches))
         return cls(
             model=args.model, out=args.out,
             constraint={"params": args.params} if args.params is not None else {"flops": args.flops},
             search=SearchOptions(kinds=kinds, multiple_of=args.multiple_of, uniform=args.uniform),
-            calibration=CalibrationOptions(scorer=args.scorer, granularity=args.granularity, max_batches=args.batches,
+            calibration=CalibrationOptions(scorer=args.scorer, granularity=args.granularity, max_batches=batches,
                                            rounds=args.rounds, seed=args.seed, recompute=args.recompute),
             compensation=compensation,
-            texts={"--calibration": tuple(args.calibration or ()), "--refit": tuple(args.refit or ()),
-                   "--eval": tuple(args.eval or ())},
-            data=args.data, heal=args.heal, batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
+            texts=texts, data=args.data, heal=args.heal, batches=batches, batch_size=args.batch_size, seq_len=args.seq_len,
             eval_batches=args.eval_batches, device=args.device, dtype=args.dtype, prompt=args.prompt,
             new_tokens=args.new_tokens, command=("fxgradnas", *argv))
 
@@ -164,25 +188,27 @@ def _add_prune(sub: argparse._SubParsersAction, corpora: str) -> None:
     budget.add_argument("--params", type=fraction, metavar="RATIO", help="keep this share of the parameters (0.75 or 75%%)")
     budget.add_argument("--flops", type=fraction, metavar="RATIO", help="keep this share of the FLOPs (0.7 or 70%%)")
     prune.add_argument("--calibration", nargs="+", metavar="TEXT",
-                       help=f"calibration text(s): windows of each taken in turn; {SAMPLED!r} adds text the model "
+                       help=f"calibration text(s): windows of each taken in turn; {SAMPLED!r} is text the model "
                             "samples itself (its share of the windows, seeded by --seed; a file named self: ./self), "
-                            "for a model meant for more than the text given")
+                            f"which a checkpoint's calibration adds by default (--no-self: the text given alone)")
+    prune.add_argument("--no-self", action="store_true",
+                       help="calibrate and re-fit on the text given alone, without the model's own samples")
     prune.add_argument("--refit", nargs="+", metavar="TEXT",
-                       help="text(s) the re-fit reads (default for a checkpoint: the calibration text and "
-                            f"{SAMPLED!r}, as many windows again that the model samples itself, so that the re-fit "
-                            "reproduces the layers on broader text than the scores chose units on; name only the "
-                            "calibration text to re-fit on it alone)")
+                       help="text(s) the re-fit reads (default: the calibration batches)")
     prune.add_argument("--eval", nargs="+", metavar="TEXT", help="text(s) to measure perplexity on, before and after")
     prune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
-    prune.add_argument("--batches", type=positive, metavar="N", default=16, help="calibration batches (default 16)")
+    prune.add_argument("--batches", type=positive, metavar="N",
+                       help=f"calibration (and re-fit) batches (default {BATCHES_SAMPLED} with {SAMPLED!r}, half of "
+                            f"them sampled, else {BATCHES})")
     prune.add_argument("--eval-batches", type=positive, metavar="N", default=8, help="evaluation batches per text (default 8)")
     _add_windows(prune)
     prune.add_argument("--compensate", choices=COMPENSATIONS, default=compensation.method,
                        help="re-fit the layers consuming pruned units: ls (least squares), scale, none "
                             f"(default {compensation.method})")
-    prune.add_argument("--damping", type=non_negative, metavar="D", default=compensation.damping,
-                       help=f"the re-fit's ridge towards the original weights (default {compensation.damping}; lower "
-                            "when the calibration text is as broad as what the model will see)")
+    prune.add_argument("--damping", type=non_negative, metavar="D",
+                       help=f"the re-fit's ridge towards the original weights (default {options.SAMPLED_DAMPING} when it "
+                            f"reads {SAMPLED!r}, else {compensation.damping}: weaker on data as broad as what the "
+                            "model will see)")
     prune.add_argument("--rounds", type=positive, metavar="N", default=calibration.rounds,
                        help="prune in N rounds, re-calibrating with the units pruned so far masked "
                             f"(default {calibration.rounds})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +55,14 @@ if TYPE_CHECKING:
 @dataclass
 class Batches:
     """What the pruning reads: calibration batches, the re-fit's own (None: the calibration batches), the
-    evaluation batches per text, the example inputs and the loss."""
+    evaluation batches per text, the example inputs, the loss and how many windows the model sampled."""
 
     calibration: list[Any] = field(default_factory=list)
     refit: list[Any] | None = None
     evaluation: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     example: Any = None
     loss_fn: Callable[[Any, Any], Any] | None = None
+    sampled: int = 0
 
 
 def check_inputs(source: Source, texts: Mapping[str, tuple[str, ...]], data: str | None, *, gradnas: bool,
@@ -115,11 +116,11 @@ def text_data(model: Any, tokenizer: Any, texts: Mapping[str, Mapping[str, str |
     shares = [len(refit)] if SAMPLED in refit else []
     if SAMPLED in calibration and samples_needed:
         shares.append(len(calibration))
-    if shares:
-        with steps("sample", "sampling calibration text from the model"):
-            parts[SAMPLED] = sampled_text(model, tokenizer, -(-batches * batch_size // min(shares)), seq_len, seed,
-                                          batch_size)
     found = Batches(evaluation=evaluation, loss_fn=causal_lm_loss)
+    if shares:
+        found.sampled = -(-batches * batch_size // min(shares))
+        with steps("sample", f"sampling {found.sampled} windows of text from the model"):
+            parts[SAMPLED] = sampled_text(model, tokenizer, found.sampled, seq_len, seed, batch_size)
     found.calibration = calibration_batches([parts[name] for name in calibration if name in parts], batches,
                                             batch_size, seq_len)
     if refit:
@@ -206,17 +207,6 @@ def write_outputs(result: PruneResult, model: Any, tokenizer: Any, source: Sourc
     return files, after, checkpoint
 
 
-def default_refit(texts: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """The texts of a checkpoint's prune with the re-fit's default: without ``--refit``, the calibration text
-    and as many windows again that the model samples itself (:data:`SAMPLED`), so that the re-fit reproduces
-    the layers on text as broad as the model's own rather than on the calibration domain alone. Naming the
-    calibration text in ``--refit`` re-fits on it alone."""
-    calibration = texts["--calibration"]
-    if texts["--refit"] or not calibration or SAMPLED in calibration:
-        return dict(texts)
-    return {**texts, "--refit": (*calibration, SAMPLED)}
-
-
 def run_prune(settings: PruneSettings) -> int:
     """``fxgradnas prune``: see the parser's description."""
     source = Source.parse(settings.model)
@@ -224,8 +214,6 @@ def run_prune(settings: PruneSettings) -> int:
     calibration, compensation = settings.calibration, settings.compensation
     gradnas, refits = calibration.scorer == "gradnas", compensation is not None
     check_inputs(source, settings.texts, settings.data, gradnas=gradnas, refits=refits, heal=settings.heal)
-    if source.directory is not None and refits:
-        settings = replace(settings, texts=default_refit(settings.texts))
     steps = Steps()
     start = time.perf_counter()
     texts = read_named_texts(settings.texts)
@@ -265,7 +253,7 @@ def run_prune(settings: PruneSettings) -> int:
                                              new_tokens=settings.new_tokens)
     if checkpoint is not None:
         report["checkpoint"] = checkpoint
-    report["settings"] = settings_record(settings, result, device)
+    report["settings"] = settings_record(settings, result, device, batches.sampled)
     report.update(outcome_record(result, before, after, source, out, settings.prompt))
     report["seconds"] = {**detailed_seconds(steps.seconds, result.seconds), "total": time.perf_counter() - start}
     report["files"] = {**files, f"{REPORT_FILE}.md, {REPORT_FILE}.json": "this report"}
