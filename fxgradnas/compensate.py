@@ -25,6 +25,12 @@ Where the statistics come from:
 - ``sequential=False``: one streaming pass over the dense model (memory independent of the number of
   batches); ``x`` is the dense input.
 
+The residual width (a ``hidden`` group) is read by many Linears (q/k/v, gate/up, through the norms). With
+``"ls"`` each of them is then re-fitted to its dense output from its pruned input,
+``W'_K = (W C + lambda W_K) (G + lambda I)^-1`` with ``C = E[x x'^T]`` between the dense input ``x`` and the
+pruned model's kept input ``x'`` and ``G = E[x' x'^T]``, from one pass of the dense model and the
+(already re-fitted) pruned module side by side (:func:`refit_width_readers`).
+
 The new weights are folded into the pruned module, which keeps its structure. A layer whose
 reconstruction error on the calibration statistics did not go down is left unchanged.
 """
@@ -385,6 +391,162 @@ def _refitted(gm: GraphModule, c: Consumer,
     return new, bias
 
 
+@dataclass
+class WidthReader:
+    """A Linear reading input columns that a ``hidden`` group prunes: its weight, the dense graph's Linear node
+    and the pruned module's, the kept input columns and (None: all) kept output rows."""
+
+    group: str
+    weight: str
+    bias: str | None
+    dense: str
+    pruned: str
+    kept: torch.Tensor
+    rows: torch.Tensor | None
+
+
+class _CrossStatistics:
+    """Float64 sums over rows of a Linear's dense input ``x`` and pruned input ``x'``: ``x^T x``, ``x^T x'``,
+    ``x'^T x'`` and the means."""
+
+    def __init__(self) -> None:
+        self.dense = self.cross = self.pruned = self.dense_total = self.pruned_total = None
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, x_pruned: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        y = x_pruned.detach().reshape(-1, x_pruned.shape[-1]).float()
+        sums = ((x.T @ x).double(), (x.T @ y).double(), (y.T @ y).double(), x.sum(0).double(), y.sum(0).double())
+        if self.dense is None:
+            self.dense, self.cross, self.pruned, self.dense_total, self.pruned_total = sums
+        else:
+            for name, value in zip(("dense", "cross", "pruned", "dense_total", "pruned_total"), sums, strict=True):
+                getattr(self, name).add_(value)
+        self.rows += x.shape[0]
+
+
+def width_readers(analysis: Analysis, plan: Plan, pruned: GraphModule) -> list[WidthReader]:
+    """The Linears whose input columns a pruned ``hidden`` group of ``plan`` cuts, each with its nodes in the dense
+    graph and in ``pruned``: what :func:`compensate` re-fits for a pruned residual width. A weight tied to
+    another tensor (an embedding shared with the LM head) or read by anything but one ``linear`` is left out.
+
+    Args:
+        analysis: The analysis ``plan`` was made for.
+        plan: The plan.
+        pruned: The module :func:`fxgradnas.apply_plan` made for ``plan``.
+    """
+    groups = [analysis.group(name) for name in plan.keep if analysis.group(name).prunable]
+    grids = {g.name: keep_grid(g, plan.kept(g.name)) for g in groups}
+    masks = kept_masks(groups, grids)
+    dense_nodes, pruned_nodes = _linears_by_weight(analysis.captured.module), _linears_by_weight(pruned)
+    readers_of: dict[str, int] = {}  # weight -> how many nodes read it
+    for n in analysis.captured.module.graph.nodes:
+        if n.op == "get_attr":
+            readers_of[n.target] = readers_of.get(n.target, 0) + len(n.users)
+    found = []
+    for g in groups:
+        if g.kind != "hidden" or bool(grids[g.name].all()):
+            continue
+        for t in g.params:
+            if (len(t.names) != 1 or t.axis != 1 or readers_of.get(t.name) != 1
+                    or len(dense_nodes.get(t.name, ())) != 1 or len(pruned_nodes.get(t.name, ())) != 1):
+                continue
+            dense = dense_nodes[t.name][0]
+            bias = dense.args[2] if len(dense.args) > 2 else dense.kwargs.get("bias")
+            axes = masks[t.names]
+            rows = axes[0].nonzero().flatten() if 0 in axes else None
+            found.append(WidthReader(g.name, t.name, _get_attr(bias).target if _get_attr(bias) is not None else None,
+                                     dense.name, pruned_nodes[t.name][0].name, axes[1].nonzero().flatten(), rows))
+    return found
+
+
+def _linears_by_weight(gm: GraphModule) -> dict[str, list[Node]]:
+    """The ``linear`` nodes of ``gm`` by the target of their weight's ``get_attr``."""
+    found: dict[str, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.target is aten.linear.default and _get_attr(n.args[1]) is not None:
+            found.setdefault(n.args[1].target, []).append(n)
+    return found
+
+
+class _InputRecorder(Interpreter):
+    """Runs a graph and keeps the first argument of the named nodes."""
+
+    def __init__(self, gm: GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.names, self.inputs = names, {}
+
+    def run_node(self, n: Node) -> Any:
+        if n.name in self.names:
+            self.inputs[n.name] = self.env[n.args[0]]
+        return super().run_node(n)
+
+
+def _refit_width_readers(analysis: Analysis, pruned: GraphModule, readers: list[WidthReader], data: Iterable,
+                         damping: float, *, bias: bool, collect_fn: Callable[[Any], Any] | None,
+                         max_batches: int | None, progress: bool) -> list[LayerReport]:
+    """Re-fit, in ``pruned``, the Linears reading a pruned residual width (:func:`width_readers`) to the dense
+    model's outputs, from one pass over ``data`` of the dense graph and ``pruned`` side by side (the ``"ls"``
+    solve of the module docstring; ``damping`` scales the ridge by the mean diagonal of ``x'^T x'``)."""
+    dense_gm = analysis.captured.module
+    dense_names, pruned_names = {r.dense for r in readers}, {r.pruned for r in readers}
+    dense_nodes = {n.name: n for n in dense_gm.graph.nodes}
+    input_of = {r.weight: dense_nodes[r.dense].args[0].name for r in readers}  # q, k and v share theirs
+    shared = {input_of[r.weight]: r for r in readers}  # one reader of each input
+    stats = {key: _CrossStatistics() for key in shared}
+    flatten_dense, flatten_pruned = input_flattener(dense_gm), input_flattener(pruned)
+    with torch.no_grad():
+        for inputs in _batches(analysis, data, collect_fn, max_batches, device_of(dense_gm), "width statistics",
+                               progress):
+            dense_run, pruned_run = _InputRecorder(dense_gm, dense_names), _InputRecorder(pruned, pruned_names)
+            dense_run.run(*flatten_dense(inputs), enable_io_processing=False)
+            pruned_run.run(*flatten_pruned(inputs), enable_io_processing=False)
+            for key, r in shared.items():
+                stats[key].add(dense_run.inputs[r.dense], pruned_run.inputs[r.pruned])
+    reports = []
+    for r in readers:
+        weight = dense_gm.get_parameter(r.weight).detach().double().cpu()
+        new, shift, before, after, applied = _solve_cross(weight, stats[input_of[r.weight]], r.kept, damping,
+                                                          bias and r.bias is not None)
+        reports.append(LayerReport(r.group, r.weight, before, after, applied))
+        if not applied:
+            continue
+        if r.rows is not None:
+            new, shift = new[r.rows], shift[r.rows] if shift is not None else None
+        with torch.no_grad():
+            target = pruned.get_parameter(r.weight)
+            target.copy_(new.to(target.dtype))
+            if shift is not None:
+                pruned.get_parameter(r.bias).add_(shift.to(pruned.get_parameter(r.bias)))
+    return reports
+
+
+def _solve_cross(weight: torch.Tensor, stats: _CrossStatistics, kept: torch.Tensor, damping: float,
+                 use_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float, bool]:
+    """:func:`_solve`'s ``"ls"`` for a dense input ``x`` and a pruned input ``x'``: new columns for ``x'``, the bias
+    shift (or None), the error ``E|W x - W~ x'|^2`` before (``W~ = W_K``) and after, and whether it went down."""
+    n = max(stats.rows, 1)
+    dense, cross, gram = stats.dense.cpu() / n, stats.cross.cpu() / n, stats.pruned.cpu() / n
+    mean, mean_pruned = stats.dense_total.cpu() / n, stats.pruned_total.cpu() / n
+    if use_bias:
+        dense = dense - torch.outer(mean, mean)
+        cross = cross - torch.outer(mean, mean_pruned)
+        gram = gram - torch.outer(mean_pruned, mean_pruned)
+    energy = float(((weight @ dense) * weight).sum())
+    wc = weight @ cross
+
+    def error(w_k: torch.Tensor) -> float:
+        return energy - 2 * float((wc * w_k).sum()) + float(((w_k @ gram) * w_k).sum())
+
+    w_k = weight[:, kept.cpu()]
+    ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
+    new = torch.linalg.solve(gram + ridge * torch.eye(len(kept), dtype=gram.dtype), (wc + ridge * w_k).T).T
+    shift = weight @ mean - new @ mean_pruned if use_bias else None
+    before, after = error(w_k), error(new)
+    return new, shift, before, after, after < before - 1e-9 * abs(energy)
+
+
 def compensate(
     analysis: Analysis,
     plan: Plan,
@@ -428,20 +590,25 @@ def compensate(
     sequential, max_width = options.sequential, options.max_width
     fitter = _Fitter(method, bias, damping)
     found = consumers(analysis, plan)
+    readers = width_readers(analysis, plan, pruned) if method == "ls" and options.hidden else []
     if max_width is not None:
         gm = analysis.captured.module
         wide = [c.weight for c in found if c.matrix(gm).shape[1] > max_width]
+        wide += [r.weight for r in readers if gm.get_parameter(r.weight).shape[1] > max_width]
         if wide:
             warnings.warn(f"compensation leaves {', '.join(wide)} as pruned: each reads more than max_width="
                           f"{max_width} columns (a float64 Gram matrix of width^2 numbers); pass a larger "
                           f"max_width to re-fit them", stacklevel=2)
             found = [c for c in found if c.weight not in wide]
-    if not found:  # nothing to re-fit (e.g. convolutions consume every pruned unit): no pass over the data
+            readers = [r for r in readers if r.weight not in wide]
+    if not found and not readers:  # nothing to re-fit (e.g. convolutions consume every pruned unit): no pass
         return []
-    if sequential:
+    if readers:  # two passes: the batches are read once
+        data = list(Reader(data, max_batches, "compensation"))
+    if sequential and found:
         _sequential(analysis, plan, found, fitter, data, collect_fn=collect_fn, max_batches=max_batches,
                     progress=progress)
-    else:
+    elif found:
         stats = _streaming_statistics(analysis, found, data, collect_fn=collect_fn, max_batches=max_batches,
                                       progress=progress)
         gm = analysis.captured.module
@@ -449,7 +616,11 @@ def compensate(
             if c.group.name in stats:
                 fitter.fit(c, c.matrix(gm), stats[c.group.name])
     fitter.fold(pruned, analysis, plan)
-    return fitter.reports
+    reports = fitter.reports
+    if readers:  # after the others: their inputs come from the pruned module with those already re-fitted
+        reports += _refit_width_readers(analysis, pruned, readers, data, damping, bias=bias, collect_fn=collect_fn,
+                                        max_batches=max_batches, progress=progress)
+    return reports
 
 
 def timed_compensation(analysis: Analysis, plan: Plan, pruned: GraphModule, data: Iterable,

@@ -272,6 +272,8 @@ class CompensationOptions:
         max_batches: At most this many batches are read (None: every batch).
         max_width: A consumer reading more columns is left as pruned, with a warning (None: no limit); its
             statistics need ``max_width^2`` float64 numbers.
+        hidden: With ``"ls"``, also re-fit the Linears reading a pruned residual width (q/k/v and gate/up through
+            the norms) to their dense outputs, in a second pass over the data.
 
     Raises:
         ArgumentError: A field has a value outside its choices or range.
@@ -284,6 +286,7 @@ class CompensationOptions:
     sequential: bool = True
     max_batches: int | None = MAX_BATCHES
     max_width: int | None = MAX_WIDTH
+    hidden: bool = True
 
     def __post_init__(self) -> None:
         owner = "CompensationOptions"
@@ -293,6 +296,7 @@ class CompensationOptions:
             raise ArgumentError(f"{owner}: damping must be a finite non-negative number, not {self.damping!r}")
         _flag(owner, "bias", self.bias)
         _flag(owner, "sequential", self.sequential)
+        _flag(owner, "hidden", self.hidden)
         check_max_batches(self.max_batches, owner)
         if self.max_width is not None and (not _is_int(self.max_width) or self.max_width < 1):
             raise ArgumentError(f"{owner}: max_width must be a positive int or None (no limit), not {self.max_width!r}")

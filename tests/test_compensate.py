@@ -141,13 +141,13 @@ def test_sequential_fits_on_the_inputs_of_the_compensated_pruned_model(setup) ->
 
 
 def test_sequential_walk_masks_the_groups_it_does_not_refit(setup) -> None:
-    """With the residual width pruned too (no consumer to re-fit), the MLP's statistics come from the
+    """With the residual width pruned too (its readers left alone), the MLP's statistics come from the
     pruned model: its reported error is that of its input in the model with the width masked."""
     _, analysis, batches, _ = setup
     plan = Plan({"hidden": list(range(24)), "model.layers.1.mlp": list(range(40))})
     fitted = apply_plan(analysis, plan)
-    (report,) = compensate(analysis, plan, fitted, batches, CompensationOptions(method="ls", bias=False),
-                           progress=False)
+    (report,) = compensate(analysis, plan, fitted, batches,
+                           CompensationOptions(method="ls", bias=False, hidden=False), progress=False)
     (c,) = consumers(analysis, plan)
     x = _outputs_of(fxgradnas.masked(analysis, plan), c.group.sites[0].node, batches)
     weight = analysis.captured.module.get_parameter(c.weight).double()
@@ -364,3 +364,63 @@ def test_a_layer_whose_input_two_pruned_groups_share_is_left_as_pruned() -> None
     assert compensate(analysis, plan, fitted, [torch.randn(16, 6)], progress=False) == []
     x = torch.randn(5, 6)
     torch.testing.assert_close(fitted(x), fxgradnas.masked(analysis, plan)(x))
+
+
+def _linear_inputs(gm: torch.fx.GraphModule, weight: str, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The rows reaching the ``linear`` whose weight is ``weight``, over ``batches``."""
+    (node,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default and n.args[1].target == weight]
+    rows = []
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            if n is node:
+                rows.append(self.env[n.args[0]].reshape(-1, self.env[n.args[0]].shape[-1]).double())
+            return super().run_node(n)
+
+    flatten = input_flattener(gm)
+    for b in batches:
+        Recorder(gm).run(*flatten(b), enable_io_processing=False)
+    return torch.cat(rows)
+
+
+def test_the_readers_of_a_pruned_residual_width_are_refitted_to_their_dense_outputs() -> None:
+    """With the residual width pruned, every Linear reading it (q/k/v and gate/up through the norms, the untied
+    LM head) is re-fitted from its pruned input to its dense output: the reported error is that real error,
+    it goes down, the shapes stay, and the logits come closer to the dense ones than without it."""
+    from fxgradnas.compensate import width_readers
+
+    model, inputs = ZOO["llama"](intermediate=64)
+    analysis = fxgradnas.analyze(model, inputs)
+    (hidden,) = [g for g in analysis.prunable if g.kind == "hidden"]
+    plan = Plan({hidden.name: list(range(0, hidden.size, 2)), "model.layers.0.mlp": list(range(0, 64, 3))})
+    batches = _batches()
+    plain = apply_plan(analysis, plan)
+    readers = width_readers(analysis, plan, plain)
+    names = {r.weight for r in readers}
+    assert "lm_head.weight" in names and {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")} <= names
+    assert all(len(r.kept) == hidden.size // 2 for r in readers)
+    sliced = {r.weight: r.rows.tolist() for r in readers if r.rows is not None}  # rows the MLP group prunes
+    assert sliced == dict.fromkeys(["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"],
+                                   list(range(0, 64, 3)))
+    fitted, reports = {}, {}
+    for width in (True, False):
+        fitted[width] = apply_plan(analysis, plan)
+        reports[width] = compensate(analysis, plan, fitted[width], iter(batches), CompensationOptions(hidden=width),
+                                    progress=False)  # a generator: read once for both passes
+    assert {r.consumer for r in reports[False]} == {"model.layers.0.mlp.down_proj.weight"}
+    width_reports = {r.consumer: r for r in reports[True]}
+    assert set(width_reports) == names | {"model.layers.0.mlp.down_proj.weight"}
+    for r in width_reports.values():
+        assert r.error_after <= r.error_before
+    first = "model.layers.0.self_attn.q_proj.weight"  # the embeddings reach it: its pruned input is the dense one's
+    x = _linear_inputs(analysis.captured.module, first, batches)
+    x_pruned = _linear_inputs(fitted[True], first, batches)
+    dense, new = analysis.captured.module.get_parameter(first).double(), fitted[True].get_parameter(first).double()
+    error = (x @ dense.T - x_pruned @ new.T).pow(2).sum(1).mean()
+    assert width_reports[first].applied and error.item() == pytest.approx(width_reports[first].error_after, rel=1e-5)
+    assert width_reports[first].error_after < 0.9 * width_reports[first].error_before
+    assert {n: p.shape for n, p in fitted[True].named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
+    logits = {key: torch.cat([gm(b) for b in batches]) for key, gm in (("dense", model), *fitted.items())}
+    gaps = {key: (logits[key] - logits["dense"]).pow(2).mean().item() for key in fitted}
+    assert gaps[True] < gaps[False]

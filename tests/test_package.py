@@ -106,10 +106,10 @@ def test_analysis_does_not_load_the_presentation_layer() -> None:
 PUBLIC_FUNCTIONS = {
     "fxgradnas.hf": ["write_back", "save_pruned", "load_pruned", "prune_checkpoint"],
     "fxgradnas.datasets": ["stdlib_text", "shakespeare_text", "python_docs_text", "token_windows", "interleaved",
-                           "sampled_windows", "batched", "causal_lm_loss", "perplexity"],
+                           "sampled_windows", "with_samples", "batched", "causal_lm_loss", "perplexity"],
     "fxgradnas.report": ["analysis_table", "prune_table", "prune_summary", "markdown_report"],
     "fxgradnas.plot": ["plot_result"],
-    "fxgradnas.compensate": ["compensate"],
+    "fxgradnas.compensate": ["compensate", "width_readers"],
     "fxgradnas.shard": ["split_blocks"],
 }
 _SECTIONS = ("Args", "Attributes", "Returns", "Yields", "Raises", "Example", "Examples", "Note", "Notes")
