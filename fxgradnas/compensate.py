@@ -26,7 +26,7 @@ Where the statistics come from:
   batches); ``x`` is the dense input.
 
 The residual width (a ``hidden`` group) is read by many Linears (q/k/v, gate/up, through the norms). With
-``"ls"`` each of them is then re-fitted to its dense output from its pruned input,
+``"ls"`` and ``hidden=True`` (not the default: measured worse on SmolLM2) each of them is then re-fitted to its dense output from its pruned input,
 ``W'_K = (W C + lambda W_K) (G + lambda I)^-1`` with ``C = E[x x'^T]`` between the dense input ``x`` and the
 pruned model's kept input ``x'`` and ``G = E[x' x'^T]``, from one pass of the dense model and the
 (already re-fitted) pruned module side by side (:func:`refit_width_readers`).

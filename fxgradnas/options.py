@@ -273,7 +273,9 @@ class CompensationOptions:
         max_width: A consumer reading more columns is left as pruned, with a warning (None: no limit); its
             statistics need ``max_width^2`` float64 numbers.
         hidden: With ``"ls"``, also re-fit the Linears reading a pruned residual width (q/k/v and gate/up through
-            the norms) to their dense outputs, in a second pass over the data.
+            the norms) to their dense outputs, in a second pass over the data. Off by default: on SmolLM2 at
+            75 % params with 64 of 576 channels of the width cut it took Shakespeare from 3.20x to 7.00x the
+            dense perplexity (benchmarks/RESULTS.md, "The residual width's readers").
 
     Raises:
         ArgumentError: A field has a value outside its choices or range.
@@ -286,7 +288,7 @@ class CompensationOptions:
     sequential: bool = True
     max_batches: int | None = MAX_BATCHES
     max_width: int | None = MAX_WIDTH
-    hidden: bool = True
+    hidden: bool = False
 
     def __post_init__(self) -> None:
         owner = "CompensationOptions"

@@ -146,8 +146,8 @@ def test_sequential_walk_masks_the_groups_it_does_not_refit(setup) -> None:
     _, analysis, batches, _ = setup
     plan = Plan({"hidden": list(range(24)), "model.layers.1.mlp": list(range(40))})
     fitted = apply_plan(analysis, plan)
-    (report,) = compensate(analysis, plan, fitted, batches,
-                           CompensationOptions(method="ls", bias=False, hidden=False), progress=False)
+    (report,) = compensate(analysis, plan, fitted, batches, CompensationOptions(method="ls", bias=False),
+                           progress=False)
     (c,) = consumers(analysis, plan)
     x = _outputs_of(fxgradnas.masked(analysis, plan), c.group.sites[0].node, batches)
     weight = analysis.captured.module.get_parameter(c.weight).double()

@@ -183,6 +183,9 @@ def test_a_checkpoint_reads_the_models_samples_by_default(tmp_path: Path) -> Non
     assert settings("--calibration", "self", text, "--batches", "3", "--damping", "0.2") == (("self", text), (), 3,
                                                                                              0.2)
     assert settings("--calibration", text, "--compensate", "none") == ((text, "self"), (), BATCHES_SAMPLED, None)
+    assert settings("--calibration", text, "--scorer", "l1", "--compensate", "none") == ((text,), (), BATCHES, None)
+    assert settings("--calibration", text, "--scorer", "l1", "--compensate", "none", "--heal", "2")[:3] == (
+        (text, "self"), (), BATCHES_SAMPLED)
     assert settings("--scorer", "l1", "--compensate", "none") == ((), (), BATCHES, None)
     factory = ["prune", "tests.zoo:mlp", "--params", "0.8", "--out", "o"]
     assert settings("--data", "m:f", model=factory) == ((), (), BATCHES, dense)

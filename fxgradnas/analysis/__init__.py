@@ -135,7 +135,8 @@ def check_analysis(analysis: Any, function: str) -> None:
 
 
 def check_groups(analysis: Analysis, groups: list[Group] | None) -> None:
-    """Raise ArgumentError unless ``groups`` is None or a list of groups of ``analysis``."""
+    """Raise ArgumentTypeError unless ``groups`` is None or a list (or tuple), and ArgumentError when one of
+    them is not a group of ``analysis``."""
     if groups is None:
         return
     if isinstance(groups, (str, Group)) or not isinstance(groups, (list, tuple)):

@@ -32,14 +32,14 @@ BATCHES = 16  # --batches' default on the text given alone
 BATCHES_SAMPLED = 64  # ... and when the model's own samples are read (half of the windows each)
 
 
-def default_texts(texts: dict[str, tuple[str, ...]], *, checkpoint: bool,
+def default_texts(texts: dict[str, tuple[str, ...]], *, checkpoint: bool, read: bool,
                   no_self: bool) -> dict[str, tuple[str, ...]]:
     """The texts a prune reads: for a checkpoint calibrated on text that names no :data:`SAMPLED` (and
     without ``--no-self``), the calibration text and as many windows again that the model samples itself, so
     that the scores and the re-fit cover text as broad as the model's own and not the calibration domain
-    alone. ``--refit``, when given, is read as given."""
+    alone (``read``: anything reads the calibration batches). ``--refit``, when given, is read as given."""
     calibration = texts["--calibration"]
-    if not checkpoint or no_self or not calibration or SAMPLED in (*calibration, *texts["--refit"]):
+    if not (checkpoint and read) or no_self or not calibration or SAMPLED in (*calibration, *texts["--refit"]):
         return dict(texts)
     return {**texts, "--calibration": (*calibration, SAMPLED)}
 
@@ -140,6 +140,7 @@ class PruneSettings:
                              "asks for; give one of the two")
         texts = default_texts({"--calibration": tuple(args.calibration or ()), "--refit": tuple(args.refit or ()),
                                "--eval": tuple(args.eval or ())}, checkpoint=Path(args.model).is_dir(),
+                              read=args.scorer == "gradnas" or args.compensate != NO_COMPENSATION or args.heal > 0,
                               no_self=args.no_self)
         refit_texts = texts["--refit"] or texts["--calibration"]
         batches = args.batches or (BATCHES_SAMPLED if SAMPLED in (*texts["--calibration"], *refit_texts) else BATCHES)
