@@ -26,10 +26,10 @@ Where the statistics come from:
   batches); ``x`` is the dense input.
 
 The residual width (a ``hidden`` group) is read by many Linears (q/k/v, gate/up, through the norms). With
-``"ls"`` and ``hidden=True`` (not the default: measured worse on SmolLM2) each of them is then re-fitted to its dense output from its pruned input,
-``W'_K = (W C + lambda W_K) (G + lambda I)^-1`` with ``C = E[x x'^T]`` between the dense input ``x`` and the
-pruned model's kept input ``x'`` and ``G = E[x' x'^T]``, from one pass of the dense model and the
-(already re-fitted) pruned module side by side (:func:`refit_width_readers`).
+``"ls"`` and ``hidden=True`` (not the default: measured worse on SmolLM2) each of them is then re-fitted to
+its dense output from its pruned input, ``W'_K = (W C + lambda W_K) (G + lambda I)^-1`` with ``C = E[x x'^T]``
+between the dense input ``x`` and the pruned model's kept input ``x'`` and ``G = E[x' x'^T]``, from one pass
+of the dense model and the (already re-fitted) pruned module side by side (:func:`width_readers`).
 
 The new weights are folded into the pruned module, which keeps its structure. A layer whose
 reconstruction error on the calibration statistics did not go down is left unchanged.
@@ -230,15 +230,9 @@ def _solve(weight: torch.Tensor, stats: InputStatistics, c: Consumer, method: st
     gram, cross = moment[kept][:, kept], moment[:, kept]
     energy = float(((weight @ moment) * weight).sum())
     wc = weight @ cross  # out x |K|
-
-    def error(w_k: torch.Tensor) -> float:
-        return energy - 2 * float((wc * w_k).sum()) + float(((w_k @ gram) * w_k).sum())
-
     w_k = weight[:, kept]
-    ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
-    if method == "ls":  # ridge towards the original kept columns, not towards zero
-        system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype)
-        new = torch.linalg.solve(system, (wc + ridge * w_k).T).T
+    if method == "ls":
+        new = _ridge_columns(wc, gram, w_k, damping)
     else:  # per-unit scales: W_K diag(s) with s shared by a unit's columns
         onehot = torch.nn.functional.one_hot(c.unit_of, int(c.unit_of.max()) + 1).to(gram.dtype)  # |K| x units
         a = onehot.T @ ((w_k.T @ w_k) * gram) @ onehot
@@ -247,8 +241,20 @@ def _solve(weight: torch.Tensor, stats: InputStatistics, c: Consumer, method: st
         scales = torch.linalg.solve(a + pull * torch.eye(len(a), dtype=a.dtype), b + pull)
         new = w_k * (onehot @ scales)
     shift = weight @ mean - new @ mean[kept] if use_bias else None
-    before, after = error(w_k), error(new)
+    before, after = _output_error(energy, wc, gram, w_k), _output_error(energy, wc, gram, new)
     return new, shift, before, after, after < before - 1e-9 * abs(energy)
+
+
+def _ridge_columns(wc: torch.Tensor, gram: torch.Tensor, w_k: torch.Tensor, damping: float) -> torch.Tensor:
+    """The ``"ls"`` columns ``(W C + lambda W_K) (G + lambda I)^-1``: least squares with a ridge towards the
+    original kept columns ``W_K`` (not towards zero), ``lambda`` = ``damping`` x the mean diagonal of ``G``."""
+    ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), (wc + ridge * w_k).T).T
+
+
+def _output_error(energy: float, wc: torch.Tensor, gram: torch.Tensor, w_k: torch.Tensor) -> float:
+    """``E|W x - W~ x_K|^2`` from the output energy ``E|W x|^2``, ``W C`` and ``G`` (``W~`` = ``w_k``)."""
+    return energy - 2 * float((wc * w_k).sum()) + float(((w_k @ gram) * w_k).sum())
 
 
 class _Fitter:
@@ -535,15 +541,10 @@ def _solve_cross(weight: torch.Tensor, stats: _CrossStatistics, kept: torch.Tens
         gram = gram - torch.outer(mean_pruned, mean_pruned)
     energy = float(((weight @ dense) * weight).sum())
     wc = weight @ cross
-
-    def error(w_k: torch.Tensor) -> float:
-        return energy - 2 * float((wc * w_k).sum()) + float(((w_k @ gram) * w_k).sum())
-
     w_k = weight[:, kept.cpu()]
-    ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
-    new = torch.linalg.solve(gram + ridge * torch.eye(len(kept), dtype=gram.dtype), (wc + ridge * w_k).T).T
+    new = _ridge_columns(wc, gram, w_k, damping)
     shift = weight @ mean - new @ mean_pruned if use_bias else None
-    before, after = error(w_k), error(new)
+    before, after = _output_error(energy, wc, gram, w_k), _output_error(energy, wc, gram, new)
     return new, shift, before, after, after < before - 1e-9 * abs(energy)
 
 
