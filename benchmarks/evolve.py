@@ -24,14 +24,12 @@ import torch
 from tabulate import tabulate
 
 import fxgradnas
-from examples.smollm2 import load_smollm2
+from examples.smollm2 import EVALUATION_TEXTS, evaluation_batches, load_smollm2
 from fxgradnas import CalibrationOptions, SearchOptions, apply_plan
 from fxgradnas.datasets import (
     batched,
     causal_lm_loss,
     perplexity,
-    python_docs_text,
-    shakespeare_text,
     stdlib_text,
     token_windows,
 )
@@ -55,8 +53,7 @@ def main() -> None:
     windows = token_windows(tokenizer, stdlib_text(), args.seq_len, (args.batches + args.held_out) * args.batch_size)
     data = batched(windows, args.batch_size)
     scored, held = data[:args.batches], data[args.batches:]
-    texts = {"shakespeare": shakespeare_text(), "python docs": python_docs_text()}
-    texts = {k: batched(token_windows(tokenizer, t, args.seq_len, args.eval_windows), 8) for k, t in texts.items()}
+    texts = evaluation_batches(tokenizer, args.eval_windows, args.seq_len, EVALUATION_TEXTS[:2])
     start = time.perf_counter()
     analysis = fxgradnas.analyze(model, scored[0])
     scores = fxgradnas.calibrate(analysis, scored, causal_lm_loss, CalibrationOptions(max_batches=len(scored)),

