@@ -32,7 +32,7 @@ from .instrument import instrument
 from .modules import device_of
 from .options import SearchOptions, check_instance
 from .plan import Plan
-from .search import Choice, SearchResult, _State, search_slots
+from .search import Choice, SearchResult, SlotState, search_slots
 
 MAX_DOWN = 3
 """At most this many slots move down in one mutation."""
@@ -169,7 +169,7 @@ def evolve(
                 best, best_loss, accepted = child, loss, accepted + 1
             bar.update(1)
             bar.set_postfix(loss=f"{best_loss:.4g}", accepted=accepted)
-    state = _State(model, slots, best, members)
+    state = SlotState(model, slots, best, members)
     if state.costs[metric] > budget:  # _mutate keeps every candidate within it
         raise AssertionError(f"evolve left the budget: {state.costs[metric]} > {budget}")
     choices = _choices(slots, members, own, best)
@@ -223,11 +223,11 @@ def _mutate(rng: random.Random, model: CostModel, slots: dict[str, list[Choice]]
             parent: dict[str, int], metric: str, budget: int) -> dict[str, int] | None:
     """A level trade from ``parent``: one to three slots down one choice (each freeing some of ``metric``), then
     others up one choice at a time in a random order while the plan fits ``budget``, until none fits."""
-    state = _State(model, slots, parent, members)
+    state = SlotState(model, slots, parent, members)
     kept = state.kept()
     order = sorted(slots)
     downs = [s for s in order if parent[s] > 0
-             and state._delta(metric, s, kept, slots[s][parent[s] - 1].kept) < 0]
+             and state.delta(metric, s, kept, slots[s][parent[s] - 1].kept) < 0]
     if not downs:
         return None
     count = 1
@@ -247,7 +247,7 @@ def _mutate(rng: random.Random, model: CostModel, slots: dict[str, list[Choice]]
             if i + 1 >= len(slots[s]):
                 continue
             kept = state.kept()
-            extra = state._delta(metric, s, kept, slots[s][i + 1].kept)
+            extra = state.delta(metric, s, kept, slots[s][i + 1].kept)
             if state.costs[metric] + extra <= budget:
                 state.index[s] += 1
                 state.costs = model.evaluate(state.kept())

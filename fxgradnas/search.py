@@ -209,8 +209,9 @@ def search_slots(groups: list[Group], scores: Mapping[str, torch.Tensor], option
     return slots, members, own
 
 
-class _State:
-    """Current choice index per slot (a group, or a class of groups that keep one count), with the running cost."""
+class SlotState:
+    """A plan as the searchers walk it: the choice index of each slot (a group, or a class of groups that keep one
+    count; :func:`search_slots`) and the plan's costs (``costs``), kept current by whoever changes ``index``."""
 
     def __init__(self, model: CostModel, options: dict[str, list[Choice]], index: dict[str, int],
                  members: dict[str, list[str]]) -> None:
@@ -218,9 +219,12 @@ class _State:
         self.costs = model.evaluate(self.kept())
 
     def kept(self) -> dict[str, tuple[int, ...]]:
+        """The kept counts of every group at the current choices."""
         return {g: self.options[s][i].kept for s, i in self.index.items() for g in self.members[s]}
 
-    def _delta(self, metric: str, slot: str, kept: dict[str, tuple[int, ...]], new: tuple[int, ...]) -> int:
+    def delta(self, metric: str, slot: str, kept: dict[str, tuple[int, ...]], new: tuple[int, ...]) -> int:
+        """How much ``metric`` changes when every member of ``slot`` keeps ``new`` instead of its count in ``kept``
+        (the current :meth:`kept`)."""
         if len(self.members[slot]) == 1:
             return self.model.delta(metric, slot, kept, new)
         return self.model.evaluate({**kept, **dict.fromkeys(self.members[slot], new)})[metric] - self.costs[metric]
@@ -249,7 +253,7 @@ class _State:
                 if i + 1 >= len(self.options[g]):
                     continue
                 here, there = self.options[g][i], self.options[g][i + 1]
-                extra = self._delta(metric, g, kept, there.kept)
+                extra = self.delta(metric, g, kept, there.kept)
                 if self.costs[metric] + extra > budget:
                     continue
                 gain = here.degradation - there.degradation
@@ -316,7 +320,7 @@ def search(
     metric, budget = parse_constraint(constraint, model.base)
     groups = [g for g in analysis.prunable if g.kind in kinds and g.name in scores]
     slots, members, options_of = search_slots(groups, scores, options)
-    smallest = _State(model, slots, {s: 0 for s in slots}, members)
+    smallest = SlotState(model, slots, {s: 0 for s in slots}, members)
     if smallest.costs[metric] > budget:
         raise ConstraintError(
             f"cannot meet {metric} <= {budget:,} ({budget / model.base[metric]:.1%}): the smallest model "
@@ -357,7 +361,7 @@ def _check_scores(analysis: Analysis, scores: Any) -> None:
 
 
 def _searched(model: CostModel, slots: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
-              budget: int, searcher: str, history: list[dict], smallest: _State) -> _State:
+              budget: int, searcher: str, history: list[dict], smallest: SlotState) -> SlotState:
     """The searcher's state (binary threshold or the smallest choices), its free groups settled, grown."""
     state = smallest if searcher == "greedy" else _binary(model, slots, members, metric, budget, history)
     state.settle()
@@ -367,7 +371,7 @@ def _searched(model: CostModel, slots: dict[str, list[Choice]], members: dict[st
 
 
 def _trade_layers(model: CostModel, slots: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
-                  budget: int, searcher: str, state: _State, layers: list[str], history: list[dict]) -> _State:
+                  budget: int, searcher: str, state: SlotState, layers: list[str], history: list[dict]) -> SlotState:
     """Each blocks slot tried at each of its counts, the others held and the widths searched again; the state
     with the least total degradation (rounds until no count changes)."""
     best, tried = state, 0
@@ -379,13 +383,13 @@ def _trade_layers(model: CostModel, slots: dict[str, list[Choice]], members: dic
                     continue
                 held = {s: best.index[s] for s in layers if s != slot} | {slot: index}
                 options = {s: [cs[held[s]]] if s in held else cs for s, cs in slots.items()}
-                smallest = _State(model, options, {s: 0 for s in options}, members)
+                smallest = SlotState(model, options, {s: 0 for s in options}, members)
                 if smallest.costs[metric] > budget:
                     continue
                 found = _searched(model, options, members, metric, budget, searcher, [], smallest)
                 tried += 1
                 if found.lost() < best.lost():  # the held slots' one choice is the same in both
-                    best = _State(model, slots, {**found.index, **held}, members)
+                    best = SlotState(model, slots, {**found.index, **held}, members)
         if best is start:
             break
     history.append({"step": "trade layers", "tried": tried, "layers kept": {s: sum(best.options[s][best.index[s]].kept)
@@ -394,14 +398,14 @@ def _trade_layers(model: CostModel, slots: dict[str, list[Choice]], members: dic
 
 
 def _binary(model: CostModel, options: dict[str, list[Choice]], members: dict[str, list[str]], metric: str,
-            budget: int, history: list[dict]) -> _State:
+            budget: int, history: list[dict]) -> SlotState:
     """Smallest threshold (over the sorted distinct degradations) whose configuration fits."""
     levels = sorted({c.degradation for choices in options.values() for c in choices})
 
-    def at(threshold: float) -> _State:
+    def at(threshold: float) -> SlotState:
         index = {g: next((i for i, c in enumerate(cs) if c.degradation <= threshold), len(cs) - 1)  # held: its one
                  for g, cs in options.items()}
-        return _State(model, options, index, members)
+        return SlotState(model, options, index, members)
 
     lo, hi = 0, len(levels) - 1
     while lo < hi:

@@ -377,6 +377,41 @@ def test_refit_text_is_what_the_refit_reads(checkpoint: Path, tmp_path: Path) ->
 
 
 @pytest.mark.hf
+def test_searcher_evolve_holds_out_more_batches_of_the_calibration(checkpoint: Path, tmp_path: Path) -> None:
+    """``--searcher evolve`` reads ``evolve_batches`` more batches than ``--batches``, measures the candidates on
+    them and gives the Python API's plan and perplexity; the report says what the refinement did."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fxgradnas import datasets
+    from fxgradnas.hf import write_back
+
+    text_file, eval_file = str(checkpoint / "calibration.txt"), str(checkpoint / "eval.txt")
+    argv = ["prune", str(checkpoint / "model"), "--params", "0.8", "--calibration", text_file, "--no-self",
+            "--eval", eval_file, "--eval-batches", "2", "--prompt", "", "--searcher", "evolve", *TINY,
+            "--out", str(tmp_path / "out")]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    held_out = SearchOptions().evolve_batches
+    assert report["settings"]["searcher"].startswith("evolve (held-out loss ")
+    assert f"({held_out} batches)" in report["settings"]["searcher"]
+    assert report["settings"]["calibration windows"].startswith("2 batches")  # the held-out ones are not scored
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "model")
+    text = datasets.token_windows(tokenizer, (checkpoint / "calibration.txt").read_text(), 16, (2 + held_out) * 2)
+    evaluation = datasets.batched(datasets.token_windows(tokenizer, (checkpoint / "eval.txt").read_text(), 16, 4), 2)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint / "model").eval()
+    result = fxgradnas.prune(model, text[:2], datasets.batched(text, 2), datasets.causal_lm_loss,
+                             constraint={"params": 0.8}, progress=False,
+                             search=SearchOptions(multiple_of=4, searcher="evolve"),
+                             calibration=CalibrationOptions(max_batches=2),
+                             compensation=CompensationOptions(max_batches=2))
+    assert result.search.evolve is not None and result.search.evolve.batches == held_out
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["keep"] == result.plan.keep
+    write_back(model, result.analysis, result.plan, weights=result.model)
+    assert report["perplexity"][eval_file]["after"] == pytest.approx(datasets.perplexity(model, evaluation), rel=1e-6)
+
+
+@pytest.mark.hf
 def test_eval_and_inspect_a_checkpoint(checkpoint: Path, pruned: tuple[Path, str],
                                        capsys: pytest.CaptureFixture) -> None:
     out = pruned[0]

@@ -100,6 +100,7 @@ def settings_record(settings: PruneSettings, result: PruneResult, device: torch.
         "achieved": ", ".join(f"{k} {v:.2%}" for k, v in result.achieved.items()),
         "scorer": calibration.scorer, "granularity": calibration.granularity, "recompute": calibration.recompute,
         "kinds": ", ".join(search.kinds), "multiple of": search.multiple_of, "uniform": search.uniform,
+        "searcher": search.searcher if result.search.evolve is None else f"{search.searcher} ({result.search.evolve})",
         "rounds": calibration.rounds,
         "compensate": compensation.method if compensation is not None else NO_COMPENSATION,
         "damping": compensation.damping if compensation is not None else "-", "heal steps": settings.heal,

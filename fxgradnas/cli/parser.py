@@ -151,7 +151,7 @@ class PruneSettings:
         return cls(
             model=args.model, out=args.out,
             constraint={"params": args.params} if args.params is not None else {"flops": args.flops},
-            search=SearchOptions(kinds=kinds, multiple_of=args.multiple_of, uniform=args.uniform),
+            search=SearchOptions(kinds=kinds, multiple_of=args.multiple_of, uniform=args.uniform, searcher=args.searcher),
             calibration=CalibrationOptions(scorer=args.scorer, granularity=args.granularity, max_batches=batches,
                                            rounds=args.rounds, seed=args.seed, recompute=args.recompute),
             compensation=compensation,
@@ -226,6 +226,10 @@ def _add_prune(sub: argparse._SubParsersAction, corpora: str) -> None:
                        help="calibrate with activation checkpointing per layer: long sequences in less memory")
     prune.add_argument("--multiple-of", type=positive, metavar="N", default=search.multiple_of,
                        help=f"kept channel counts are multiples of it (default {search.multiple_of})")
+    prune.add_argument("--searcher", choices=options.SEARCHERS, default=search.searcher,
+                       help=f"how the plan is chosen from the scores (default {search.searcher}; evolve: the binary "
+                            f"plan refined by level trades measured on {search.evolve_batches} more calibration batches, "
+                            f"{search.evolve_forwards} forward passes)")
     prune.add_argument("--uniform", action="store_true", default=search.uniform,
                        help="every layer keeps the same heads, KV heads and MLP width: a standard checkpoint that "
                             "plain transformers (and serving stacks) load")

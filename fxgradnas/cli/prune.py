@@ -231,7 +231,9 @@ def run_prune(settings: PruneSettings) -> int:
     report: dict[str, Any] = {"model": settings.model, "command": shlex.join(settings.command)}
     if source.directory is not None:
         needs_calibration_text = gradnas or (refits and not settings.texts["--refit"]) or bool(settings.heal)
-        batches = text_data(model, tokenizer, texts, steps, batches=settings.batches, batch_size=settings.batch_size,
+        held_out = settings.search.evolve_batches if settings.search.searcher == "evolve" else 0  # not scored
+        batches = text_data(model, tokenizer, texts, steps, batches=settings.batches + held_out,
+                            batch_size=settings.batch_size,
                             seq_len=settings.seq_len, eval_batches=settings.eval_batches, seed=calibration.seed,
                             samples_needed=needs_calibration_text)
     else:
