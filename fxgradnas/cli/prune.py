@@ -233,8 +233,8 @@ def run_prune(settings: PruneSettings) -> int:
         needs_calibration_text = gradnas or (refits and not settings.texts["--refit"]) or bool(settings.heal)
         held_out = settings.search.evolve_batches if settings.search.searcher == "evolve" else 0  # not scored
         batches = text_data(model, tokenizer, texts, steps, batches=settings.batches + held_out,
-                            batch_size=settings.batch_size,
-                            seq_len=settings.seq_len, eval_batches=settings.eval_batches, seed=calibration.seed,
+                            batch_size=settings.batch_size, seq_len=settings.seq_len,
+                            eval_batches=settings.eval_batches, seed=calibration.seed,
                             samples_needed=needs_calibration_text)
     else:
         batches = factory_calibration(example, settings.data, steps)
